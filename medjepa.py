@@ -1,0 +1,907 @@
+"""
+MedJEPA: self-supervised JEPA pretraining for medical images, in one file.
+
+A JEPA (Joint-Embedding Predictive Architecture) learns from unlabeled images by predicting the
+*representations* of hidden parts of an image from the visible parts, instead of predicting pixels.
+Predicting in latent space lets the encoder ignore unpredictable pixel noise (sensor noise, hair,
+illumination) and spend its capacity on structure (lesion borders, textures). The danger is
+*collapse*: an encoder that maps every image to the same vector predicts itself perfectly. We
+prevent it with SIGReg (LeJEPA, Balestriero & LeCun 2025), a statistical test that pushes the
+embeddings toward an isotropic Gaussian, instead of the EMA teachers and heuristics of I-JEPA / DINO.
+
+Run it:
+    python medjepa.py                                  # CPU demo on data/demo (~10 min on 2 cores)
+    python medjepa.py config/demo_views.py             # same, LeJEPA's multi-view objective
+    python medjepa.py --max_iters=50 --out_dir=out-x   # any global below can be overridden
+    torchrun --nproc_per_node=8 medjepa.py config/x.py # data-parallel on 8 GPUs (or CPU/gloo)
+then evaluate the checkpoint:
+    python eval.py --ckpt=out-demo/ckpt.pt
+
+The file reads top to bottom: config -> data -> model -> masks -> SIGReg -> objective -> training.
+docs/ has one page per idea; this file keeps the code and the essential lessons.
+"""
+
+import ast
+import builtins
+import difflib
+import functools
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# default config values: a CPU-sized demo that trains on data/demo (64 px) in about 10 minutes
+# I/O
+out_dir = 'out-demo'       # checkpoint, log.jsonl and eval results go here
+data_dir = 'data/demo'     # a folder written by prepare.py (data/demo is generated if missing)
+init_from = 'scratch'      # 'scratch' or 'resume' (continue from out_dir/ckpt.pt)
+eval_interval = 200        # every this many steps: online kNN on val, checkpoint
+log_interval = 10          # every this many steps: print and log the loss terms and monitors
+knn_train_size = 3000      # train images used as the kNN memory bank of the online monitor
+seed = 0                   # everything random derives from this (data order, masks, init)
+# data and augmentation
+image_size = 64            # side of the (square) training crops, in pixels
+crop_scale = (0.3, 1.0)    # random-resized-crop area range (I-JEPA uses only this augmentation)
+# model
+patch_size = 8             # ViT patch side; image_size must be a multiple of it
+n_layer = 6                # encoder depth
+n_head = 3                 # encoder attention heads
+n_embd = 192               # encoder width (ViT-Tiny: 192x12, ViT-S: 384x12, ViT-B: 768x12)
+pred_n_layer = 3           # predictor depth (objective 'mask')
+pred_n_embd = 96           # predictor width: narrow on purpose, it is a bottleneck
+pred_n_head = 3            # predictor heads
+# objective
+objective = 'mask'         # 'mask': masked latent prediction (I-JEPA style); 'views': LeJEPA multi-view
+sigreg_lambda = 0.05       # the one knob: loss = (1 - lambda) * prediction + lambda * SIGReg
+num_slices = 256           # SIGReg random 1-D projections per step (LeJEPA recommends 256-1024)
+sigreg_on = 'tokens'       # 'mask' objective: SIGReg on context 'tokens' or on per-image 'pooled' vectors
+num_targets = 4            # target blocks per image
+target_scale = (0.15, 0.2) # area of each target block, as a fraction of the patch grid
+target_aspect = (0.75, 1.5)  # aspect ratio range of the target blocks
+context_scale = (0.85, 1.0)  # area of the context block before the targets are cut out of it
+min_keep = 10              # fewest context patches an image may keep
+n_local_views = 4          # 'views' objective: small crops per image (plus 2 global crops)
+local_size = 32            # 'views' objective: side of the local crops in pixels
+local_scale = (0.05, 0.3)  # 'views' objective: area range of the local crops
+proj_dim = 64              # 'views' objective: projector output width (SIGReg acts on it)
+# optimisation
+batch_size = 64            # images per micro-step per process
+gradient_accumulation_steps = 1  # micro-steps per optimiser step, summed over all processes
+max_iters = 1500           # optimiser steps
+learning_rate = 1e-3       # peak AdamW learning rate
+min_lr = 1e-5              # learning rate at the end of the cosine decay
+warmup_iters = 100         # linear warmup steps
+weight_decay = 0.05        # AdamW decay on matrices only (not on biases, norms, tokens)
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0            # clip the global gradient norm to this (0 disables)
+# system
+device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'             # 'auto', 'float32', 'bfloat16' (autocast), 'float16' (autocast + GradScaler)
+compile = False            # torch.compile the model (worth it on GPU, slow to start on CPU)
+num_threads = 0            # CPU threads for torch (0: leave torch's default)
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
+DEFAULTS = {k: globals()[k] for k in config_keys}
+
+# -----------------------------------------------------------------------------
+# Configuration: defaults above < a config file < --key=value, all checked before any work
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; main() prints it and exits with code 2."""
+
+
+def _closest(key, valid):
+    near = difflib.get_close_matches(key, valid, n=1)
+    return f" (did you mean '{near[0]}'?)" if near else ''
+
+
+def _coerce(key, value, default):
+    """Check that `value` has the type of the default; ints widen to floats, lists to tuples."""
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ('true', 'false'):
+            return value.lower() == 'true'
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, tuple):
+        if isinstance(value, (tuple, list)) and len(value) == len(default):
+            return tuple(_coerce(key, v, d) for v, d in zip(value, default))
+    raise ConfigError(f"config key '{key}' expects a {type(default).__name__} like {default!r}, got {value!r}")
+
+
+def configure(argv, defaults=None):
+    """Return the config dict: defaults, then config files (positional args), then --key=value."""
+    defaults = DEFAULTS if defaults is None else defaults
+    cfg = dict(defaults)
+    for arg in argv:
+        if not arg.startswith('--'):  # a config file: python code that assigns globals
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file '{arg}' not found (expected e.g. config/demo.py)")
+            scope = {}
+            with open(arg) as f:
+                exec(builtins.compile(f.read(), arg, 'exec'), scope)  # 'compile' is a config key here
+            items = [(k, v) for k, v in scope.items() if not k.startswith('_') and not callable(v)
+                     and type(v).__name__ != 'module']
+            where = f" in config file '{arg}'"
+        else:
+            if '=' not in arg:
+                raise ConfigError(f"argument '{arg}' must look like --key=value")
+            k, v = arg[2:].split('=', 1)
+            try:
+                v = ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                pass  # a bare string such as --device=cpu
+            items, where = [(k, v)], ''
+        for k, v in items:
+            if k not in defaults:
+                raise ConfigError(f"unknown config key '{k}'{where}{_closest(k, list(defaults))}")
+            cfg[k] = _coerce(k, v, defaults[k])
+    return cfg
+
+
+def validate(c):
+    """Reject values that cannot work, naming the key and the fix (the 2-D model's rules)."""
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(msg)
+    need(c['image_size'] % c['patch_size'] == 0,
+         f"image_size={c['image_size']} is not a multiple of patch_size={c['patch_size']}: change one of them")
+    need(c['local_size'] % c['patch_size'] == 0,
+         f"local_size={c['local_size']} is not a multiple of patch_size={c['patch_size']}")
+    need(c['image_size'] // c['patch_size'] >= 2,
+         f"image_size / patch_size = {c['image_size'] // c['patch_size']}: a JEPA needs a grid of at least 2x2 patches")
+    need(c['n_embd'] % 4 == 0 and c['pred_n_embd'] % 4 == 0,
+         f"n_embd={c['n_embd']} and pred_n_embd={c['pred_n_embd']} must be multiples of 4 (2-D sin-cos positions)")
+    need(c['n_embd'] % c['n_head'] == 0, f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
+    need(c['pred_n_embd'] % c['pred_n_head'] == 0,
+         f"pred_n_embd={c['pred_n_embd']} must be divisible by pred_n_head={c['pred_n_head']}")
+    need(c['objective'] in ('mask', 'views'), f"objective must be 'mask' or 'views', got '{c['objective']}'")
+    need(c['sigreg_on'] in ('tokens', 'pooled'), f"sigreg_on must be 'tokens' or 'pooled', got '{c['sigreg_on']}'")
+    need(c['init_from'] in ('scratch', 'resume'), f"init_from must be 'scratch' or 'resume', got '{c['init_from']}'")
+    need(c['dtype'] in ('auto', 'float32', 'bfloat16', 'float16'), f"dtype '{c['dtype']}' is not one of auto/float32/bfloat16/float16")
+    need(0.0 <= c['sigreg_lambda'] <= 1.0, f"sigreg_lambda={c['sigreg_lambda']} must lie in [0, 1]")
+    for k in ('crop_scale', 'target_scale', 'context_scale', 'local_scale'):
+        lo, hi = c[k]
+        need(0 < lo <= hi <= 1, f"{k}={c[k]} must satisfy 0 < low <= high <= 1")
+    lo, hi = c['target_aspect']
+    need(0 < lo <= hi, f"target_aspect={c['target_aspect']} must satisfy 0 < low <= high")
+    for k in ('batch_size', 'gradient_accumulation_steps', 'max_iters', 'num_slices', 'num_targets',
+              'log_interval', 'eval_interval', 'n_layer', 'n_embd', 'pred_n_layer', 'proj_dim'):
+        need(c[k] >= 1, f"{k}={c[k]} must be at least 1")
+    need(c['learning_rate'] > 0 and c['min_lr'] >= 0, "learning_rate must be > 0 and min_lr >= 0")
+    return c
+
+# -----------------------------------------------------------------------------
+# Data: every data set is a folder of memory-mapped uint8 arrays written by prepare.py
+# (docs/data_format.md): {split}_images.npy (N, H, W, C), {split}_labels.npy, ... and meta.json.
+
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no data set in '{data_dir}' (missing meta.json): run "
+                                f"'python prepare.py demo' or 'python prepare.py <dataset>' first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_split(data_dir, split):
+    """Open one split without reading it: images stay on disk until indexed."""
+    out = {}
+    for key in ('images', 'labels', 'masks', 'groups', 'sites'):
+        path = os.path.join(data_dir, f'{split}_{key}.npy')
+        out[key] = np.load(path, mmap_mode='r', allow_pickle=False) if os.path.isfile(path) else None
+    if out['images'] is None:
+        raise FileNotFoundError(f"'{data_dir}' has no {split}_images.npy: the data set is incomplete, "
+                                f"delete the folder and run prepare.py again")
+    if out['images'].dtype != np.uint8 or out['images'].ndim != 4:
+        raise ValueError(f"{split}_images.npy must be uint8 (N, H, W, C), got {out['images'].dtype} {out['images'].shape}")
+    return out
+
+
+def batch_indices(step, micro, n, batch, world, rank, accum, seed):
+    """The images of one micro-batch, computed from the step alone (no sampler state to save).
+
+    The training stream is an endless concatenation of seeded permutations of the data set.
+    Optimiser step `step` consumes the next world * accum * batch positions; micro-step `micro`
+    of rank `rank` takes its own contiguous slice, so ranks never overlap and nothing is skipped.
+    Resuming at any step reproduces exactly the same data order.
+    """
+    start = ((step * accum + micro) * world + rank) * batch
+    pos = np.arange(start, start + batch)
+    epochs, offsets = pos // n, pos % n
+    out = np.empty(batch, dtype=np.int64)
+    for e in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(e)]).permutation(n)
+        out[epochs == e] = perm[offsets[epochs == e]]
+    return out
+
+
+def to_float(images_uint8, mean, std, device):
+    """(B, H, W, C) uint8 numpy -> (B, C, H, W) float tensor, normalised per channel."""
+    x = torch.from_numpy(np.array(images_uint8, copy=True)).to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255)
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3)):
+    """Batched random-resized crop + horizontal flip on tensors, as one affine resampling.
+
+    Each output pixel u in [-1, 1] reads the input at  w * u + c  (per image: crop width w,
+    centre c, sign of w = flip), so one grid_sample does the whole batch on any device.
+    """
+    B = x.shape[0]
+    dev = x.device
+    area = torch.empty(B).uniform_(scale[0], scale[1], generator=gen)
+    logr = torch.empty(B).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    w = (area * logr.exp()).sqrt().clamp(max=1.0)  # crop width, fraction of the image
+    h = (area / logr.exp()).sqrt().clamp(max=1.0)
+    cx = (torch.rand(B, generator=gen) * 2 - 1) * (1 - w)
+    cy = (torch.rand(B, generator=gen) * 2 - 1) * (1 - h)
+    sign = torch.where(torch.rand(B, generator=gen) < 0.5, -1.0, 1.0) if flip else torch.ones(B)
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta.to(dev), (B, x.shape[1], size, size), align_corners=False)
+    return F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
+
+
+def color_jitter(x, gen, strength=0.4):
+    """Per-image brightness, contrast and saturation jitter on normalised images (views objective)."""
+    B = x.shape[0]
+    def factor():
+        return (1 + (torch.rand(B, 1, 1, 1, generator=gen) * 2 - 1) * strength).to(x.device)
+    x = x * factor() + (torch.rand(B, 1, 1, 1, generator=gen).to(x.device) - 0.5) * strength  # contrast, brightness
+    gray = x.mean(1, keepdim=True)
+    return gray + (x - gray) * factor()  # saturation
+
+# -----------------------------------------------------------------------------
+# Model: a plain ViT encoder, a narrow predictor, a projector. Parameter names follow the common
+# ImageNet ViT layout (patch_embed.proj, blocks.i.attn.qkv, blocks.i.mlp.fc1, norm, ...).
+
+
+@functools.lru_cache(maxsize=16)
+def sincos_2d(gh, gw, dim):
+    """Fixed 2-D sin-cos positions (gh*gw, dim): half the channels encode the row, half the column."""
+    assert dim % 4 == 0, 'embedding width must be a multiple of 4 for 2-D sin-cos positions'
+    def axis(pos, d):  # (P,) -> (P, d)
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d // 2))
+        ang = pos.double()[:, None] * omega[None]
+        return torch.cat([ang.sin(), ang.cos()], 1)
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing='ij')
+    return torch.cat([axis(rows.flatten(), dim // 2), axis(cols.flatten(), dim // 2)], 1).float()
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, attn_mask=None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # flash / memory-efficient kernels
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    def __init__(self, dim, n_head, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, n_head)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.norm1(x), attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(module):
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+            nn.init.trunc_normal_(m.weight.view(m.weight.shape[0], -1), std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ViT(nn.Module):
+    """Patchify -> add fixed positions -> keep the chosen patches -> transformer -> final norm.
+
+    forward(x, keep) with keep = (B, K) patch indices runs the encoder on those patches only:
+    positions are added *before* gathering, so each kept patch still knows where it came from.
+    """
+    def __init__(self, in_chans, patch_size, n_embd, n_layer, n_head):
+        super().__init__()
+        self.patch_size = patch_size
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_chans, n_embd, patch_size, patch_size)
+        self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
+        self.norm = nn.LayerNorm(n_embd, eps=1e-6)
+        init_weights(self)
+
+    def pos_embed(self, grid, device):
+        return sincos_2d(*grid, self.norm.normalized_shape[0]).to(device)
+
+    def forward(self, x, keep=None):
+        x = self.patch_embed.proj(x)  # (B, D, gh, gw)
+        grid = x.shape[2:]
+        x = x.flatten(2).transpose(1, 2) + self.pos_embed(grid, x.device)  # (B, N, D)
+        if keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class Predictor(nn.Module):
+    """Fills in target blocks from the context, all blocks of all images in ONE transformer pass.
+
+    Sequence = [context tokens (Nc) | mask tokens of block 1 (K) | ... | block M (K)]. A boolean
+    attention mask lets every token read the context, mask tokens also read their own block, and
+    nothing read another block: the M predictions stay independent, as if run one by one, at the
+    cost of one pass (SPEC.md section 8: four separate passes were ~1.9x slower).
+    """
+    def __init__(self, enc_dim, dim, n_layer, n_head):
+        super().__init__()
+        self.embed = nn.Linear(enc_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.blocks = nn.ModuleList([Block(dim, n_head) for _ in range(n_layer)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.proj = nn.Linear(dim, enc_dim)
+        init_weights(self)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, ctx, ctx_idx, tgt_idx, grid):
+        B, M, K = tgt_idx.shape
+        Nc = ctx_idx.shape[1]
+        pos = sincos_2d(*grid, self.mask_token.shape[0]).to(ctx.device)  # (N, dim)
+        x = self.embed(ctx) + pos[ctx_idx]  # (B, Nc, dim)
+        t = self.mask_token + pos[tgt_idx.view(B, M * K)]  # (B, M*K, dim)
+        x = torch.cat([x, t], 1)
+        block_id = torch.cat([torch.full((Nc,), -1), torch.arange(M).repeat_interleave(K)]).to(ctx.device)
+        allowed = (block_id[None, :] == -1) | (block_id[:, None] == block_id[None, :])  # (L, L) query x key
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.proj(self.norm(x[:, Nc:]))  # (B, M*K, enc_dim)
+
+
+class Projector(nn.Module):
+    """LeJEPA's small MLP head (with BatchNorm) for the 'views' objective; SIGReg acts on its output."""
+    def __init__(self, dim, hidden, out):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
+                                 nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
+                                 nn.Linear(hidden, out))
+
+    def forward(self, x):
+        return self.net(x)
+
+# -----------------------------------------------------------------------------
+# Multi-block masks (I-JEPA), drawn for a whole batch at once on a (gh, gw) patch grid.
+#
+# Per batch: one target block size (h, w) from scale ~ U(target_scale) and aspect ~ U(target_aspect),
+#   h = round(sqrt(scale * gh * gw * aspect)), w = round(sqrt(scale * gh * gw / aspect)),
+#   so every image has exactly M * h * w target patches and they stack without truncation.
+# Per image: M target blocks and one context block at uniform positions; top-left in
+#   [0, gh - h] INCLUSIVE (upstream's randint(0, gh - h) never reaches the last row);
+#   context = context block minus all targets, so no target patch is ever visible.
+# Images whose context keeps < min_keep patches are redrawn a bounded number of times; an image
+# still short after that falls back to "everything but the targets" (then to one target block),
+# so tiny grids never loop forever. Contexts are cut to the batch's shortest by keeping a
+# RANDOM subset (upstream drops the last indices, which biases context to the top of the image).
+
+
+def _uniform(lo, hi, gen):
+    return lo + (hi - lo) * torch.rand((), generator=gen).item()
+
+
+def _blocks(B, M, h, w, gh, gw, gen):
+    """(B, M, gh, gw) bool: M axis-aligned h x w blocks per image at uniform positions."""
+    top = torch.randint(0, gh - h + 1, (B, M, 1, 1), generator=gen)
+    left = torch.randint(0, gw - w + 1, (B, M, 1, 1), generator=gen)
+    r = torch.arange(gh).view(1, 1, gh, 1)
+    c = torch.arange(gw).view(1, 1, 1, gw)
+    return (r >= top) & (r < top + h) & (c >= left) & (c < left + w)
+
+
+def block_size(scale, aspect, gh, gw, gen, max_h=None, max_w=None):
+    s, ar = _uniform(*scale, gen), _uniform(*aspect, gen)
+    h = round(math.sqrt(s * gh * gw * ar))
+    w = round(math.sqrt(s * gh * gw / ar))
+    return min(max(h, 1), max_h or gh), min(max(w, 1), max_w or gw)
+
+
+def sample_masks(B, grid, gen, num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
+                 context_scale=(0.85, 1.0), min_keep=10, max_tries=20):
+    """Return ctx_idx (B, Nc) and tgt_idx (B, M, K) patch indices (row-major on the grid)."""
+    gh, gw = grid
+    N, M = gh * gw, num_targets
+    # targets never span a whole side, so one block can never hide the entire image
+    h, w = block_size(target_scale, target_aspect, gh, gw, gen, max(gh - 1, 1), max(gw - 1, 1))
+    ch, cw = block_size(context_scale, (1.0, 1.0), gh, gw, gen)
+    min_keep = max(1, min(min_keep, N - h * w))  # what a tiny grid can give at best (N - h*w >= 1)
+    tgt = torch.zeros(B, M, gh, gw, dtype=torch.bool)
+    ctx = torch.zeros(B, gh, gw, dtype=torch.bool)
+    todo = torch.arange(B)
+    for _ in range(max_tries):
+        t = _blocks(len(todo), M, h, w, gh, gw, gen)
+        c = _blocks(len(todo), 1, ch, cw, gh, gw, gen)[:, 0] & ~t.any(1)
+        tgt[todo], ctx[todo] = t, c
+        todo = todo[c.flatten(1).sum(1) < min_keep]
+        if len(todo) == 0:
+            break
+    for i in todo.tolist():  # bounded fallback for images that never reached min_keep
+        ctx[i] = ~tgt[i].any(0)
+        if ctx[i].sum() < min_keep:
+            tgt[i, 1:] = tgt[i, :1]  # all M predictions aim at one block: its complement is large
+            ctx[i] = ~tgt[i, 0]
+    tgt_idx = tgt.flatten(2).nonzero()[:, 2].view(B, M, h * w)
+    ctx = ctx.flatten(1)  # (B, N)
+    n_keep = int(ctx.sum(1).min())
+    score = torch.rand(B, N, generator=gen) + (~ctx).float() * 2  # visible patches rank first, in random order
+    ctx_idx = score.argsort(1)[:, :n_keep].sort(1).values
+    return ctx_idx, tgt_idx
+
+# -----------------------------------------------------------------------------
+# SIGReg: Sketched Isotropic Gaussian Regularisation (LeJEPA), with the Epps-Pulley test.
+#
+# The key insight: a distribution is N(0, I) iff every 1-D projection of it is N(0, 1) (Cramer-Wold),
+# and a 1-D distribution is N(0, 1) iff its characteristic function E[exp(i t x)] equals exp(-t^2/2).
+# So, per step, draw M random unit directions a_m, project the N embeddings x_nm = a_m . z_n, and
+# measure how far the empirical characteristic function is from the Gaussian one:
+#
+#   EP_m = N * integral_R | mean_n exp(i t x_nm) - exp(-t^2/2) |^2 * exp(-t^2/2) dt
+#        = N * integral [ (c_m(t) - exp(-t^2/2))^2 + s_m(t)^2 ] exp(-t^2/2) dt,
+#   c_m(t) = mean_n cos(t x_nm),  s_m(t) = mean_n sin(t x_nm),   SIGReg = mean_m EP_m.
+#
+# The integrand is even in t, so we integrate t in [0, 3] with 17 trapezoid knots and double the
+# weights. A Gaussian batch scores ~1.06 per slice (a finite-N bias); a collapsed batch (all z equal
+# to 0) scores ~0.41 * N, so the gradient pushes hard away from collapse. Under DDP the means c, s
+# are averaged over ranks with an autograd-aware all-reduce, so every rank sees the global statistic
+# and its gradient; the directions come from a generator seeded by the step, identical on all ranks.
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is also a sum over ranks (the gradient of y = sum_r x_r
+    w.r.t. rank r's x_r, collected from every rank's loss). A plain dist.all_reduce is invisible
+    to autograd and loses the other ranks' gradient contributions (a factor of world size)."""
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+def global_mean(x):
+    """Mean over ranks that autograd can see through (identity when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return AllReduceSum.apply(x) / dist.get_world_size()
+    return x
+
+
+_EP_T = torch.linspace(0, 3, 17, dtype=torch.float64)
+_EP_PHI = torch.exp(-_EP_T ** 2 / 2)  # the N(0, 1) characteristic function at the knots
+_EP_W = torch.full((17,), 2 * 3 / 16, dtype=torch.float64)
+_EP_W[0] = _EP_W[-1] = 3 / 16  # trapezoid on [0, 3], doubled for [-3, 0]
+_EP_W = _EP_W * _EP_PHI  # times the Gaussian weighting exp(-t^2/2)
+
+
+def sigreg(z, step, num_slices=256, seed=0):
+    """SIGReg of embeddings z (N, K) -> scalar. Same directions on every rank for a given step."""
+    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # cos/sin need the precision
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    A = torch.randn(z.shape[1], num_slices, generator=gen, dtype=torch.float64).to(z)
+    A = A / A.norm(dim=0, keepdim=True)  # (K, M) unit directions
+    xt = (z @ A)[..., None] * _EP_T.to(z)  # (N, M, T)
+    c = global_mean(xt.cos().mean(0))  # (M, T) empirical characteristic function, real part
+    s = global_mean(xt.sin().mean(0))  # imaginary part
+    n = z.shape[0] * (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
+    ep = ((c - _EP_PHI.to(z)) ** 2 + s ** 2) @ _EP_W.to(z)  # (M,)
+    return n * ep.mean()
+
+# -----------------------------------------------------------------------------
+# The objectives. Both return (loss, stats) from one forward() so that DDP sees every call.
+
+
+def transformer_flops(T, D, n_layer, mlp_ratio=4.0):
+    """Matmul FLOPs of a forward pass of n_layer blocks over T tokens of width D."""
+    return n_layer * (2 * T * D * D * (4 + 2 * mlp_ratio) + 4 * T * T * D)
+
+
+class JEPA(nn.Module):
+    def __init__(self, cfg, in_chans=3):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = ViT(in_chans, cfg['patch_size'], cfg['n_embd'], cfg['n_layer'], cfg['n_head'])
+        if cfg['objective'] == 'mask':
+            self.predictor = Predictor(cfg['n_embd'], cfg['pred_n_embd'], cfg['pred_n_layer'], cfg['pred_n_head'])
+        else:
+            self.projector = Projector(cfg['n_embd'], 4 * cfg['proj_dim'], cfg['proj_dim'])
+
+    def forward(self, batch, step):
+        if self.cfg['objective'] == 'mask':
+            return self.mask_loss(batch['x'], batch['ctx_idx'], batch['tgt_idx'], step)
+        return self.views_loss(batch['globals'], batch['locals'], step)
+
+    def mask_loss(self, x, ctx_idx, tgt_idx, step):
+        """MedJEPA objective: predict the (stop-gradient, layer-normed) full-image representation
+        of each target block from the context, plus SIGReg against collapse. No EMA teacher."""
+        c, lam = self.cfg, self.cfg['sigreg_lambda']
+        B, M, K = tgt_idx.shape
+        grid = (x.shape[2] // c['patch_size'], x.shape[3] // c['patch_size'])
+        with torch.no_grad():  # targets: the same encoder on the full image, no gradient
+            h = self.encoder(x)  # (B, N, D)
+            h = F.layer_norm(h, h.shape[-1:])
+            target = h.gather(1, tgt_idx.view(B, M * K, 1).expand(-1, -1, h.shape[-1]))  # (B, M*K, D)
+        z = self.encoder(x, ctx_idx)  # (B, Nc, D) context tokens only
+        pred = self.predictor(z, ctx_idx, tgt_idx, grid)  # (B, M*K, D)
+        pred_loss = F.mse_loss(pred.float(), target.float())
+        pooled = z.mean(1)  # (B, D)
+        reg_in = z.reshape(-1, z.shape[-1]) if c['sigreg_on'] == 'tokens' else pooled
+        reg = sigreg(reg_in, step, c['num_slices'], c['seed'])
+        loss = (1 - lam) * pred_loss + lam * reg
+        N, Nc, D, L = grid[0] * grid[1], ctx_idx.shape[1], c['n_embd'], c['n_layer']
+        flops = B * (transformer_flops(N, D, L) + 3 * transformer_flops(Nc, D, L)
+                     + 3 * transformer_flops(Nc + M * K, c['pred_n_embd'], c['pred_n_layer'])
+                     + 4 * N * D * x.shape[1] * c['patch_size'] ** 2)
+        return loss, dict(pred=pred_loss.detach(), sigreg=reg.detach(), emb=pooled.detach(), flops=flops)
+
+    def views_loss(self, g, l, step):
+        """LeJEPA objective: every view's embedding should match the mean of the global views'
+        embeddings, and each view's embeddings should be N(0, I) (SIGReg, same slices per view).
+        g: (V_g, B, C, S, S) global crops, l: (V_l, B, C, s, s) local crops."""
+        c, lam = self.cfg, self.cfg['sigreg_lambda']
+        Vg, B = g.shape[:2]
+        feats = [self.encoder(g.flatten(0, 1)).mean(1)]  # (Vg*B, D)
+        if l.shape[0] > 0:
+            feats.append(self.encoder(l.flatten(0, 1)).mean(1))
+        emb = torch.cat(feats)
+        z = self.projector(emb).view(-1, B, c['proj_dim']).float()  # (V, B, K)
+        mu = z[:Vg].mean(0)  # (B, K) centre: the global views only
+        pred_loss = (z - mu).pow(2).mean()
+        reg = torch.stack([sigreg(zv, step, c['num_slices'], c['seed']) for zv in z]).mean()
+        loss = (1 - lam) * pred_loss + lam * reg
+        D, L, p = c['n_embd'], c['n_layer'], c['patch_size']
+        flops = 3 * B * (Vg * transformer_flops((g.shape[-1] // p) ** 2, D, L)
+                         + l.shape[0] * transformer_flops((l.shape[-1] // p) ** 2, D, L))
+        return loss, dict(pred=pred_loss.detach(), sigreg=reg.detach(), emb=emb[:B].detach(), flops=flops)
+
+
+MODEL_KEYS = ('patch_size', 'n_embd', 'n_layer', 'n_head', 'pred_n_embd', 'pred_n_layer', 'pred_n_head',
+              'objective', 'proj_dim', 'sigreg_lambda', 'num_slices', 'sigreg_on', 'seed')
+
+
+def build_model(cfg, in_chans=3):
+    return JEPA({k: cfg[k] for k in MODEL_KEYS}, in_chans)
+
+
+def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
+    """Augment one micro-batch on the device and draw its masks, from seeds derived from the step."""
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg['seed'], step, micro, rank]).generate_state(1)[0]))
+    x = to_float(images, mean, std, device)
+    if cfg['objective'] == 'mask':
+        x = random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen)
+        grid = (cfg['image_size'] // cfg['patch_size'],) * 2
+        ctx_idx, tgt_idx = sample_masks(x.shape[0], grid, gen, cfg['num_targets'], cfg['target_scale'],
+                                        cfg['target_aspect'], cfg['context_scale'], cfg['min_keep'])
+        return dict(x=x, ctx_idx=ctx_idx.to(device), tgt_idx=tgt_idx.to(device))
+    g = torch.stack([color_jitter(random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen), gen)
+                     for _ in range(2)])
+    loc = [color_jitter(random_resized_crop(x, cfg['local_size'], cfg['local_scale'], gen), gen)
+           for _ in range(cfg['n_local_views'])]
+    loc = torch.stack(loc) if loc else x.new_zeros(0, *x.shape[:2], cfg['local_size'], cfg['local_size'])
+    return dict(globals=g, locals=loc)
+
+# -----------------------------------------------------------------------------
+# Monitors: kNN accuracy (DINO protocol) and collapse statistics
+
+
+@torch.no_grad()
+def extract_features(encoder, images, mean, std, device='cpu', batch_size=256):
+    """Frozen features: mean of the encoder's output tokens, (N, D) float32 numpy."""
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_float(images[i:i + batch_size], mean, std, device)
+        out.append(encoder(x).mean(1).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, encoder.norm.normalized_shape[0]), np.float32)
+
+
+@torch.no_grad()
+def knn_predict(train_feats, train_labels, query_feats, num_classes, k=20, T=0.07, chunk=1024):
+    """DINO kNN: cosine similarity on L2-normalised features; the k nearest training images vote
+    for their class with weight exp(sim / T). Returns class scores (Nq, num_classes); argmax = label."""
+    tr = F.normalize(torch.as_tensor(np.asarray(train_feats), dtype=torch.float32), dim=1)
+    lab = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
+    q_all = F.normalize(torch.as_tensor(np.asarray(query_feats), dtype=torch.float32), dim=1)
+    k = min(k, len(tr))
+    scores = torch.zeros(len(q_all), num_classes)
+    for i in range(0, len(q_all), chunk):
+        sim, idx = (q_all[i:i + chunk] @ tr.T).topk(k, dim=1)  # (q, k)
+        scores[i:i + chunk].scatter_add_(1, lab[idx], (sim / T).exp())
+    return scores.numpy()
+
+
+def effective_rank(z):
+    """RankMe: exp(entropy of the normalised singular values); ~1 when collapsed, up to min(N, D)."""
+    s = torch.linalg.svdvals(z.float() - z.float().mean(0))
+    p = s / s.sum().clamp_min(1e-12) + 1e-12
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def measure_matmul_flops(device, dtype, n=2048, seconds=0.5):
+    """Dense GEMM throughput of this device in this dtype, measured now: the denominator of MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
+    sync()
+    t0, it = time.time(), 0
+    while time.time() - t0 < seconds:
+        a @ b
+        it += 1
+    sync()
+    return 2 * n ** 3 * it / (time.time() - t0)
+
+# -----------------------------------------------------------------------------
+# Checkpoints: one dict, written atomically, read without executing code
+
+
+def save_checkpoint(path, obj):
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+
+
+def load_checkpoint(path, map_location='cpu'):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint '{path}' not found: train one with 'python medjepa.py'")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {e}); it may be "
+                           f"truncated or not a MedJEPA checkpoint") from e
+
+
+def lr_at(it, c):
+    """Linear warmup, then cosine decay from learning_rate to min_lr at max_iters."""
+    if it < c['warmup_iters']:
+        return c['learning_rate'] * (it + 1) / c['warmup_iters']
+    frac = min(1.0, (it - c['warmup_iters']) / max(1, c['max_iters'] - c['warmup_iters']))
+    return c['min_lr'] + 0.5 * (1 + math.cos(math.pi * frac)) * (c['learning_rate'] - c['min_lr'])
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def main(argv=None):
+    try:
+        cfg = validate(configure(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:
+        print(f'medjepa: {e}', file=sys.stderr)
+        sys.exit(2)
+    return train(cfg)
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is a single process."""
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    dev = cfg['device']
+    if dev == 'auto':
+        dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if ddp:
+        rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+        if dev.startswith('cuda'):
+            dev = f'cuda:{local_rank}'
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
+        return True, rank, world, dev
+    return False, 0, 1, dev
+
+
+def train(cfg):
+    ddp, rank, world, dev = setup_distributed(cfg)
+    master = rank == 0
+    if cfg['num_threads'] > 0:
+        torch.set_num_threads(cfg['num_threads'])
+    if cfg['gradient_accumulation_steps'] % world != 0:
+        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a "
+                          f"multiple of the number of processes ({world})")
+    accum = cfg['gradient_accumulation_steps'] // world
+    dtype = cfg['dtype']
+    if dtype == 'auto':  # bf16 where the hardware has it; measured faster on the 2-core dev CPU too
+        dtype = 'bfloat16' if (dev.startswith('cuda') and torch.cuda.is_bf16_supported()) or dev == 'cpu' else 'float32'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    autocast = nullcontext() if dtype == 'float32' else torch.autocast(dev.split(':')[0], dtype=ptdtype)
+    if dev.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # data: generate the demo if it is missing, then memory-map the train split
+    if master and not os.path.isfile(os.path.join(cfg['data_dir'], 'meta.json')) \
+            and os.path.basename(os.path.normpath(cfg['data_dir'])) == 'demo':
+        from prepare import prepare_demo
+        print(f"{cfg['data_dir']} is missing: generating the demo data set (python prepare.py demo)")
+        prepare_demo(cfg['data_dir'])
+    if ddp:
+        dist.barrier()
+    meta = read_meta(cfg['data_dir'])
+    train_split, val_split = load_split(cfg['data_dir'], 'train'), load_split(cfg['data_dir'], 'val')
+    images, (mean, std) = train_split['images'], (meta['mean'], meta['std'])
+    n_train, in_chans = len(images), images.shape[-1]
+    if n_train < cfg['batch_size']:
+        raise ConfigError(f"batch_size={cfg['batch_size']} is larger than the train split ({n_train} images)")
+
+    # model, optimiser, resume
+    torch.manual_seed(cfg['seed'])
+    model = build_model(cfg, in_chans).to(dev)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # biases, norms, mask token
+    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg['weight_decay']},
+                                   {'params': no_decay, 'weight_decay': 0.0}],
+                                  lr=cfg['learning_rate'], betas=(cfg['beta1'], cfg['beta2']),
+                                  **({'fused': True} if dev.startswith('cuda') else {}))
+    scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))
+    iter_num, best_knn = 0, 0.0
+    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    if cfg['init_from'] == 'resume':
+        ckpt = load_checkpoint(ckpt_path, map_location=dev)
+        changed = [k for k in MODEL_KEYS if ckpt['config'].get(k) != cfg[k]]
+        if changed:
+            raise ConfigError(f"cannot resume {ckpt_path}: model settings differ from the checkpoint's: "
+                              + ', '.join(f"{k}={cfg[k]!r} (checkpoint: {ckpt['config'].get(k)!r})" for k in changed))
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        iter_num, best_knn = ckpt['iter_num'], ckpt['best_metric']
+        if master:
+            print(f'resumed from {ckpt_path} at step {iter_num}')
+    raw_model = model
+    if ddp and cfg['objective'] == 'views':
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        raw_model = model
+    if cfg['compile']:
+        model = torch.compile(model)
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.startswith('cuda') else None)
+
+    if master:
+        os.makedirs(cfg['out_dir'], exist_ok=True)
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"{meta.get('name', cfg['data_dir'])}: {n_train} train images {tuple(images.shape[1:])}; "
+              f"model {n_params / 1e6:.2f}M params; objective={cfg['objective']}; device={dev} dtype={dtype} "
+              f"world={world} batch={cfg['batch_size']}x{accum}x{world}")
+        peak = measure_matmul_flops(dev, ptdtype if dtype != 'float32' else torch.float32)
+        print(f'measured {dtype} matmul throughput (MFU denominator): {peak / 1e9:.0f} GFLOP/s')
+        log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a')
+        knn_idx = np.random.default_rng(cfg['seed']).permutation(n_train)[:cfg['knn_train_size']]
+        knn_idx.sort()
+
+    def online_knn():
+        enc = raw_model.encoder
+        f_tr = extract_features(enc, images[knn_idx], mean, std, dev)
+        f_va = extract_features(enc, val_split['images'], mean, std, dev)
+        scores = knn_predict(f_tr, train_split['labels'][knn_idx], f_va, meta['num_classes'])
+        return float((scores.argmax(1) == val_split['labels']).mean())
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                        iter_num=iter_num, best_metric=best_knn, config=cfg,
+                                        model_args={k: cfg[k] for k in MODEL_KEYS}))
+
+    t0 = time.time()
+    tdata = 0.0
+    flops_acc, imgs_acc, mfu = 0.0, 0, -1.0
+    while iter_num < cfg['max_iters']:
+        if master and iter_num > 0 and iter_num % cfg['eval_interval'] == 0 and meta.get('task') == 'multiclass':
+            acc = online_knn()
+            best_knn = max(best_knn, acc)
+            print(f'step {iter_num}: online kNN val accuracy {acc:.4f}')
+            log.write(json.dumps(dict(iter=iter_num, knn_val=acc)) + '\n')
+            log.flush()
+            checkpoint()
+        lr = lr_at(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        for micro in range(accum):
+            td = time.time()
+            idx = np.sort(batch_indices(iter_num, micro, n_train, cfg['batch_size'], world, rank, accum, cfg['seed']))
+            batch = make_batch(cfg, images[idx], mean, std, iter_num, micro, dev, rank)
+            tdata += time.time() - td
+            if ddp:  # only the last micro-step all-reduces gradients
+                model.require_backward_grad_sync = micro == accum - 1
+            with autocast:
+                loss, stats = model(batch, iter_num)
+            scaler.scale(loss / accum).backward()
+            flops_acc += stats['flops'] * world
+            imgs_acc += cfg['batch_size'] * world
+        if cfg['grad_clip'] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
+            if dev.startswith('cuda'):
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            emb = stats['emb']
+            rec = dict(iter=iter_num, loss=loss.item(), pred=stats['pred'].item(), sigreg=stats['sigreg'].item(),
+                       lr=lr, img_per_s=imgs_acc / dt, data_frac=tdata / dt,
+                       mfu=flops_acc / dt / peak, emb_std=float(F.normalize(emb.float(), dim=1).std(0).mean()),
+                       erank=effective_rank(emb), time=time.time())
+            if not math.isfinite(rec['loss']):
+                raise FloatingPointError(f"loss is {rec['loss']} at step {iter_num}: lower learning_rate or use dtype=float32")
+            print(f"step {iter_num}: loss {rec['loss']:.4f} (pred {rec['pred']:.4f}, sigreg {rec['sigreg']:.3f}) "
+                  f"lr {lr:.2e} | {rec['img_per_s']:.0f} img/s, mfu {100 * rec['mfu']:.1f}% | "
+                  f"emb std {rec['emb_std']:.3f} erank {rec['erank']:.1f}")
+            log.write(json.dumps(rec) + '\n')
+            log.flush()
+            t0, tdata, flops_acc, imgs_acc = time.time(), 0.0, 0.0, 0
+    if master:
+        if meta.get('task') == 'multiclass':
+            acc = online_knn()
+            best_knn = max(best_knn, acc)
+            print(f'step {iter_num}: online kNN val accuracy {acc:.4f}')
+            log.write(json.dumps(dict(iter=iter_num, knn_val=acc)) + '\n')
+        checkpoint()
+        log.close()
+        print(f'saved {ckpt_path}')
+    if ddp:
+        dist.destroy_process_group()
+    return raw_model
+
+
+if __name__ == '__main__':
+    main()

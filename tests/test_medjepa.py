@@ -1,0 +1,252 @@
+"""Specifications of medjepa.py's pieces: configuration, SIGReg, masks, model. Fast (CPU, seconds)."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import medjepa as mj
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_overrides_parse_types_and_widen_int_to_float():
+    cfg = mj.configure(['--learning_rate=1', '--compile=true', '--crop_scale=(0.5,1)', '--device=cpu',
+                        '--out_dir=a=b'])
+    assert cfg['learning_rate'] == 1.0 and isinstance(cfg['learning_rate'], float)
+    assert cfg['compile'] is True
+    assert cfg['crop_scale'] == (0.5, 1.0)
+    assert cfg['device'] == 'cpu'
+    assert cfg['out_dir'] == 'a=b'  # split on the first '=' only
+
+
+def test_unknown_key_names_the_closest_valid_key():
+    with pytest.raises(mj.ConfigError, match="unknown config key 'learning_rat'.*'learning_rate'"):
+        mj.configure(['--learning_rat=0.1'])
+
+
+def test_wrong_type_is_rejected_with_the_key():
+    with pytest.raises(mj.ConfigError, match="'batch_size' expects a int"):
+        mj.configure(['--batch_size=1.5'])
+    with pytest.raises(mj.ConfigError, match="'compile' expects a bool"):
+        mj.configure(['--compile=yes'])
+
+
+def test_config_file_overrides_and_rejects_unknown_keys(tmp_path):
+    good = tmp_path / 'good.py'
+    good.write_text("n_layer = 2\nimport math\nlearning_rate = 3e-4\n")
+    cfg = mj.configure([str(good), '--n_layer=3'])
+    assert cfg['n_layer'] == 3 and cfg['learning_rate'] == 3e-4  # the command line wins
+    bad = tmp_path / 'bad.py'
+    bad.write_text("n_layers = 2\n")
+    with pytest.raises(mj.ConfigError, match="unknown config key 'n_layers' in config file.*'n_layer'"):
+        mj.configure([str(bad)])
+
+
+def test_validate_rejects_values_that_cannot_work():
+    for argv, msg in [(['--patch_size=7'], 'not a multiple of patch_size'),
+                      (['--target_scale=(0.2,1.5)'], 'target_scale'),
+                      (['--objective=pixels'], "objective must be 'mask' or 'views'"),
+                      (['--image_size=8', '--patch_size=8'], 'at least 2x2')]:
+        with pytest.raises(mj.ConfigError, match=msg):
+            mj.validate(mj.configure(argv))
+
+
+def test_command_line_error_exits_2_with_a_message():
+    r = subprocess.run([sys.executable, 'medjepa.py', '--bach_size=3'], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "unknown config key 'bach_size'" in r.stderr and "batch_size" in r.stderr
+    assert 'Traceback' not in r.stderr
+
+# ----------------------------------------------------------------------------- SIGReg
+
+
+def test_sigreg_matches_a_hand_computed_value():
+    # one sample, one dimension: the only unit direction is +-1, so x = +-z and by hand
+    # EP = sum_j w_j [(cos(t_j z) - exp(-t_j^2/2))^2 + sin(t_j z)^2]
+    z = 0.7
+    t = np.linspace(0, 3, 17)
+    w = np.full(17, 2 * 3 / 16)
+    w[0] = w[-1] = 3 / 16
+    w *= np.exp(-t ** 2 / 2)
+    expected = np.sum(w * ((np.cos(t * z) - np.exp(-t ** 2 / 2)) ** 2 + np.sin(t * z) ** 2))
+    got = mj.sigreg(torch.tensor([[z]], dtype=torch.float64), step=0, num_slices=8)
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_sigreg_small_on_gaussian_large_on_collapsed():
+    g = torch.Generator().manual_seed(0)
+    N, K = 2048, 64
+    gauss = mj.sigreg(torch.randn(N, K, generator=g), step=1)
+    # integral of (1 - e^{-t^2}) e^{-t^2/2} over [-3, 3] ~ sqrt(2 pi) - sqrt(2 pi / 3) = 1.06
+    assert 0.8 < gauss.item() < 1.4
+    collapsed = mj.sigreg(torch.zeros(N, K), step=1)
+    t = torch.linspace(0, 3, 17)
+    assert collapsed.item() == pytest.approx(N * float(mj._EP_W.float() @ (1 - torch.exp(-t ** 2 / 2)) ** 2), rel=1e-5)
+    assert collapsed.item() > 300 * gauss.item()
+    wide = mj.sigreg(3 * torch.randn(N, K, generator=g), step=1)  # right shape, wrong scale
+    shifted = mj.sigreg(torch.randn(N, K, generator=g) + 1, step=1)  # wrong mean
+    assert wide.item() > 50 * gauss.item() and shifted.item() > 50 * gauss.item()
+
+
+def test_sigreg_gradient_is_exact_and_pushes_away_from_collapse():
+    z = (0.1 * torch.randn(16, 4, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: mj.sigreg(x, step=3, num_slices=16), (z,))
+    # gradient descent on the embeddings themselves should spread a nearly collapsed batch out
+    z = (0.01 * torch.randn(256, 8)).requires_grad_()
+    start = mj.sigreg(z, step=0).item()
+    opt = torch.optim.Adam([z], lr=0.02)
+    for step in range(300):
+        opt.zero_grad()
+        mj.sigreg(z, step=step).backward()
+        opt.step()
+    assert mj.sigreg(z.detach(), step=999).item() < start / 20
+    assert 0.5 < z.detach().std().item() < 2.0
+
+
+def test_sigreg_directions_depend_on_step_not_on_call():
+    z = torch.randn(64, 16)
+    assert mj.sigreg(z, step=5).item() == mj.sigreg(z, step=5).item()
+    assert mj.sigreg(z, step=5).item() != mj.sigreg(z, step=6).item()
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _draw(B=64, grid=(8, 8), seed=0, **kw):
+    return mj.sample_masks(B, grid, torch.Generator().manual_seed(seed), **kw)
+
+
+def test_masks_are_disjoint_rectangles_with_enough_context():
+    for seed in range(20):
+        ctx, tgt = _draw(seed=seed)
+        B, M, K = tgt.shape
+        assert M == 4 and ctx.shape[0] == B and ctx.shape[1] >= 10
+        for b in range(B):
+            c = set(ctx[b].tolist())
+            assert len(c) == ctx.shape[1]  # no duplicates
+            for m in range(M):
+                t = tgt[b, m].tolist()
+                assert not c & set(t)  # no target patch is visible in the context
+                rows, cols = {i // 8 for i in t}, {i % 8 for i in t}
+                assert len(rows) * len(cols) == K == len(set(t))  # a full rectangle
+
+
+def test_every_patch_can_be_a_target_and_coverage_is_unbiased():
+    counts = torch.zeros(8 * 8)
+    ctx_rows = []
+    for seed in range(100):
+        ctx, tgt = _draw(seed=seed)
+        counts += torch.bincount(tgt.flatten(), minlength=64).float()
+        ctx_rows.append((ctx // 8).float().mean().item())
+    grid = counts.view(8, 8)
+    assert (grid > 0).all()  # the last row and column are reachable (upstream's randint bug)
+    # block placement is symmetric: the last row/column are as likely as the first
+    assert grid[-1].sum() == pytest.approx(grid[0].sum(), rel=0.15)
+    assert grid[:, -1].sum() == pytest.approx(grid[:, 0].sum(), rel=0.15)
+    # cutting contexts to equal length keeps a random subset, not the top of the image
+    assert np.mean(ctx_rows) == pytest.approx(3.5, abs=0.15)
+
+
+@pytest.mark.parametrize('grid', [(2, 2), (1, 5), (3, 1), (2, 3), (4, 4), (14, 14), (5, 9)])
+def test_tiny_and_odd_grids_terminate_with_valid_masks(grid):
+    ctx, tgt = _draw(B=32, grid=grid, min_keep=10)
+    n = grid[0] * grid[1]
+    assert ctx.shape[1] >= 1 and tgt.max() < n and ctx.max() < n
+    for b in range(32):
+        assert not set(ctx[b].tolist()) & set(tgt[b].flatten().tolist())
+
+# ----------------------------------------------------------------------------- model
+
+
+def _tiny_cfg(**kw):
+    cfg = dict(mj.DEFAULTS, n_layer=2, n_embd=32, n_head=2, pred_n_layer=1, pred_n_embd=16, pred_n_head=2,
+               image_size=32, patch_size=8, num_slices=16)
+    cfg.update(kw)
+    return mj.validate(cfg)
+
+
+def test_sincos_positions_are_distinct_and_fixed():
+    p = mj.sincos_2d(4, 6, 32)
+    assert p.shape == (24, 32)
+    d = torch.cdist(p, p) + torch.eye(24) * 10
+    assert d.min() > 0.1  # every position has its own code
+
+
+def test_context_encoder_never_sees_target_patches():
+    torch.manual_seed(0)
+    cfg = _tiny_cfg()
+    model = mj.build_model(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ctx, tgt = _draw(B=2, grid=(4, 4), min_keep=4)
+    with torch.no_grad():
+        out = model.encoder(x, ctx)
+        y = x.clone()
+        for b in range(2):  # scramble every pixel of every target patch
+            for i in tgt[b].flatten().unique().tolist():
+                r, c = divmod(i, 4)
+                y[b, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] = torch.randn(3, 8, 8) * 5
+        assert torch.equal(model.encoder(y, ctx), out)
+        z = x.clone()  # ... while changing one context patch does change it
+        r, c = divmod(ctx[0, 0].item(), 4)
+        z[0, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += 3
+        assert not torch.allclose(model.encoder(z, ctx)[0], out[0])
+
+
+def test_predictor_blocks_do_not_see_each_other():
+    torch.manual_seed(0)
+    cfg = _tiny_cfg()
+    pred = mj.build_model(cfg).predictor.eval()
+    ctx, tgt = _draw(B=1, grid=(4, 4), min_keep=4)
+    z = torch.randn(1, ctx.shape[1], 32)
+    with torch.no_grad():
+        both = pred(z, ctx, tgt, (4, 4))
+        K = tgt.shape[2]
+        alone = [pred(z, ctx, tgt[:, m:m + 1], (4, 4)) for m in range(tgt.shape[1])]
+    torch.testing.assert_close(both, torch.cat(alone, 1), rtol=1e-5, atol=1e-5)
+    assert both.shape == (1, tgt.shape[1] * K, 32)
+
+
+def test_vit_parameter_names_follow_the_imagenet_layout():
+    names = set(mj.build_model(_tiny_cfg()).encoder.state_dict())
+    for n in ['patch_embed.proj.weight', 'blocks.0.norm1.weight', 'blocks.0.attn.qkv.weight',
+              'blocks.0.attn.proj.bias', 'blocks.1.mlp.fc1.weight', 'blocks.1.mlp.fc2.bias', 'norm.weight']:
+        assert n in names
+
+
+def test_random_resized_crop_full_scale_is_identity_or_mirror():
+    x = torch.randn(4, 3, 16, 16)
+    y = mj.random_resized_crop(x, 16, (1.0, 1.0), torch.Generator().manual_seed(0), ratio=(1, 1))
+    for b in range(4):
+        assert torch.allclose(y[b], x[b], atol=1e-5) or torch.allclose(y[b], x[b].flip(-1), atol=1e-5)
+
+
+def test_batch_indices_shard_without_overlap_or_loss():
+    n, B, world, accum = 50, 4, 2, 3
+    seen = []
+    for step in range(5):
+        for micro in range(accum):
+            for rank in range(world):
+                seen.append(mj.batch_indices(step, micro, n, B, world, rank, accum, seed=1))
+    seen = np.concatenate(seen)  # 120 positions = 2 full epochs + 20
+    assert sorted(seen[:50]) == list(range(50)) and sorted(seen[50:100]) == list(range(50))
+    assert not np.array_equal(seen[:50], seen[50:100])  # each epoch reshuffled
+
+
+def test_knn_predict_votes_by_similarity():
+    train = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], np.float32)
+    labels = np.array([0, 0, 1, 1])
+    s = mj.knn_predict(train, labels, np.array([[1, 0.05], [0.05, 1]], np.float32), 2, k=3)
+    assert list(s.argmax(1)) == [0, 1]
+    s = mj.knn_predict(train, labels, train, 2, k=100)  # k larger than the bank is safe
+    assert s.shape == (4, 2)
+
+
+def test_effective_rank_detects_collapse():
+    g = torch.Generator().manual_seed(0)
+    assert mj.effective_rank(torch.randn(256, 32, generator=g)) > 25
+    assert mj.effective_rank(torch.randn(256, 1, generator=g) * torch.ones(1, 32)) < 1.5
