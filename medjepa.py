@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -839,6 +840,11 @@ def train(cfg):
                                         iter_num=iter_num, best_metric=best_knn, config=cfg,
                                         model_args={k: cfg[k] for k in MODEL_KEYS}))
 
+    # pre-emption (SIGTERM from a scheduler, SIGUSR1 as a warning): finish the step, save, exit
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
+
     t0 = time.time()
     tdata = 0.0
     flops_acc, imgs_acc, mfu = 0.0, 0, -1.0
@@ -889,6 +895,19 @@ def train(cfg):
             log.write(json.dumps(rec) + '\n')
             log.flush()
             t0, tdata, flops_acc, imgs_acc = time.time(), 0.0, 0.0, 0
+        stopping = len(stop) > 0
+        if ddp:  # every rank stops at the same step, even if only one got the signal
+            flag = torch.tensor(float(stopping), device=dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopping = flag.item() > 0
+        if stopping:
+            if master:
+                checkpoint()
+                print(f'stopped by a signal at step {iter_num}; saved {ckpt_path} (resume with --init_from=resume)')
+                log.close()
+            if ddp:
+                dist.destroy_process_group()
+            return raw_model
     if master:
         if meta.get('task') == 'multiclass':
             acc = online_knn()

@@ -1,0 +1,121 @@
+"""Training loop, checkpoints and resume, on a tiny data set written in the project's format."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import medjepa as mj
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--pred_n_layer=1', '--pred_n_embd=16', '--pred_n_head=2',
+        '--image_size=32', '--patch_size=8', '--local_size=16', '--n_local_views=2', '--batch_size=16',
+        '--num_slices=32', '--knn_train_size=64', '--device=cpu', '--dtype=float32', '--num_threads=1']
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    """Two classes of 32 px images (horizontal vs vertical stripes) at random phases, plus noise."""
+    d = tmp_path_factory.mktemp('tiny')
+    rng = np.random.default_rng(0)
+    for split, n in [('train', 96), ('val', 32)]:
+        labels = rng.integers(0, 2, n)
+        yy, xx = np.mgrid[0:32, 0:32]
+        phase = rng.uniform(0, 2 * np.pi, n)[:, None, None]
+        coord = np.where(labels[:, None, None] == 0, yy[None], xx[None])
+        img = 128 + 80 * np.sin(coord * 0.8 + phase) + rng.normal(0, 20, (n, 32, 32))
+        np.save(d / f'{split}_images.npy', np.repeat(img[..., None], 3, -1).clip(0, 255).astype(np.uint8))
+        np.save(d / f'{split}_labels.npy', labels.astype(np.int64))
+    (d / 'meta.json').write_text(json.dumps(dict(name='tiny', task='multiclass', num_classes=2, classes=['h', 'v'],
+                                                 mean=[0.5] * 3, std=[0.3] * 3)))
+    return str(d)
+
+
+def _losses(out_dir):
+    recs = [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
+    return [r['loss'] for r in recs if 'loss' in r], [r['knn_val'] for r in recs if 'knn_val' in r]
+
+
+@pytest.mark.parametrize('objective,ratio', [('mask', 0.7), ('views', 0.9)])
+def test_short_training_run_lowers_the_loss(tiny_data, tmp_path, objective, ratio):
+    out = str(tmp_path / 'out')
+    mj.main(TINY + [f'--data_dir={tiny_data}', f'--out_dir={out}', f'--objective={objective}', '--max_iters=40',
+                    '--warmup_iters=5', '--log_interval=1', '--eval_interval=20'])
+    losses, knn = _losses(out)
+    assert len(losses) == 40 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < ratio * np.mean(losses[:5])
+    assert len(knn) == 2 and all(0 <= a <= 1 for a in knn)
+    ckpt = mj.load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    assert ckpt['iter_num'] == 40 and ckpt['config']['objective'] == objective
+
+
+def test_checkpoint_round_trip_restores_the_model(tiny_data, tmp_path):
+    out = str(tmp_path / 'out')
+    model = mj.main(TINY + [f'--data_dir={tiny_data}', f'--out_dir={out}', '--max_iters=3'])
+    ckpt = mj.load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    fresh = mj.build_model(ckpt['config'])
+    fresh.load_state_dict(ckpt['model'])  # strict
+    for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert not [f for f in os.listdir(out) if '.tmp-' in f]  # no temporary file left behind
+
+
+def test_truncated_and_malicious_checkpoints_are_refused(tmp_path):
+    good = tmp_path / 'good.pt'
+    mj.save_checkpoint(str(good), {'x': torch.ones(1000)})
+    bad = tmp_path / 'torn.pt'
+    bad.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(RuntimeError, match='cannot be read'):
+        mj.load_checkpoint(str(bad))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f'touch {tmp_path}/pwned',))
+    evil = tmp_path / 'evil.pt'
+    torch.save({'model': Evil()}, str(evil))
+    with pytest.raises(RuntimeError, match='cannot be read'):
+        mj.load_checkpoint(str(evil))
+    assert not (tmp_path / 'pwned').exists()
+
+
+def test_resume_after_sigterm_ends_with_the_same_weights(tiny_data, tmp_path):
+    """Stop a run with SIGTERM mid-training, resume it, and compare with an uninterrupted run."""
+    common = TINY + [f'--data_dir={tiny_data}', '--max_iters=60', '--log_interval=2', '--eval_interval=1000']
+    full = str(tmp_path / 'full')
+    mj.main(common + [f'--out_dir={full}'])
+
+    cut = str(tmp_path / 'cut')
+    p = subprocess.Popen([sys.executable, 'medjepa.py'] + common + [f'--out_dir={cut}'], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:  # wait until training is under way
+        if line.startswith('step 4:'):
+            p.send_signal(signal.SIGTERM)
+            break
+    rest = p.stdout.read()
+    assert p.wait(timeout=120) == 0, rest
+    stopped_at = mj.load_checkpoint(os.path.join(cut, 'ckpt.pt'))['iter_num']
+    assert 4 <= stopped_at < 60 and 'stopped by a signal' in rest
+
+    mj.main(common + [f'--out_dir={cut}', '--init_from=resume'])
+    a = mj.load_checkpoint(os.path.join(full, 'ckpt.pt'))
+    b = mj.load_checkpoint(os.path.join(cut, 'ckpt.pt'))
+    assert b['iter_num'] == 60
+    for k in a['model']:
+        torch.testing.assert_close(a['model'][k], b['model'][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_resume_refuses_a_different_architecture(tiny_data, tmp_path):
+    out = str(tmp_path / 'out')
+    mj.main(TINY + [f'--data_dir={tiny_data}', f'--out_dir={out}', '--max_iters=2'])
+    with pytest.raises(mj.ConfigError, match='n_layer=3 \\(checkpoint: 2\\)'):
+        mj.main(TINY + [f'--data_dir={tiny_data}', f'--out_dir={out}', '--max_iters=4', '--n_layer=3',
+                        '--init_from=resume'])
+
+
+def test_missing_data_dir_gives_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match='run .python prepare.py'):
+        mj.main(TINY + [f'--data_dir={tmp_path}/nothing', f'--out_dir={tmp_path}/o', '--max_iters=1'])
