@@ -1,0 +1,20 @@
+# MedJEPA: the two commands of the README.
+#   make demo   set up, generate the demo data, pretrain (~10 min on 2 CPU cores), print the eval table
+#   make test   set up and run the test suite (~5 min on 2 CPU cores)
+# A torch that is already installed (e.g. your CUDA build) is kept; without one, torch==2.13.0 is
+# installed. Use another interpreter with `make demo PYTHON=/path/to/python`.
+PYTHON ?= python3
+
+.PHONY: install demo test
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
+	@$(PYTHON) -m pip install -q -r requirements.txt
+
+demo: install
+	$(PYTHON) prepare.py demo
+	$(PYTHON) medjepa.py config/demo.py
+	$(PYTHON) eval.py --ckpt=out-demo/ckpt.pt
+
+test: install
+	@$(PYTHON) -m pip install -q pytest
+	$(PYTHON) -m pytest

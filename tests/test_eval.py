@@ -1,0 +1,265 @@
+"""Tests for eval.py: the probes get the maths right, select on val only, and the CLI fails clearly.
+
+Run: python -m pytest -q tests/test_eval.py   (a few seconds on 2 CPU cores)
+"""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import eval as ev  # noqa: E402  (the repo's eval.py, not the builtin)
+import medjepa  # noqa: E402
+
+K = 4  # classes in the synthetic problems below
+
+
+def clusters(n, seed, D=16, spread=0.1):
+    """n points, exactly n/K per class, each class a tight blob around 10 * e_class."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(K), n // K)
+    x = 10.0 * np.eye(D)[y] + spread * rng.standard_normal((n, D))
+    return x.astype(np.float32), y
+
+
+# -----------------------------------------------------------------------------
+# separable -> perfect, label-free -> chance
+
+
+def test_knn_is_perfect_on_separable_clusters():  # needs medjepa.knn_predict
+    xtr, ytr = clusters(200, 0)
+    xte, yte = clusters(100, 1)
+    r = ev.knn_accuracy(xtr, ytr, xte, yte, K, k=20)
+    assert r['acc'] == 1.0 and r['bal_acc'] == 1.0 and r['auroc'] == 1.0
+
+
+def test_knn_handles_k_larger_than_the_memory_bank():  # needs medjepa.knn_predict
+    xtr, ytr = clusters(8, 0)  # 2 per class, k = 20 > 8
+    xte, yte = clusters(40, 1)
+    assert ev.knn_accuracy(xtr, ytr, xte, yte, K, k=20)['acc'] == 1.0
+
+
+def test_linear_probe_is_perfect_on_separable_clusters():
+    (xtr, ytr), (xva, yva), (xte, yte) = clusters(200, 0), clusters(100, 1), clusters(100, 2)
+    r = ev.linear_probe(xtr, ytr, xva, yva, xte, yte)
+    assert r['acc'] == 1.0 and r['bal_acc'] == 1.0 and r['macro_f1'] == 1.0 and r['auroc'] == 1.0
+    assert set(r['val_acc']) == set(ev.CS) and all(a == 1.0 for a in r['val_acc'].values())
+    assert r['C'] == min(ev.CS)  # every C ties on val: the documented tie-break keeps the smallest
+
+
+# Permuting the labels makes them independent of the features. Test labels are exactly balanced
+# (n/K per class), so whatever the classifier predicts, its expected test accuracy is 1/K and the
+# standard deviation is at most sqrt(p (1 - p) / n) (a permutation only lowers it). With n = 800:
+# sigma <= 1.53 points; we allow 4 sigma (6.1 points), which a correct probe exceeds with
+# probability < 1e-4, while a probe that leaks test labels or reports train accuracy would not
+# come near 25 %.
+N_CHANCE = 800
+CHANCE_TOL = 4 * math.sqrt(0.25 * 0.75 / N_CHANCE)
+
+
+def permuted(n, seed):
+    x, y = clusters(n, seed)
+    return x, np.random.default_rng(seed + 100).permutation(y)
+
+
+def test_knn_is_at_chance_on_permuted_labels():  # needs medjepa.knn_predict
+    (xtr, ytr), (xte, yte) = permuted(400, 0), permuted(N_CHANCE, 1)
+    acc = ev.knn_accuracy(xtr, ytr, xte, yte, K, k=20)['acc']
+    assert abs(acc - 1 / K) < CHANCE_TOL, acc
+
+
+def test_linear_probe_is_at_chance_on_permuted_labels():
+    (xtr, ytr), (xva, yva), (xte, yte) = permuted(400, 0), permuted(200, 1), permuted(N_CHANCE, 2)
+    r = ev.linear_probe(xtr, ytr, xva, yva, xte, yte)
+    assert abs(r['acc'] - 1 / K) < CHANCE_TOL, r['acc']
+    assert abs(r['auroc'] - 0.5) < 0.06, r['auroc']  # OvR AUROC: ~0.5, sd ~0.02 per class here
+
+
+# -----------------------------------------------------------------------------
+# model selection uses val only
+
+
+def val_vs_test_problem():
+    """Binary problem where val and test disagree about C.
+
+    Train: 70 % class 0, feature 0 predicts the class. Val: every image is class 0, so the best
+    val accuracy comes from the smallest C (the weights shrink to ~0 and the unpenalised intercept
+    predicts the majority class everywhere). Test: balanced and feature-driven, so there a large C
+    is best and the smallest C scores 50 %.
+    """
+    rng = np.random.default_rng(0)
+    def make(n, frac1, label_rule=True):
+        y = (rng.random(n) < frac1).astype(np.int64)
+        x = rng.standard_normal((n, 8))
+        x[:, 0] += 1.5 * (2 * y - 1)
+        return x, (y if label_rule else np.zeros(n, np.int64))
+    xtr, ytr = make(600, 0.3)
+    xva, yva = make(300, 0.3, label_rule=False)
+    xte, yte = make(600, 0.5)
+    return xtr, ytr, xva, yva, xte, yte
+
+
+def test_linear_probe_picks_the_C_best_on_val_even_when_test_prefers_another():
+    xtr, ytr, xva, yva, xte, yte = val_vs_test_problem()
+    r = ev.linear_probe(xtr, ytr, xva, yva, xte, yte)
+    best_val_C = max(sorted(ev.CS), key=lambda C: r['val_acc'][C])  # first maximum = smallest C
+    # what an (illegal) selection on test would pick, computed independently here
+    sc = StandardScaler().fit(xtr)
+    test_acc = {C: LogisticRegression(C=C, max_iter=1000).fit(sc.transform(xtr), ytr).score(sc.transform(xte), yte)
+                for C in ev.CS}
+    best_test_C = max(sorted(ev.CS), key=lambda C: test_acc[C])
+    assert best_val_C == min(ev.CS) and best_test_C != best_val_C  # the fixture really disagrees
+    assert r['C'] == best_val_C
+    assert r['acc'] == pytest.approx(test_acc[best_val_C])  # reported: the val-chosen model on test
+
+
+def test_linear_probe_choice_does_not_depend_on_test_data():
+    xtr, ytr, xva, yva, xte, yte = val_vs_test_problem()
+    a = ev.linear_probe(xtr, ytr, xva, yva, xte, yte)
+    b = ev.linear_probe(xtr, ytr, xva, yva, xte, np.random.default_rng(1).permutation(yte))
+    c = ev.linear_probe(xtr, ytr, xva, yva, xte, 1 - yte)
+    d = ev.linear_probe(xtr, ytr, xva, yva, 3 * xte + 5, yte)  # test images shifted: e.g. no scaler fit on test
+    assert a['C'] == b['C'] == c['C'] == d['C']
+    assert a['val_acc'] == b['val_acc'] == c['val_acc'] == d['val_acc']
+    assert c['acc'] == pytest.approx(1 - a['acc'])  # only the final test score sees test labels
+
+
+# -----------------------------------------------------------------------------
+# metrics, pixel baseline, table
+
+
+def test_classification_metrics_equal_sklearn_multiclass():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+    p = rng.dirichlet(np.ones(5), 300) + 0.3 * np.eye(5)[y]  # informative but imperfect
+    p /= p.sum(1, keepdims=True)
+    m = ev.classification_metrics(y, p)
+    pred = p.argmax(1)
+    assert m['acc'] == pytest.approx(accuracy_score(y, pred))
+    assert m['bal_acc'] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m['macro_f1'] == pytest.approx(f1_score(y, pred, average='macro'))
+    assert m['auroc'] == pytest.approx(roc_auc_score(y, p, multi_class='ovr', average='macro'))
+    assert 0.3 < m['acc'] < 0.95 and m['n'] == 300  # the fixture is neither trivial nor useless
+
+
+def test_classification_metrics_binary_auroc_is_the_positive_class():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    p1 = np.clip(0.5 + 0.3 * (y - 0.5) + 0.3 * rng.standard_normal(200), 0, 1)
+    m = ev.classification_metrics(y, np.stack([1 - p1, p1], 1))
+    assert m['auroc'] == pytest.approx(roc_auc_score(y, p1))
+    assert m['acc'] == pytest.approx(accuracy_score(y, (p1 > 0.5).astype(int)))
+
+
+def test_pixel_features_area_average_by_hand():
+    img = np.zeros((1, 4, 4, 2), np.uint8)
+    img[0, :, :, 0] = np.arange(16).reshape(4, 4)  # channel 0: 0..15
+    img[0, :, :, 1] = 200                          # channel 1: constant
+    f = ev.pixel_features(img, size=2)
+    # 2x2 blocks of channel 0: (0+1+4+5)/4, (2+3+6+7)/4, (8+9+12+13)/4, (10+11+14+15)/4
+    # flattened (h, w, c): block00 c0, block00 c1, block01 c0, block01 c1, ...
+    expected = np.array([2.5, 200, 4.5, 200, 10.5, 200, 12.5, 200]) / 255
+    assert f.shape == (1, 8) and f.dtype == np.float32
+    np.testing.assert_allclose(f[0], expected, rtol=1e-6)
+
+
+def test_pixel_features_normalise_per_channel_and_chunk():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    mean, std = [0.1, 0.5, 0.9], [0.2, 0.3, 0.4]
+    f = ev.pixel_features(imgs, size=4, mean=mean, std=std, chunk=2)  # chunk boundary mid-batch
+    raw = imgs.reshape(5, 4, 2, 4, 2, 3).mean((2, 4)) / 255  # area average by reshaping
+    np.testing.assert_allclose(f, ((raw - mean) / std).reshape(5, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_format_table_contains_every_row_and_number():
+    rows = [{'encoder': 'pretrained', 'kNN acc (k=20)': 81.25, 'linear acc': 84.0, 'C (val)': '0.1'},
+            {'encoder': 'random-init', 'kNN acc (k=20)': 40.04, 'linear acc': 52.96, 'C (val)': '1'},
+            {'encoder': 'raw pixels', 'kNN acc (k=20)': 33.3, 'linear acc': None}]
+    out = ev.format_table(rows, title='demo: 6000/1000/2000', notes=['raw pixels: 16x16'])
+    lines = out.splitlines()
+    assert lines[0] == 'demo: 6000/1000/2000' and 'raw pixels: 16x16' in lines[-1]
+    header = next(l for l in lines if l.startswith('| encoder'))
+    for col in ('kNN acc (k=20)', 'linear acc', 'C (val)'):
+        assert col in header
+    for r in rows:
+        line = next(l for l in lines if l.startswith(f"| {r['encoder']} |"))
+        for v in list(r.values())[1:]:
+            want = '-' if v is None else f'{v:.1f}' if isinstance(v, float) else v
+            assert f' {want} ' in line, (want, line)
+    assert '| raw pixels | 33.3 | - | - |' in out  # missing cells are '-', not blank or 'None'
+    assert sum(l.startswith('|') for l in lines) == 2 + len(rows)  # header, rule, one line per row
+
+
+# -----------------------------------------------------------------------------
+# command line and end to end
+
+
+def test_multilabel_task_fails_with_a_message_naming_it():
+    with pytest.raises(NotImplementedError, match="multilabel.*chestxray"):
+        ev.check_task({'task': 'multilabel', 'name': 'chestxray'})
+    assert ev.check_task({'task': 'multiclass'}) == 'multiclass'
+
+
+def test_bad_flag_exits_2_and_suggests_the_closest(capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(['--ckp=out/ckpt.pt'])
+    assert e.value.code == 2 and '--ckpt' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(['--tasks=knn,fewshot'])
+    assert e.value.code == 2 and 'fewshot' in capsys.readouterr().err
+
+
+def test_missing_checkpoint_names_the_path_and_how_to_make_one(tmp_path):
+    path = str(tmp_path / 'nope' / 'ckpt.pt')
+    with pytest.raises(SystemExit) as e:
+        ev.main([f'--ckpt={path}'])
+    assert path in str(e.value.code) and 'python medjepa.py' in str(e.value.code)
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A 3-class data set of 16 px images and an untrained tiny checkpoint (built, not trained)."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / 'data'
+    data.mkdir()
+    for split, n in (('train', 60), ('val', 30), ('test', 30)):
+        y = np.arange(n) % 3
+        x = rng.integers(0, 60, (n, 16, 16, 3)) + 80 * np.eye(3)[y][:, None, None, :]  # class = colour
+        np.save(data / f'{split}_images.npy', x.astype(np.uint8))
+        np.save(data / f'{split}_labels.npy', y.astype(np.int64))
+    json.dump({'name': 'tiny', 'task': 'multiclass', 'classes': ['r', 'g', 'b'], 'num_classes': 3,
+               'mean': [0.2, 0.2, 0.2], 'std': [0.2, 0.2, 0.2]}, open(data / 'meta.json', 'w'))
+    cfg = dict(medjepa.DEFAULTS, data_dir=str(data), patch_size=4, n_layer=1, n_embd=24, n_head=2,
+               pred_n_layer=1, pred_n_embd=12, pred_n_head=2)
+    torch.manual_seed(0)
+    model = medjepa.build_model(cfg, 3)
+    ckpt = tmp_path / 'out' / 'ckpt.pt'
+    ckpt.parent.mkdir()
+    torch.save({'model': model.state_dict(), 'config': cfg, 'iter_num': 7}, ckpt)
+    return ckpt
+
+
+def test_end_to_end_writes_table_and_json_next_to_the_checkpoint(tiny_run, capsys):
+    report = ev.main([f'--ckpt={tiny_run}', '--knn_ks=10,20'])
+    out = capsys.readouterr().out
+    for name in ('pretrained', 'random-init', 'raw pixels'):
+        assert f'| {name} |' in out
+    assert 'kNN acc (k=10)' in out and '60 train / 30 val / 30 test' in out and 'chosen on val' in out
+    saved = json.load(open(tiny_run.parent / 'eval.json'))
+    assert saved['counts'] == {'train': 60, 'val': 30, 'test': 30} and saved['iter_num'] == 7
+    assert saved['results']['raw pixels']['feature_dim'] == 16 * 16 * 3
+    assert saved['results']['pretrained']['feature_dim'] == 24
+    assert saved['results']['raw pixels']['linear']['acc'] == 1.0  # colour classes: pixels solve it
+    assert saved['results']['pretrained']['linear']['C'] in ev.CS
+    assert saved['ckpt_config']['n_embd'] == 24
+    assert (tiny_run.parent / 'eval.md').read_text() in out
+    assert report['results']['pretrained']['knn']['k=20']['k'] == 20
+    assert not list(tiny_run.parent.glob('*.tmp*'))  # atomic writes leave no temp files behind
