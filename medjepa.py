@@ -64,7 +64,7 @@ pred_n_head = 3            # predictor heads
 objective = 'mask'         # 'mask': masked latent prediction (I-JEPA style); 'views': LeJEPA multi-view
 sigreg_lambda = 0.05       # the one knob: loss = (1 - lambda) * prediction + lambda * SIGReg
 num_slices = 256           # SIGReg random 1-D projections per step (LeJEPA recommends 256-1024)
-sigreg_on = 'tokens'       # 'mask' objective: SIGReg on context 'tokens' or on per-image 'pooled' vectors
+sigreg_on = 'pooled'       # 'mask' objective: SIGReg on per-image 'pooled' context vectors or on all 'tokens'
 num_targets = 4            # target blocks per image
 target_scale = (0.15, 0.2) # area of each target block, as a fraction of the patch grid
 target_aspect = (0.75, 1.5)  # aspect ratio range of the target blocks
@@ -77,7 +77,7 @@ proj_dim = 64              # 'views' objective: projector output width (SIGReg a
 # optimisation
 batch_size = 64            # images per micro-step per process
 gradient_accumulation_steps = 1  # micro-steps per optimiser step, summed over all processes
-max_iters = 1500           # optimiser steps
+max_iters = 1200           # optimiser steps
 learning_rate = 1e-3       # peak AdamW learning rate
 min_lr = 1e-5              # learning rate at the end of the cosine decay
 warmup_iters = 100         # linear warmup steps
@@ -359,6 +359,10 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
         self.norm = nn.LayerNorm(n_embd, eps=1e-6)
         init_weights(self)
+        # like a Linear layer on the flattened patch (MAE's choice): patch content then enters with
+        # about the same scale as the unit-amplitude sin-cos positions instead of being drowned by them
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
     def pos_embed(self, grid, device):
         return sincos_2d(*grid, self.norm.normalized_shape[0]).to(device)

@@ -160,7 +160,7 @@ def disk_size(path):
 
 DEMO_CLASSES = ['smooth', 'irregular_border', 'globules', 'radial_streaks',
                 'reticular_network', 'target_rings', 'vascular_dots']
-DEMO_VERSION = 1        # bump whenever the pictures change: old folders are then refused, not reused
+DEMO_VERSION = 3        # bump whenever the pictures change: old folders are then refused, not reused
 IMAGES_PER_LESION = 3   # photos per lesion; the splits are made of whole lesions
 
 # palettes in display (gamma-encoded) RGB; rendering mixes light linearly, so we decode with **2.2
@@ -193,7 +193,7 @@ def sample_lesion(seed, lesion_id, label):
     colours, hospital. Lengths are in pixels of a 64-px image at zoom 1 ("64-px units").
     Size, darkness, colour and site are drawn the same way whatever the class."""
     rng = np.random.default_rng([seed, lesion_id])
-    L = {'label': label, 'site': int(rng.integers(2)), 'r0': rng.uniform(11, 22),
+    L = {'label': label, 'site': int(rng.integers(2)), 'r0': rng.uniform(16, 25),
          'aspect': rng.uniform(1.0, 1.35), 'radius_scale': 1.0}
     k = np.arange(2, 21)
     amp = np.where(k <= 4, rng.uniform(0, 0.05, k.size), 0.0)
@@ -217,7 +217,7 @@ def sample_lesion(seed, lesion_id, label):
     L['density'] = rng.uniform(0.4, 0.8)     # mean pigment density = how dark the lesion is
     L['fade'] = rng.uniform(0.0, 0.3)        # lighter towards the border
     L['edge'] = rng.uniform(0.4, 1.2)        # border softness
-    L['contrast'] = rng.uniform(0.10, 0.16)  # std of the texture, in density units
+    L['contrast'] = rng.uniform(0.3, 0.42)  # std of the texture, in density units
     # a few soft blotches, in every class, so that "any variation at all" is not a texture cue
     L['blotch_xy'] = rng.uniform(-0.6, 0.6, (4, 2)) * L['r0']
     L['blotch_sigma'] = rng.uniform(0.35, 0.7, 4) * L['r0']
@@ -287,7 +287,7 @@ def lesion_texture(L, lx, ly, rn, theta, mask):
         tex = rings**2
     else:  # 0 and 1: structureless, only the blotches
         return blotches, None
-    return standardise(tex, mask) + 0.6 * standardise(blotches, mask), None
+    return standardise(tex, mask) + 0.3 * standardise(blotches, mask), None
 
 
 def standardise(x, mask=None):
@@ -312,9 +312,9 @@ def gaussian_blur(x, sigma):
 
 
 def hair_alpha(rng, size):
-    """0-8 dark curved hairs: opacity (H, W) in [0, 1]. Points along quadratic Bezier curves are
+    """0-5 dark curved hairs: opacity (H, W) in [0, 1]. Points along quadratic Bezier curves are
     splatted bilinearly and blurred, far cheaper than a distance to every segment."""
-    n_hairs = 0 if rng.random() < 0.35 else int(rng.integers(1, 9))
+    n_hairs = 0 if rng.random() < 0.5 else int(rng.integers(1, 6))
     sigma = rng.uniform(0.35, 0.7) * size / 64  # half-thickness in pixels
     density = np.zeros(size * size)
     for _ in range(n_hairs):
@@ -379,10 +379,10 @@ def render_image(L, rng, size):
     v, r_in = (rng.uniform(0.7, 1.0), rng.uniform(0.95, 1.25)) if strong else \
               (rng.uniform(0.0, 0.4), rng.uniform(0.6, 1.0))
     img = img * (np.clip(light, 0.3, None) * (1 - v * smoothstep(r_in, r_in + 0.35, rr)))[..., None]
-    img = gaussian_blur(img, rng.uniform(0.0, 0.8) * scale)
+    img = gaussian_blur(img, rng.uniform(0.0, 0.6) * scale)
     img = np.clip(img @ SITE_MATRIX[L['site']].T * rng.uniform(0.96, 1.04, 3), 0, 1)
     img = img**(1 / SITE_GAMMA[L['site']])
-    img = img + rng.normal(0, rng.uniform(0.005, 0.03), img.shape)
+    img = img + rng.normal(0, rng.uniform(0.005, 0.02), img.shape)
     img = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
     return img, mask.astype(np.uint8)
 
