@@ -539,7 +539,11 @@ _EP_W = _EP_W * _EP_PHI  # times the Gaussian weighting exp(-t^2/2)
 
 def sigreg(z, step, num_slices=256, seed=0):
     """SIGReg of embeddings z (N, K) -> scalar. Same directions on every rank for a given step."""
-    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # cos/sin need the precision
+    with torch.autocast(z.device.type, enabled=False):  # cos(t x) and the N-fold sum need fp32
+        return _sigreg(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, step, num_slices, seed)
+
+
+def _sigreg(z, step, num_slices, seed):
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     A = torch.randn(z.shape[1], num_slices, generator=gen, dtype=torch.float64).to(z)
     A = A / A.norm(dim=0, keepdim=True)  # (K, M) unit directions

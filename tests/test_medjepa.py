@@ -109,6 +109,14 @@ def test_sigreg_gradient_is_exact_and_pushes_away_from_collapse():
     assert 0.5 < z.detach().std().item() < 2.0
 
 
+def test_sigreg_is_computed_in_float32_under_bf16_autocast():
+    z = torch.randn(512, 64)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low = mj.sigreg(z.bfloat16(), step=2)
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(mj.sigreg(z.bfloat16().float(), step=2).item(), rel=1e-5)
+
+
 def test_sigreg_directions_depend_on_step_not_on_call():
     z = torch.randn(64, 16)
     assert mj.sigreg(z, step=5).item() == mj.sigreg(z, step=5).item()
