@@ -52,6 +52,8 @@ seed = 0                   # everything random derives from this (data order, ma
 # data and augmentation
 image_size = 64            # side of the (square) training crops, in pixels
 crop_scale = (0.3, 1.0)    # random-resized-crop area range (I-JEPA uses only this augmentation)
+color_jitter = 0.0         # brightness/contrast/saturation jitter strength (0 = off); 'mask': context and targets get independent draws
+gray_prob = 0.0            # probability of turning a view grayscale
 # model
 patch_size = 8             # ViT patch side; image_size must be a multiple of it
 n_layer = 6                # encoder depth
@@ -270,14 +272,20 @@ def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3)):
     return F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
 
 
-def color_jitter(x, gen, strength=0.4):
-    """Per-image brightness, contrast and saturation jitter on normalised images (views objective)."""
+def color_jitter(x, gen, strength, gray_prob=0.0):
+    """Per-image brightness, contrast and saturation jitter, and random grayscale, on normalised
+    images. Without it an encoder can tell images apart by skin tone and lesion darkness alone, a
+    shortcut that satisfies both the prediction and SIGReg terms without learning any morphology."""
     B = x.shape[0]
+    if strength <= 0 and gray_prob <= 0:
+        return x
     def factor():
         return (1 + (torch.rand(B, 1, 1, 1, generator=gen) * 2 - 1) * strength).to(x.device)
     x = x * factor() + (torch.rand(B, 1, 1, 1, generator=gen).to(x.device) - 0.5) * strength  # contrast, brightness
     gray = x.mean(1, keepdim=True)
-    return gray + (x - gray) * factor()  # saturation
+    keep = (torch.rand(B, 1, 1, 1, generator=gen) >= gray_prob).float().to(x.device)
+    return gray + (x - gray) * factor() * keep  # saturation; 0 = grayscale
+
 
 # -----------------------------------------------------------------------------
 # Model: a plain ViT encoder, a narrow predictor, a projector. Parameter names follow the common
@@ -575,17 +583,17 @@ class JEPA(nn.Module):
 
     def forward(self, batch, step):
         if self.cfg['objective'] == 'mask':
-            return self.mask_loss(batch['x'], batch['ctx_idx'], batch['tgt_idx'], step)
+            return self.mask_loss(batch['x'], batch['x_tgt'], batch['ctx_idx'], batch['tgt_idx'], step)
         return self.views_loss(batch['globals'], batch['locals'], step)
 
-    def mask_loss(self, x, ctx_idx, tgt_idx, step):
+    def mask_loss(self, x, x_tgt, ctx_idx, tgt_idx, step):
         """MedJEPA objective: predict the (stop-gradient, layer-normed) full-image representation
         of each target block from the context, plus SIGReg against collapse. No EMA teacher."""
         c, lam = self.cfg, self.cfg['sigreg_lambda']
         B, M, K = tgt_idx.shape
         grid = (x.shape[2] // c['patch_size'], x.shape[3] // c['patch_size'])
         with torch.no_grad():  # targets: the same encoder on the full image, no gradient
-            h = self.encoder(x)  # (B, N, D)
+            h = self.encoder(x_tgt)  # (B, N, D); x_tgt = x up to photometric jitter
             h = F.layer_norm(h, h.shape[-1:])
             target = h.gather(1, tgt_idx.view(B, M * K, 1).expand(-1, -1, h.shape[-1]))  # (B, M*K, D)
         z = self.encoder(x, ctx_idx)  # (B, Nc, D) context tokens only
@@ -634,15 +642,15 @@ def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
     """Augment one micro-batch on the device and draw its masks, from seeds derived from the step."""
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg['seed'], step, micro, rank]).generate_state(1)[0]))
     x = to_float(images, mean, std, device)
+    jitter = lambda v: color_jitter(v, gen, cfg['color_jitter'], cfg['gray_prob'])
     if cfg['objective'] == 'mask':
         x = random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen)
         grid = (cfg['image_size'] // cfg['patch_size'],) * 2
         ctx_idx, tgt_idx = sample_masks(x.shape[0], grid, gen, cfg['num_targets'], cfg['target_scale'],
                                         cfg['target_aspect'], cfg['context_scale'], cfg['min_keep'])
-        return dict(x=x, ctx_idx=ctx_idx.to(device), tgt_idx=tgt_idx.to(device))
-    g = torch.stack([color_jitter(random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen), gen)
-                     for _ in range(2)])
-    loc = [color_jitter(random_resized_crop(x, cfg['local_size'], cfg['local_scale'], gen), gen)
+        return dict(x=jitter(x), x_tgt=jitter(x), ctx_idx=ctx_idx.to(device), tgt_idx=tgt_idx.to(device))
+    g = torch.stack([jitter(random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen)) for _ in range(2)])
+    loc = [jitter(random_resized_crop(x, cfg['local_size'], cfg['local_scale'], gen))
            for _ in range(cfg['n_local_views'])]
     loc = torch.stack(loc) if loc else x.new_zeros(0, *x.shape[:2], cfg['local_size'], cfg['local_size'])
     return dict(globals=g, locals=loc)

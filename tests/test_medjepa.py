@@ -233,6 +233,22 @@ def test_random_resized_crop_full_scale_is_identity_or_mirror():
         assert torch.allclose(y[b], x[b], atol=1e-5) or torch.allclose(y[b], x[b].flip(-1), atol=1e-5)
 
 
+def test_color_jitter_off_is_identity_and_gray_prob_one_is_gray():
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(mj.color_jitter(x, torch.Generator().manual_seed(0), 0.0), x)
+    g = mj.color_jitter(x, torch.Generator().manual_seed(0), 0.5, gray_prob=1.0)
+    assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
+
+
+def test_mask_batch_targets_see_the_same_crop_and_differ_only_by_jitter():
+    imgs = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    plain = mj.make_batch(_tiny_cfg(), imgs, [0.5] * 3, [0.3] * 3, step=3, micro=0, device='cpu')
+    assert torch.equal(plain['x'], plain['x_tgt'])  # I-JEPA: no photometric change by default
+    jit = mj.make_batch(_tiny_cfg(color_jitter=0.5), imgs, [0.5] * 3, [0.3] * 3, step=3, micro=0, device='cpu')
+    assert not torch.allclose(jit['x'], jit['x_tgt'])
+    assert torch.equal(plain['ctx_idx'], jit['ctx_idx'])  # same geometry and masks either way
+
+
 def test_batch_indices_shard_without_overlap_or_loss():
     n, B, world, accum = 50, 4, 2, 3
     seen = []
