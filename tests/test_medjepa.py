@@ -261,6 +261,14 @@ def test_batch_indices_shard_without_overlap_or_loss():
     assert not np.array_equal(seen[:50], seen[50:100])  # each epoch reshuffled
 
 
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    c = dict(mj.DEFAULTS, learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    lrs = [mj.lr_at(i, c) for i in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone after warmup
+    assert lrs[60] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1)
+
+
 def test_knn_predict_votes_by_similarity():
     train = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], np.float32)
     labels = np.array([0, 0, 1, 1])
