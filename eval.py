@@ -102,14 +102,6 @@ def pixel_features(images_uint8, size=16, mean=None, std=None, chunk=1024):
     return out
 
 
-def resolve_dtype(dtype, dev):
-    """'auto' -> bfloat16 where it is fast (CPU: ~2.3x the fp32 matmul rate on the dev machine, SPEC 8)."""
-    if dtype == 'auto':
-        bf16_ok = dev == 'cpu' or (dev.startswith('cuda') and torch.cuda.is_bf16_supported())
-        dtype = 'bfloat16' if bf16_ok else 'float32'
-    return dtype
-
-
 def encoder_features(encoder, images, meta, dev, bs, dtype='float32'):
     """Frozen encoder -> {split: (N, D) float32}, computed once and shared by every task.
 
@@ -349,7 +341,7 @@ def main(argv=None):
 
     # each encoder row: a function returning {split: features}, called once
     in_chans = images['train'].shape[-1]
-    dtype = resolve_dtype(args.dtype, args.device)
+    dtype = medjepa.resolve_dtype(args.dtype, args.device)
     def pretrained():
         model = medjepa.build_model(config, in_chans)
         model.load_state_dict(ckpt['model'])  # strict: a mismatch is a bug, not a warning

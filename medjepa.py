@@ -710,6 +710,16 @@ def measure_matmul_flops(device, dtype, n=2048, seconds=0.5):
     sync()
     return 2 * n ** 3 * it / (time.time() - t0)
 
+def resolve_dtype(dtype, dev):
+    """'auto' -> bf16 on GPUs that have it; on a CPU only if its bf16 matmuls are clearly faster
+    (AMX / AVX512-BF16 CPUs: 1.35x for ViT-Tiny at 224 px on the dev VM; elsewhere bf16 is slower)."""
+    if dtype != 'auto':
+        return dtype
+    if dev == 'cpu':
+        fast = measure_matmul_flops(dev, torch.bfloat16, seconds=0.2) > 1.5 * measure_matmul_flops(dev, torch.float32, seconds=0.2)
+        return 'bfloat16' if fast else 'float32'
+    return 'bfloat16' if dev.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+
 # -----------------------------------------------------------------------------
 # Checkpoints: one dict, written atomically, read without executing code
 
@@ -778,13 +788,7 @@ def train(cfg):
         raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a "
                           f"multiple of the number of processes ({world})")
     accum = cfg['gradient_accumulation_steps'] // world
-    dtype = cfg['dtype']
-    if dtype == 'auto':  # bf16 on GPUs that have it; on a CPU only if its bf16 matmuls are clearly faster
-        if dev == 'cpu':   # (AMX / AVX512-BF16 CPUs: 1.35x for ViT-Tiny at 224 px on the dev VM; others: slower)
-            fast = measure_matmul_flops(dev, torch.bfloat16, seconds=0.2) > 1.5 * measure_matmul_flops(dev, torch.float32, seconds=0.2)
-            dtype = 'bfloat16' if fast else 'float32'
-        else:
-            dtype = 'bfloat16' if dev.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+    dtype = resolve_dtype(cfg['dtype'], dev)
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(dev.split(':')[0], dtype=ptdtype)
     if dev.startswith('cuda'):
