@@ -62,7 +62,7 @@ data_dir = ''               # data set folder; '' = the one the checkpoint was t
 tasks = 'knn,linear'        # comma-separated keys of TASKS
 baselines = 'random,pixels' # rows besides the checkpoint: random-init encoder, raw pixels ('none' = no rows)
 device = 'cpu'              # where features are computed ('cpu', 'cuda', 'mps')
-dtype = 'auto'              # feature precision: 'float32', 'bfloat16', 'auto' (bf16 on CPU / recent GPUs)
+dtype = 'auto'              # feature precision: 'float32', 'bfloat16', 'auto' (medjepa.resolve_dtype: bf16 where it is fast)
 seed = 0                    # seeds the random-init encoder and the probe
 batch_size = 256            # images per forward pass when extracting features
 knn_ks = '20'               # comma-separated k values for kNN, e.g. 10,20,100 (20 is the DINO default)
