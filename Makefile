@@ -12,8 +12,8 @@ install:
 
 demo: install
 	$(PYTHON) prepare.py demo
-	$(PYTHON) medjepa.py config/demo.py
-	$(PYTHON) eval.py --ckpt=out-demo/ckpt.pt
+	$(PYTHON) medjepa.py config/demo_views.py
+	$(PYTHON) eval.py --ckpt=out-demo-views/ckpt.pt
 
 test: install
 	@$(PYTHON) -m pip install -q pytest
