@@ -872,7 +872,7 @@ def train(cfg):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
 
     t0 = time.time()
-    tdata = 0.0
+    tdata, stopping = 0.0, False
     flops_acc, imgs_acc, mfu = 0.0, 0, -1.0
     while iter_num < cfg['max_iters']:
         if master and iter_num > 0 and iter_num % cfg['eval_interval'] == 0 and meta.get('task') == 'multiclass':
@@ -927,15 +927,11 @@ def train(cfg):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stopping = flag.item() > 0
         if stopping:
-            if master:
-                checkpoint()
-                print(f'stopped by a signal at step {iter_num}; saved {ckpt_path} (resume with --init_from=resume)')
-                log.close()
-            if ddp:
-                dist.destroy_process_group()
-            return raw_model
+            break
     if master:
-        if meta.get('task') == 'multiclass':
+        if stopping:
+            print(f'stopped by a signal at step {iter_num} (resume with --init_from=resume)')
+        elif meta.get('task') == 'multiclass':
             acc = online_knn()
             best_knn = max(best_knn, acc)
             print(f'step {iter_num}: online kNN val accuracy {acc:.4f}')
