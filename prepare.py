@@ -1491,7 +1491,7 @@ class Deidentifier:
         self.exact, self.wildcards = load_deid_table(table_path)
         self.key = secrets.token_bytes(32)
         sha = hashlib.sha256(Path(table_path).read_bytes()).hexdigest()[:12]
-        self.method = f"DICOM PS3.15 E.1 Basic Profile, MedJEPA prepare.py, table sha256 {sha}"
+        self.method = f"DICOM PS3.15 E.1 Basic Profile, table sha256 {sha}"  # LO: 64 chars at most
 
     def new_uid(self, uid):
         digest = hmac.new(self.key, str(uid).strip().encode(), hashlib.sha256).digest()

@@ -48,7 +48,7 @@ def server(tmp_path):
     root.mkdir()
     RangeHandler.requests = []
     httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), partial(RangeHandler, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield root, f'http://127.0.0.1:{httpd.server_address[1]}'
     httpd.shutdown()
