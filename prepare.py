@@ -3,20 +3,29 @@ Prepare data sets for MedJEPA as flat numpy arrays that training memory-maps.
 
     python prepare.py demo                  # synthetic dermoscopy, 64 px: 15-30 s on 2 CPU cores, 148 MB
     python prepare.py demo --size=224       # the same photos at 224 px: 3-5 minutes, 1.8 GB
-    python prepare.py --help                # the data sets and their options
+    python prepare.py ham10000              # downloads 3 GB from Harvard Dataverse, lesion-grouped splits
+    python prepare.py dermamnist --size=64  # any MedMNIST v3 set, 2-D or 3-D, official splits, md5-checked
+    python prepare.py msd_hippocampus       # 27 MB of MRI volumes -> (N, 64, 64, 64, 1)
+    python prepare.py aptos2019 --source=aptos2019-blindness-detection.zip   # behind a login: bring the file
+    python prepare.py dicom --source=my_scans/ --burned_in=flag              # de-identified on the way
+    python prepare.py dicom --anonymize_only IN OUT                          # de-identify files, nothing else
+    python prepare.py --help                # every data set and its options
 
 Every data set lands in data/<name>/ in one format (docs/data_format.md has the details):
 
-    {train,val,test}_images.npy   uint8 (N, H, W, C)
-    {train,val,test}_labels.npy   int64 (N,)
-    {train,val,test}_masks.npy    uint8 (N, H, W), 0/1 lesion masks         (when the data set has them)
-    {train,val,test}_groups.npy   int64 (N,), e.g. lesion or patient ids    (when it has them)
-    {train,val,test}_sites.npy    int64 (N,), the acquiring hospital/device (when it has them)
-    meta.json                     class names, counts, train mean/std, shapes, licence, args
+    {train,val,test}_images.npy   uint8 (N, H, W, C), or (N, D, H, W, C) for volumes
+    {train,val,test}_labels.npy   int64 (N,), or (N, L) 0/1 for multi-label sets, -1 when unlabelled
+    {train,val,test}_masks.npy    uint8 (N, H, W) / (N, D, H, W) segmentation  (when the data set has them)
+    {train,val,test}_groups.npy   int64 (N,), e.g. lesion or patient ids        (when it has them)
+    {train,val,test}_sites.npy    int64 (N,), the acquiring hospital/device     (when it has them)
+    meta.json                     class names, counts, train mean/std, shapes, source, licence, args,
+                                  and the inputs that were skipped as unreadable
 
 With the defaults, `demo` gives 6,000 / 999 / 2,001 images (2,000 / 333 / 667 lesions x 3 images).
 The folder appears only when it is complete (we write into a hidden sibling and rename at the end),
-and running the same command again does nothing.
+and running the same command again does nothing. Real data sets (docs/datasets.md: source, licence,
+size, split rule of each) are downloaded into data/downloads/<name>/ with resume and checksums, or
+taken from --source=PATH (a folder or an archive already on disk).
 
 Adding a data set is one function prepare_<name>(out_dir, ...) that fills a staging folder with
 write_split() + write_meta(), plus one line in DATASETS at the bottom of this file.
@@ -336,7 +345,7 @@ def get_raw(name, out_dir, source='', files=None, how_to_get=None):
             done.add(p)
             stem = p.name[:-len(next(s for s in ARCHIVE_SUFFIXES if p.name.lower().endswith(s)))]
             unpacked = extract(p, downloads / 'unpacked' / stem)
-            if unpacked not in roots:
+            if not any(r == unpacked or r in unpacked.parents for r in roots):  # else a root covers it
                 roots.append(unpacked)
     return roots
 
