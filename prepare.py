@@ -474,6 +474,8 @@ def convert_split(tmp, split, paths, decode, shape, skipped, workers=1, mask_pat
     decode: worker (size-independent args in the job) returning [(i, image, mask, error)];
     shape: one image's shape, e.g. (224, 224, 3) or (64, 64, 64, 1)."""
     N = len(paths)
+    if N == 0:
+        raise ValueError(f"the {split} split is empty: too few inputs for the split fractions")
     partial = Path(tmp) / f'.{split}.partial'
     partial.mkdir()
     images = np.lib.format.open_memmap(partial / 'images.npy', 'w+', np.uint8, (N, *shape))
@@ -982,7 +984,7 @@ def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224,
                                ("test = ISIC 2018 Task 3 test set (with ground truth); train/val from "
                                 "HAM10000 without its lesions" if gt else
                                 f"val/test fractions {val_fraction}/{test_fraction} of lesions")) + f", seed {seed}",
-                   site_names=site_names, masks_note=None if with_masks else
+                   site_names=site_names if with_sites else None, masks_note=None if with_masks else
                    "no masks: the lesion masks are missing for some images (the ISIC 2018 test set has none)",
                    skipped=report_skipped(skipped))
     return finish(out_dir, t0)

@@ -6,7 +6,9 @@ import gzip
 import hashlib
 import io
 import json
+import subprocess
 import sys
+from pathlib import Path
 import tarfile
 import types
 import zipfile
@@ -19,6 +21,7 @@ import prepare
 from prepare import SPLITS
 
 SIZE = 16  # output pixels: small keeps these tests fast
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(out, split, key):
@@ -182,6 +185,15 @@ def test_medmnist_checksum_mismatch_names_the_file_and_writes_nothing(tmp_path, 
     assert not (tmp_path / 'data' / 'bloodmnist').exists()
     with pytest.raises(ValueError, match='28/64'):
         prepare.DATASETS['organmnist3d'](out_dir=tmp_path / 'x', size=128)
+
+def test_cli_checksum_failure_on_a_source_folder_exits_1_naming_the_file(tmp_path):
+    src = tmp_path / 'mine'
+    src.mkdir()
+    fabricate_medmnist(src / 'bloodmnist.npz', (28, 28, 3))
+    r = subprocess.run([sys.executable, str(ROOT / 'prepare.py'), 'bloodmnist', f'--source={src}'], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and 'bloodmnist.npz: md5' in r.stderr and 'Traceback' not in r.stderr
+    assert not (tmp_path / 'data' / 'bloodmnist').exists()
 
 # --- APTOS 2019 ----------------------------------------------------------------------------------
 
