@@ -324,3 +324,15 @@ def test_split_whose_files_are_all_corrupt_fails_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match='no readable image'):
         prepare.prepare_folder(tmp_path / 'data' / 'f', source=str(root), size=SIZE, workers=1)
     assert list((tmp_path / 'data').iterdir()) == []  # neither the folder nor its staging copy
+
+
+def test_pcam_with_real_hdf5_files_when_h5py_is_installed(tmp_path):
+    h5py = pytest.importorskip('h5py')  # optional dependency: docs/datasets.md
+    for official, k in {'train': 6, 'valid': 3, 'test': 3}.items():
+        with h5py.File(tmp_path / f'camelyonpatch_level_2_split_{official}_x.h5', 'w') as f:
+            f['x'] = np.full((k, 96, 96, 3), k, np.uint8)
+        with h5py.File(tmp_path / f'camelyonpatch_level_2_split_{official}_y.h5', 'w') as f:
+            f['y'] = (np.arange(k) % 2).astype(np.uint8).reshape(k, 1, 1, 1)
+    out = prepare.prepare_pcam(tmp_path / 'data' / 'pcam', source=str(tmp_path))  # unpacked .h5: no md5 to check
+    assert meta(out)['counts'] == {'train': 6, 'val': 3, 'test': 3}
+    assert (load(out, 'train', 'images') == 6).all() and (load(out, 'val', 'labels') == [0, 1, 0]).all()
