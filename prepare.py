@@ -1232,10 +1232,10 @@ def load_volume(channel_paths, label_path, shape, label_values):
 
 
 def decode_volumes(job):
-    """Worker: [(i, (channel paths, label path, label values), _)] -> [(i, image, mask, error)]."""
+    """Worker: [(i, (channel paths, label values), label path)] -> [(i, image, mask, error)]."""
     shape, items = job
     out = []
-    for i, (channel_paths, label_path, label_values), _ in items:
+    for i, (channel_paths, label_values), label_path in items:
         try:
             out.append((i, *load_volume(channel_paths, label_path, shape, label_values), None))
         except Exception as e:  # nibabel raises ImageFileError, ValueError, EOFError, zlib.error...
@@ -1253,10 +1253,10 @@ def write_volumes(tmp, name, subjects, split, size, channels, mask_labels, skipp
     for s in SPLITS:
         ids = [i for i, sp in enumerate(split) if sp == s]
         print(f"  {s}: {len(ids)} volumes")
-        items = [(subjects[i][0], subjects[i][1] if has_masks else None, values) for i in ids]
-        convert_split(tmp, s, items, decode_volumes, (size, size, size, channels), skipped, workers, chunk=1,
-                      mask_paths=[None] * len(ids) if has_masks else None, mask_max=len(mask_labels or [0]) - 1,
-                      labels=np.full(len(ids), -1), groups=ids)
+        convert_split(tmp, s, [(subjects[i][0], values) for i in ids], decode_volumes,
+                      (size, size, size, channels), skipped, workers, chunk=1,
+                      mask_paths=[subjects[i][1] for i in ids] if has_masks else None,
+                      mask_max=len(mask_labels or [0]) - 1, labels=np.full(len(ids), -1), groups=ids)
     write_meta(tmp, name, [], args=args, **info, task='segmentation' if has_masks else 'unlabeled',
                split_rule=rule, mask_labels=[n for _, n in mask_labels] if has_masks else None,
                axes='(N, D, H, W, C) = (volume, z, y, x, channel), RAS orientation, resampled to size^3',
