@@ -3,40 +3,64 @@ Prepare data sets for MedJEPA as flat numpy arrays that training memory-maps.
 
     python prepare.py demo                  # synthetic dermoscopy, 64 px: 15-30 s on 2 CPU cores, 148 MB
     python prepare.py demo --size=224       # the same photos at 224 px: 3-5 minutes, 1.8 GB
-    python prepare.py --help                # the data sets and their options
+    python prepare.py ham10000              # downloads 3 GB from Harvard Dataverse, lesion-grouped splits
+    python prepare.py dermamnist --size=64  # any MedMNIST v3 set, 2-D or 3-D, official splits, md5-checked
+    python prepare.py msd_hippocampus       # 27 MB of MRI volumes -> (N, 64, 64, 64, 1)
+    python prepare.py aptos2019 --source=aptos2019-blindness-detection.zip   # behind a login: bring the file
+    python prepare.py dicom --source=my_scans/ --burned_in=flag              # de-identified on the way
+    python prepare.py dicom --anonymize_only IN OUT                          # de-identify files, nothing else
+    python prepare.py --help                # every data set and its options
 
 Every data set lands in data/<name>/ in one format (docs/data_format.md has the details):
 
-    {train,val,test}_images.npy   uint8 (N, H, W, C)
-    {train,val,test}_labels.npy   int64 (N,)
-    {train,val,test}_masks.npy    uint8 (N, H, W), 0/1 lesion masks         (when the data set has them)
-    {train,val,test}_groups.npy   int64 (N,), e.g. lesion or patient ids    (when it has them)
-    {train,val,test}_sites.npy    int64 (N,), the acquiring hospital/device (when it has them)
-    meta.json                     class names, counts, train mean/std, shapes, licence, args
+    {train,val,test}_images.npy   uint8 (N, H, W, C), or (N, D, H, W, C) for volumes
+    {train,val,test}_labels.npy   int64 (N,), or (N, L) 0/1 for multi-label sets, -1 when unlabelled
+    {train,val,test}_masks.npy    uint8 (N, H, W) / (N, D, H, W) segmentation  (when the data set has them)
+    {train,val,test}_groups.npy   int64 (N,), e.g. lesion or patient ids        (when it has them)
+    {train,val,test}_sites.npy    int64 (N,), the acquiring hospital/device     (when it has them)
+    meta.json                     class names, counts, train mean/std, shapes, source, licence, args,
+                                  and the inputs that were skipped as unreadable
 
 With the defaults, `demo` gives 6,000 / 999 / 2,001 images (2,000 / 333 / 667 lesions x 3 images).
 The folder appears only when it is complete (we write into a hidden sibling and rename at the end),
-and running the same command again does nothing.
+and running the same command again does nothing. Real data sets (docs/datasets.md: source, licence,
+size, split rule of each) are downloaded into data/downloads/<name>/ with resume and checksums, or
+taken from --source=PATH (a folder or an archive already on disk).
 
 Adding a data set is one function prepare_<name>(out_dir, ...) that fills a staging folder with
 write_split() + write_meta(), plus one line in DATASETS at the bottom of this file.
 """
 
 import argparse
+import csv
 import difflib
+import functools
+import gzip
+import hashlib
+import hmac
 import inspect
 import json
 import math
 import multiprocessing as mp
 import os
+import secrets
 import shutil
+import stat
 import sys
+import tarfile
 import time
 import typing
+import urllib.error
+import urllib.request
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pydicom
+from PIL import Image
+from tqdm import tqdm
 
 SPLITS = ('train', 'val', 'test')
 
@@ -44,12 +68,15 @@ SPLITS = ('train', 'val', 'test')
 # The on-disk format, shared by every data set
 
 
-def write_split(tmp_dir, split, images, labels, masks=None, groups=None, sites=None):
-    """Check one split against the format and save it as {split}_{images,labels,...}.npy."""
+def write_split(tmp_dir, split, images, labels, masks=None, groups=None, sites=None, mask_max=1):
+    """Check one split against the format and save it as {split}_{images,labels,...}.npy.
+    images: uint8 (N, H, W, C), or (N, D, H, W, C) for volumes. masks: uint8 (N, H, W) / (N, D, H, W)
+    with values 0..mask_max (0/1 unless a data set's meta.json names more mask labels)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"{split} images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.ndim not in (4, 5):
+        raise ValueError(f"{split} images must be uint8 (N, H, W, C) or (N, D, H, W, C), "
+                         f"got {images.dtype} {images.shape}")
     N = len(images)
     arrays = {'images': images, 'labels': labels, 'masks': masks, 'groups': groups, 'sites': sites}
     for key in ('labels', 'groups', 'sites'):
@@ -62,16 +89,16 @@ def write_split(tmp_dir, split, images, labels, masks=None, groups=None, sites=N
             raise ValueError(f"{split} {key} must be N={N} integers, got {a.dtype} {a.shape}")
         arrays[key] = a.astype(np.int64, copy=False)
     if masks is not None:
-        if masks.dtype != np.uint8 or masks.shape != images.shape[:3] or masks.max(initial=0) > 1:
-            raise ValueError(f"{split} masks must be uint8 0/1 of shape {images.shape[:3]}")
+        if masks.dtype != np.uint8 or masks.shape != images.shape[:-1] or masks.max(initial=0) > mask_max:
+            raise ValueError(f"{split} masks must be uint8 0..{mask_max} of shape {images.shape[:-1]}")
     for key, a in arrays.items():
         if a is not None:
             np.save(Path(tmp_dir) / f'{split}_{key}.npy', a)
 
 
 def channel_stats(images):
-    """Per-channel mean and std of uint8 (N, H, W, C) images scaled to [0, 1], in bounded memory."""
-    C = images.shape[3]
+    """Per-channel mean and std of uint8 (N, ..., C) images scaled to [0, 1], in bounded memory."""
+    C = images.shape[-1]
     total, total_sq, count = np.zeros(C), np.zeros(C), 0
     step = max(1, 2**22 // math.prod(images.shape[1:]))  # ~32 MB of float64 per chunk, any image size
     for i in range(0, len(images), step):
@@ -98,7 +125,8 @@ def write_meta(tmp_dir, name, classes, split_rule, source, licence, citation, ar
     has = lambda key: all(f'{s}_{key}.npy' in files for s in SPLITS)
     meta = {
         'name': name, 'task': task, 'classes': list(classes), 'num_classes': len(classes),
-        'channels': int(train.shape[3]), 'image_size': list(train.shape[1:3]),
+        'channels': int(train.shape[-1]), 'image_size': list(train.shape[1:-1]),
+        **({'spatial_dims': 3} if train.ndim == 5 else {}),  # volumes: image_size is [D, H, W]
         'counts': {s: files[f'{s}_labels.npy']['shape'][0] for s in SPLITS},
         'split_rule': split_rule, 'source': source, 'licence': licence, 'citation': citation,
         **extra,
@@ -153,6 +181,359 @@ def staging_dir(out_dir):
 
 def disk_size(path):
     return sum(p.stat().st_size for p in Path(path).rglob('*') if p.is_file())
+
+# -----------------------------------------------------------------------------
+# Getting the original files: download (resumable, checksummed), unpack (safely), or --source
+#
+# Every real data set starts from its official files. Without --source they are downloaded into
+# data/downloads/<name>/ (next to the output folder); with --source=PATH a folder or archive already
+# on disk is used instead, which is the offline path. Archives found there are unpacked next to the
+# downloads, never into the user's folder, and every file with a published md5 is verified.
+
+
+class ChecksumError(ValueError):
+    pass
+
+
+class UnsafeArchiveError(ValueError):
+    pass
+
+
+def md5sum(path):
+    h = hashlib.md5()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path, md5, name=None):
+    """Raise ChecksumError, naming the file, if md5 is given and path does not have it."""
+    if md5 and (got := md5sum(path)) != md5:
+        raise ChecksumError(f"{name or Path(path).name}: md5 is {got}, the official file has {md5}. "
+                            f"The file is damaged or not the official one: delete it and run again.")
+
+
+def download(url, dest, md5=None):
+    """Fetch url into dest with a progress bar. Bytes land in dest.part first; an interrupted download
+    resumes from there with an HTTP Range request, and dest appears only once its md5 matches."""
+    dest = Path(dest)
+    if dest.exists():
+        verify(dest, md5)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + '.part')
+    have = part.stat().st_size if part.exists() else 0
+    headers = {'User-Agent': 'medjepa-prepare'} | ({'Range': f'bytes={have}-'} if have else {})
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code != 416:  # 416 "range not satisfiable": the .part already holds the whole file
+            raise
+        response = None
+    if response is not None:
+        with response:
+            if have and getattr(response, 'status', None) != 206:
+                have = 0  # the server (or a file:// URL) ignored Range: start again from byte 0
+            size = response.headers.get('Content-Length')
+            with open(part, 'ab' if have else 'wb') as f, \
+                    tqdm(total=int(size) + have if size else None, initial=have, unit='B', unit_scale=True,
+                         desc=dest.name, disable=None) as bar:
+                for block in iter(lambda: response.read(1 << 20), b''):
+                    f.write(block)
+                    bar.update(len(block))
+    try:
+        verify(part, md5, name=dest.name)
+    except ChecksumError:
+        part.unlink()  # resuming a wrong file could never succeed
+        raise
+    os.replace(part, dest)
+    return dest
+
+
+def extract(archive, dest):
+    """Unpack a zip or tar(.gz/.bz2/.xz) into dest. Refuses, before writing anything, members that
+    would land outside dest (absolute paths, '..') and links that point outside it; skips devices.
+    Unpacks into dest.tmp and renames, so a dest that exists is complete (and is not redone)."""
+    archive, dest = Path(archive), Path(dest)
+    if dest.exists():
+        return dest
+    tmp = dest.with_name(dest.name + '.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    root = os.path.realpath(tmp)
+
+    def check(name, what='member'):
+        target = os.path.normpath(os.path.join(root, name))
+        if target != root and not target.startswith(root + os.sep):
+            raise UnsafeArchiveError(f"{archive.name}: {what} {name!r} points outside the folder it "
+                                     f"unpacks into; refusing to unpack this archive")
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                for info in z.infolist():
+                    check(info.filename)
+                    if stat.S_ISLNK(info.external_attr >> 16):  # zipfile writes a link as a file holding
+                        check(os.path.join(os.path.dirname(info.filename), z.read(info).decode()), 'link')
+                z.extractall(tmp)
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as t:
+                members = []
+                for m in t.getmembers():
+                    check(m.name)
+                    if m.issym():  # a symbolic link is relative to its own folder, a hard link to the root
+                        check(os.path.join(os.path.dirname(m.name), m.linkname), 'link')
+                    elif m.islnk():
+                        check(m.linkname, 'link')
+                    if m.isfile() or m.isdir() or m.issym() or m.islnk():
+                        members.append(m)
+                # Python >= 3.12 (and 3.11.4+) also checks with its own 'data' filter
+                t.extractall(tmp, members=members, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
+        else:
+            raise ValueError(f"{archive}: not a zip or tar archive")
+        os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+ARCHIVE_SUFFIXES = ('.zip', '.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tar.xz')
+
+
+def is_archive(path):
+    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def visible(path):
+    """False for macOS '._*' resource forks and '__MACOSX' folders, which copy tools leave in archives."""
+    return not any(part.startswith('._') or part == '__MACOSX' for part in path.parts)
+
+
+def get_raw(name, out_dir, source='', files=None, how_to_get=None):
+    """The folders holding a data set's original files, every archive among them unpacked.
+    source '': download `files` ({file name: (url, md5 or None)}) into <out_dir>/../downloads/<name>/;
+    data sets behind a login have no `files` and stop here with `how_to_get`.
+    source = a folder: used in place (read only); source = an archive: unpacked into the downloads.
+    Files with a known md5 are verified in every case."""
+    downloads = Path(out_dir).parent / 'downloads' / name
+    if not source:
+        if not files:
+            raise ValueError(f"{name} cannot be downloaded automatically. {how_to_get}\n"
+                             f"Then run: python prepare.py {name} --source=PATH (a folder or archive)")
+        print(f"downloading {name} into {downloads} (a re-run resumes where this one stopped)")
+        for file_name, (url, md5) in files.items():
+            download(url, downloads / file_name, md5)
+        roots = [downloads]
+    else:
+        source = Path(source)
+        if source.is_dir():
+            roots = [source]
+        elif source.is_file():
+            roots = [extract(source, downloads / (source.name + '.d'))]
+        else:
+            raise FileNotFoundError(f"--source={source} does not exist")
+        for file_name, (url, md5) in (files or {}).items():
+            found = [p for p in roots[0].rglob(file_name) if visible(p)]
+            if found and md5:
+                verify(found[0], md5)
+    # unpack archives inside (HAM10000's image zips, ChestX-ray14's tarballs, an MSD task's tar), once
+    done, todo = set(), True
+    while todo:
+        todo = [p for r in roots for p in sorted(r.rglob('*')) if p.is_file() and is_archive(p)
+                and visible(p) and p not in done]
+        for p in todo:
+            done.add(p)
+            stem = p.name[:-len(next(s for s in ARCHIVE_SUFFIXES if p.name.lower().endswith(s)))]
+            unpacked = extract(p, downloads / 'unpacked' / stem)
+            if not any(r == unpacked or r in unpacked.parents for r in roots):  # else a root covers it
+                roots.append(unpacked)
+    return roots
+
+
+def find(roots, pattern, required=True):
+    """The first file under roots whose name matches pattern (shell-style), or an error naming it."""
+    for root in roots:
+        for p in sorted(Path(root).rglob(pattern)):
+            if p.is_file() and visible(p):
+                return p
+    if required:
+        raise FileNotFoundError(f"no file named {pattern} under {', '.join(map(str, roots))}")
+    return None
+
+
+def index_files(roots, suffixes):
+    """{file stem: path} of every visible file under roots ending in one of suffixes."""
+    return {p.name[:len(p.name) - len(s)]: p for root in roots for p in sorted(Path(root).rglob('*'))
+            if p.is_file() and visible(p) for s in suffixes if p.name.lower().endswith(s)}
+
+
+def read_table(path):
+    """Rows of a csv (or Dataverse's tab-separated .tab) file as dicts."""
+    with open(path, newline='', encoding='utf-8-sig') as f:
+        header = f.readline()
+        f.seek(0)
+        return list(csv.DictReader(f, delimiter='\t' if '\t' in header else ','))
+
+# -----------------------------------------------------------------------------
+# Splits, decoding and the skip report, shared by the real data sets
+
+
+def split_by_group(groups, val_fraction, test_fraction, seed, strata=None):
+    """Assign every item to 'train' / 'val' / 'test' so that no group (lesion, patient, subject) is in
+    two splits. Groups are shuffled with the seed; with strata (e.g. the class of each item) the groups
+    of each stratum are dealt out separately, so class proportions carry over to every split.
+    Returns an array of split names, one per item."""
+    groups = np.asarray(groups)
+    unique = sorted(set(groups.tolist()))
+    stratum = {}
+    for g, s in zip(groups.tolist(), (strata if strata is not None else [0] * len(groups))):
+        stratum.setdefault(g, s)  # a group's stratum is that of its first item
+    rng = np.random.default_rng(seed)
+    where = {}
+    for s in sorted(set(stratum.values())):
+        members = [unique[i] for i in rng.permutation(len(unique)) if stratum[unique[i]] == s]
+        n_test, n_val = round(len(members) * test_fraction), round(len(members) * val_fraction)
+        for k, g in enumerate(members):
+            where[g] = 'test' if k < n_test else 'val' if k < n_test + n_val else 'train'
+    out = np.array([where[g] for g in groups.tolist()], dtype=object)
+    for split, fraction in (('train', 1), ('val', val_fraction), ('test', test_fraction)):
+        if fraction > 0 and not (out == split).any():
+            raise ValueError(f"the {split} split is empty: {len(unique)} groups are too few for "
+                             f"val/test fractions {val_fraction}/{test_fraction}")
+    return out
+
+
+def default_workers(workers):
+    """0 means: every core this process may use."""
+    if workers:
+        return workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def parallel_map(fn, jobs, workers):
+    """fn over jobs in order, on `workers` processes (forked where possible: prepare.py is a plain script)."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(fn, jobs)
+        return
+    ctx = mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else mp.get_context()
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap(fn, jobs)
+
+
+def to_uint8(a, lo, hi):
+    """Map [lo, hi] linearly onto 0..255, clipping outside."""
+    return np.round(np.clip((np.asarray(a, np.float32) - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+
+
+def square_resize(im, size, resample=Image.BICUBIC):
+    """Centre square crop, then resize to size x size. Pillow's resize filters widen their support when
+    shrinking, so a 1024-px radiograph becomes 224 px without aliasing."""
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return im.resize((size, size), resample)
+
+
+def load_picture(path, size, channels):
+    """One photo or radiograph -> uint8 (size, size, channels). Raises if the file is damaged:
+    load() decodes now, so a truncated JPEG fails here and not later."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode.startswith('I') or im.mode == 'F':  # 16-bit / float pixels: stretch min..max
+            a = np.asarray(im, np.float32)
+            im = Image.fromarray(to_uint8(a, a.min(), a.max()))
+        im = square_resize(im.convert('RGB' if channels == 3 else 'L'), size)
+    a = np.asarray(im, np.uint8)
+    return a if a.ndim == 3 else a[..., None]
+
+
+def load_mask(path, size):
+    with Image.open(path) as im:
+        return (np.asarray(square_resize(im.convert('L'), size, Image.NEAREST)) > 127).astype(np.uint8)
+
+
+def decode_pictures(job):
+    """Worker: [(i, path, mask_path)] -> [(i, image, mask, error)]. A file that does not decode is
+    reported (error set), never fatal: one bad JPEG must not cost a 10,000-image conversion."""
+    size, channels, items = job
+    out = []
+    for i, path, mask_path in items:
+        try:
+            out.append((i, load_picture(path, size, channels),
+                        load_mask(mask_path, size) if mask_path else None, None))
+        except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            out.append((i, None, None, f"{type(e).__name__}: {e}"))
+    return out
+
+
+def convert_split(tmp, split, paths, decode, shape, skipped, workers=1, mask_paths=None, mask_max=1,
+                  chunk=32, **arrays):
+    """Decode paths (in parallel) into {split}_images.npy through a memory-mapped staging array, so
+    memory stays bounded whatever the data set's size. Unreadable files are left out, with their rows
+    of labels/groups/sites (given in **arrays), and listed in `skipped`.
+    decode: worker (size-independent args in the job) returning [(i, image, mask, error)];
+    shape: one image's shape, e.g. (224, 224, 3) or (64, 64, 64, 1)."""
+    N = len(paths)
+    if N == 0:
+        raise ValueError(f"the {split} split is empty: too few inputs for the split fractions")
+    partial = Path(tmp) / f'.{split}.partial'
+    partial.mkdir()
+    images = np.lib.format.open_memmap(partial / 'images.npy', 'w+', np.uint8, (N, *shape))
+    masks = (np.lib.format.open_memmap(partial / 'masks.npy', 'w+', np.uint8, (N, *shape[:-1]))
+             if mask_paths is not None else None)
+    jobs = [(shape, [(i, paths[i], mask_paths[i] if mask_paths is not None else None)
+                     for i in range(j, min(j + chunk, N))]) for j in range(0, N, chunk)]
+    keep = []
+    for results in tqdm(parallel_map(decode, jobs, workers), total=len(jobs), desc=f'  {split}',
+                        unit='chunk', disable=None):
+        for i, image, mask, error in results:
+            if error:  # volume items are (channel paths, label, ...): name the first file
+                item = paths[i]
+                skipped.append({'file': str(item[0][0] if isinstance(item, tuple) else item), 'reason': error})
+                continue
+            images[len(keep)] = image  # kept images are packed to the front, in order
+            if masks is not None:
+                masks[len(keep)] = mask
+            keep.append(i)
+    if not keep:
+        raise ValueError(f"no readable image in the {split} split ({N} files, all skipped: "
+                         f"{skipped[-1]['reason'] if skipped else '?'})")
+    n, keep = len(keep), np.array(keep)
+    write_split(tmp, split, images[:n], masks=masks[:n] if masks is not None else None, mask_max=mask_max,
+                **{k: np.asarray(v)[keep] for k, v in arrays.items() if v is not None})
+    del images, masks
+    shutil.rmtree(partial)
+    return keep
+
+
+def decode_2d(job):
+    (size, _, channels), items = job
+    return decode_pictures((size, channels, items))
+
+
+def report_skipped(skipped):
+    """Print the inputs that were left out; returns what meta.json records about them."""
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable input(s):")
+        for s in skipped[:20]:
+            print(f"  {s['file']}: {s['reason']}")
+        if len(skipped) > 20:
+            print(f"  ... and {len(skipped) - 20} more (all listed in meta.json)")
+    return {'count': len(skipped), 'files': skipped[:10000]}
+
+
+def finish(out_dir, t0):
+    meta = json.loads((Path(out_dir) / 'meta.json').read_text())
+    print(f"done: train/val/test = {'/'.join(str(meta['counts'][s]) for s in SPLITS)}, "
+          f"{disk_size(out_dir) / 1e6:.0f} MB in {out_dir}, {time.time() - t0:.1f} s")
+    return Path(out_dir)
+
+
+def announce(name):
+    """Print where a data set comes from, its licence and how to cite it (SOURCES below)."""
+    info = SOURCES[name]
+    print(f"{name}: {info['source']}\n  licence: {info['licence']}\n  cite: {info['citation']}")
+    return info
 
 # -----------------------------------------------------------------------------
 # demo: synthetic dermoscopy where the class is in the texture and nothing else
@@ -453,53 +834,864 @@ def prepare_demo(out_dir='data/demo', size: int = 64, seed: int = 0, n_train: in
         ids = np.arange(next_id, next_id + n)
         next_id += n
         plan[split] = (ids, labels, rng.permutation(n * IMAGES_PER_LESION))
-    # fork, where available, so that workers do not re-import the caller (medjepa.py is a plain script)
-    ctx = mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else mp.get_context()
-    pool = ctx.Pool(workers) if workers > 1 else None
-    try:
-        with staging_dir(out_dir) as tmp:
-            for split in SPLITS:
-                ids, labels, dest = plan[split]
-                N = len(ids) * IMAGES_PER_LESION
-                images = np.empty((N, size, size, 3), np.uint8)
-                masks = np.empty((N, size, size), np.uint8)
-                sites = np.empty(N, np.int64)
-                chunk = 16  # lesions per job: small enough to keep both cores busy to the end
-                jobs = [(seed, size, list(zip(ids[i:i + chunk].tolist(), labels[i:i + chunk].tolist())))
-                        for i in range(0, len(ids), chunk)]
-                print(f"  {split:5s}: {N:6d} images of {len(ids)} lesions ...", end='', flush=True)
-                t_split = time.time()
-                results = pool.imap(render_lesions, jobs) if pool else map(render_lesions, jobs)
-                start = 0
-                for im, ma, si in results:  # photo k of the split (lesion-major order) goes to dest[k]
-                    where = dest[start:start + len(im)]
-                    images[where], masks[where], sites[where] = im, ma, si
-                    start += len(im)
-                write_split(tmp, split, images=images,
-                            labels=np.repeat(labels, IMAGES_PER_LESION)[np.argsort(dest)],
-                            masks=masks, groups=np.repeat(ids, IMAGES_PER_LESION)[np.argsort(dest)],
-                            sites=sites)
-                print(f" {time.time() - t_split:.1f} s")
-            write_meta(tmp, 'demo', DEMO_CLASSES,
-                       split_rule=f"grouped by lesion_id: the {IMAGES_PER_LESION} photos of a lesion "
-                                  f"are in one split; classes balanced within each split",
-                       source="synthetic, generated by prepare.py demo",
-                       licence="CC0-1.0 (generated data, no rights reserved)", citation=None,
-                       seed=seed, generator_version=DEMO_VERSION, images_per_lesion=IMAGES_PER_LESION,
-                       args=args)
-    finally:
-        if pool:
-            pool.terminate()
+    with staging_dir(out_dir) as tmp:
+        for split in SPLITS:
+            ids, labels, dest = plan[split]
+            N = len(ids) * IMAGES_PER_LESION
+            images = np.empty((N, size, size, 3), np.uint8)
+            masks = np.empty((N, size, size), np.uint8)
+            sites = np.empty(N, np.int64)
+            chunk = 16  # lesions per job: small enough to keep both cores busy to the end
+            jobs = [(seed, size, list(zip(ids[i:i + chunk].tolist(), labels[i:i + chunk].tolist())))
+                    for i in range(0, len(ids), chunk)]
+            print(f"  {split:5s}: {N:6d} images of {len(ids)} lesions ...", end='', flush=True)
+            t_split = time.time()
+            results = parallel_map(render_lesions, jobs, workers)  # in order, whatever the workers
+            start = 0
+            for im, ma, si in results:  # photo k of the split (lesion-major order) goes to dest[k]
+                where = dest[start:start + len(im)]
+                images[where], masks[where], sites[where] = im, ma, si
+                start += len(im)
+            write_split(tmp, split, images=images,
+                        labels=np.repeat(labels, IMAGES_PER_LESION)[np.argsort(dest)],
+                        masks=masks, groups=np.repeat(ids, IMAGES_PER_LESION)[np.argsort(dest)],
+                        sites=sites)
+            print(f" {time.time() - t_split:.1f} s")
+        write_meta(tmp, 'demo', DEMO_CLASSES,
+                   split_rule=f"grouped by lesion_id: the {IMAGES_PER_LESION} photos of a lesion "
+                              f"are in one split; classes balanced within each split",
+                   source="synthetic, generated by prepare.py demo",
+                   licence="CC0-1.0 (generated data, no rights reserved)", citation=None,
+                   seed=seed, generator_version=DEMO_VERSION, images_per_lesion=IMAGES_PER_LESION,
+                   args=args)
     print(f"done: train/val/test = {n_lesions['train'] * IMAGES_PER_LESION}/"
           f"{n_lesions['val'] * IMAGES_PER_LESION}/{n_lesions['test'] * IMAGES_PER_LESION} images, "
           f"{disk_size(out_dir) / 1e6:.0f} MB on disk in {out_dir}, {time.time() - t0:.1f} s")
     return out_dir
 
 # -----------------------------------------------------------------------------
+# The real data sets: one function each. They share the steps above:
+#   args -> is_up_to_date -> get_raw -> split_by_group -> staging_dir { convert_split / write_split
+#   per split, write_meta } -> finish
+
+
+SOURCES = {
+    'ham10000': dict(
+        source="Harvard Dataverse doi:10.7910/DVN/DBW86T (HAM10000 images, metadata, lesion masks; "
+               "ISIC 2018 Task 3 test images and ground truth)",
+        licence="CC BY-NC 4.0", citation="Tschandl P, Rosendahl C, Kittler H. The HAM10000 dataset, a large "
+        "collection of multi-source dermatoscopic images of common pigmented skin lesions. Sci Data 5, 180161 (2018)"),
+    'medmnist': dict(
+        source="Zenodo record 10519652 (MedMNIST v3 / MedMNIST+)", licence="CC BY 4.0 (dermamnist: CC BY-NC 4.0)",
+        citation="Yang J et al. MedMNIST v2 - A large-scale lightweight benchmark for 2D and 3D biomedical "
+                 "image classification. Sci Data 10, 41 (2023)"),
+    'aptos2019': dict(
+        source="Kaggle competition aptos2019-blindness-detection (login and rule acceptance required)",
+        licence="Kaggle competition rules (non-commercial research use)",
+        citation="Karthik, Maggie, Dane S. APTOS 2019 Blindness Detection. Kaggle (2019)"),
+    'pcam': dict(
+        source="Zenodo record 2546921 (PatchCamelyon)", licence="CC0 1.0",
+        citation="Veeling BS et al. Rotation equivariant CNNs for digital pathology. MICCAI 2018; "
+                 "Ehteshami Bejnordi B et al. JAMA 318(22), 2199-2210 (2017)"),
+    'chestxray14': dict(
+        source="NIH Clinical Center, https://nihcc.app.box.com/v/ChestXray-NIHCC", licence="CC0 1.0 "
+        "(NIH asks for the citation and an acknowledgement of the NIH Clinical Center)",
+        citation="Wang X et al. ChestX-ray8: Hospital-scale chest X-ray database and benchmarks on "
+                 "weakly-supervised classification and localization of common thorax diseases. CVPR 2017"),
+    'msd': dict(
+        source="Medical Segmentation Decathlon, http://medicaldecathlon.com (tar files mirrored for MONAI)",
+        licence="CC BY-SA 4.0", citation="Antonelli M et al. The Medical Segmentation Decathlon. "
+        "Nat Commun 13, 4128 (2022); Simpson AL et al. arXiv:1902.09063 (2019)"),
+    'brats2021': dict(
+        source="RSNA-ASNR-MICCAI BraTS 2021 (registration on Synapse, syn25829067, or the Kaggle copy)",
+        licence="the BraTS 2021 data use agreement (research use, cite the papers below)",
+        citation="Baid U et al. The RSNA-ASNR-MICCAI BraTS 2021 benchmark on brain tumor segmentation and "
+                 "radiogenomic classification. arXiv:2107.02314 (2021); Menze BH et al. IEEE TMI 34(10) (2015)"),
+    'local': dict(source="a local folder", licence="as the owner of the files says", citation=None),
+}
+
+# --- HAM10000 ------------------------------------------------------------------------------------
+
+HAM_CLASSES = ['akiec', 'bcc', 'bkl', 'df', 'mel', 'nv', 'vasc']  # dx codes, in HAM10000's order
+HAM_FILES = {'dataverse_files.zip': (
+    'https://dataverse.harvard.edu/api/access/dataset/:persistentId/?persistentId=doi:10.7910/DVN/DBW86T', None)}
+
+
+def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224, isic_test: bool = True,
+                     val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
+    """
+    HAM10000 dermoscopy: 10,015 JPEGs (600x450) of ~7,470 lesions, 7 classes (HAM_CLASSES).
+
+    Why groups. Many lesions were photographed several times; an image-level split would put
+    near-copies of a test lesion in train. So splits are made of whole lesions (lesion_id), stratified
+    by diagnosis. When the ISIC 2018 Task 3 test set with its ground truth is in the download (Dataverse
+    added it in 2023) it is the test split (isic_test=true) and HAM10000 is split into train/val only;
+    lesions that also appear in it are kept out of train/val. Lesion masks
+    (HAM10000_segmentations_lesion_tschandl) are saved when every image of every split has one.
+    Images: centre square crop, resized to size.
+    """
+    t0 = time.time()
+    args = {'source': source, 'size': size, 'isic_test': isic_test, 'val_fraction': val_fraction,
+            'test_fraction': test_fraction, 'seed': seed}
+    if is_up_to_date(out_dir, args):
+        print(f"{out_dir} is up to date (same arguments), nothing to do")
+        return Path(out_dir)
+    info = announce('ham10000')
+    roots = get_raw('ham10000', out_dir, source, HAM_FILES)
+    rows = read_table(find(roots, 'HAM10000_metadata*'))
+    jpgs, masks = index_files(roots, ['.jpg']), index_files(roots, ['_segmentation.png'])
+    gt = find(roots, 'ISIC2018_Task3_Test_GroundTruth*', required=False) if isic_test else None
+    test_rows = []
+    if gt:  # two layouts exist: HAM10000-style columns (dx, lesion_id), or one 0/1 column per class
+        for r in read_table(gt):
+            image = r.get('image_id') or r.get('image')
+            dx = r['dx'] if 'dx' in r else HAM_CLASSES[int(np.argmax([float(r[c.upper()]) for c in HAM_CLASSES]))]
+            test_rows.append({'image_id': image, 'dx': dx, 'lesion_id': r.get('lesion_id') or f'test:{image}',
+                              'dataset': r.get('dataset', '')})
+        test_lesions = {r['lesion_id'] for r in test_rows}
+        rows = [r for r in rows if r['lesion_id'] not in test_lesions]
+    lesion_ids = {l: i for i, l in enumerate(sorted({r['lesion_id'] for r in rows + test_rows}))}
+    site_names = sorted({r.get('dataset', '') for r in rows + test_rows} - {''})
+    split = split_by_group([r['lesion_id'] for r in rows], val_fraction, 0 if gt else test_fraction, seed,
+                           strata=[r['dx'] for r in rows])
+    parts = {s: [r for r, sp in zip(rows, split) if sp == s] for s in SPLITS}
+    if gt:
+        parts['test'] = test_rows
+    all_rows = [r for s in SPLITS for r in parts[s]]
+    with_masks = bool(masks) and all(r['image_id'] in masks for r in all_rows)
+    with_sites = bool(site_names) and all(r.get('dataset') for r in all_rows)
+    skipped = [{'file': r['image_id'] + '.jpg', 'reason': 'listed in the metadata but not found'}
+               for r in all_rows if r['image_id'] not in jpgs]
+    with staging_dir(out_dir) as tmp:
+        for s in SPLITS:
+            part = [r for r in parts[s] if r['image_id'] in jpgs]
+            print(f"  {s}: {len(part)} images of {len({r['lesion_id'] for r in part})} lesions")
+            convert_split(tmp, s, [jpgs[r['image_id']] for r in part], decode_2d, (size, size, 3), skipped,
+                          default_workers(workers),
+                          mask_paths=[masks[r['image_id']] for r in part] if with_masks else None,
+                          labels=[HAM_CLASSES.index(r['dx']) for r in part],
+                          groups=[lesion_ids[r['lesion_id']] for r in part],
+                          sites=[site_names.index(r['dataset']) for r in part] if with_sites else None)
+        write_meta(tmp, 'ham10000', HAM_CLASSES, args=args, **info,
+                   split_rule=("grouped by lesion_id, stratified by dx; " +
+                               ("test = ISIC 2018 Task 3 test set (with ground truth); train/val from "
+                                "HAM10000 without its lesions" if gt else
+                                f"val/test fractions {val_fraction}/{test_fraction} of lesions")) + f", seed {seed}",
+                   site_names=site_names if with_sites else None, masks_note=None if with_masks else
+                   "no masks: the lesion masks are missing for some images (the ISIC 2018 test set has none)",
+                   skipped=report_skipped(skipped))
+    return finish(out_dir, t0)
+
+# --- MedMNIST ------------------------------------------------------------------------------------
+
+MEDMNIST = json.loads((Path(__file__).resolve().parent / 'tables' / 'medmnist.json').read_text())
+
+
+def prepare_medmnist(flag, out_dir=None, size: int = 28, source: str = ''):
+    """
+    A MedMNIST v3 data set ({flag}.npz, or {flag}_{size}.npz for 64/128/224 px; 3-D: 28 and 64 only),
+    with its official splits and labels, md5-checked. 2-D: (N, size, size, C); 3-D: (N, D, H, W, 1).
+    Labels: multi-class -> (N,) class ids; chestmnist (multi-label) -> (N, 14) 0/1;
+    retinamnist (ordinal) -> (N,) grades with "ordinal": true. The images are copied from the npz in
+    chunks (the 224-px files are many GB), never loaded whole.
+    """
+    t0 = time.time()
+    spec = MEDMNIST['flags'][flag]
+    if str(size) not in spec['md5']:
+        raise ValueError(f"{flag} is published at --size={'/'.join(spec['md5'])}, not {size}")
+    out_dir = out_dir or f'data/{flag}' + (f'_{size}' if size != 28 else '')
+    args = {'source': source, 'size': size}
+    if is_up_to_date(out_dir, args):
+        print(f"{out_dir} is up to date (same arguments), nothing to do")
+        return Path(out_dir)
+    info = announce('medmnist')
+    file_name = f'{flag}.npz' if size == 28 else f'{flag}_{size}.npz'
+    files = {file_name: (MEDMNIST['url'].format(file=file_name), spec['md5'][str(size)])}
+    npz = find(get_raw(flag, out_dir, source, files), file_name)
+    task = spec['task']
+    with staging_dir(out_dir) as tmp, zipfile.ZipFile(npz) as z:
+        for s in SPLITS:
+            with z.open(f'{s}_images.npy') as f:  # stream the array out of the (compressed) npz
+                version = np.lib.format.read_magic(f)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                                   np.lib.format.read_array_header_2_0)(f)
+                colour = '3d' not in flag and len(shape) == 4
+                images = np.lib.format.open_memmap(tmp / f'.{s}_partial.npy', 'w+', np.uint8,
+                                                   shape if colour else (*shape, 1))
+                step = max(1, 2**26 // (math.prod(shape[1:]) * dtype.itemsize))
+                for i in range(0, shape[0], step):
+                    n = min(step, shape[0] - i)
+                    block = np.frombuffer(f.read(n * math.prod(shape[1:]) * dtype.itemsize), dtype)
+                    images[i:i + n] = block.reshape(n, *shape[1:], *(() if colour else (1,)))
+            with z.open(f'{s}_labels.npy') as f:
+                labels = np.load(f).astype(np.int64)  # (N, 1), or (N, 14) for chestmnist
+            write_split(tmp, s, images, labels if task.startswith('multi-label') else labels[:, 0])
+            del images
+            os.remove(tmp / f'.{s}_partial.npy')
+        write_meta(tmp, flag, spec['labels'], args=args, **{**info, 'licence': spec['license']},
+                   task='multilabel' if task.startswith('multi-label') else 'multiclass',
+                   ordinal=task == 'ordinal-regression', medmnist_task=task,
+                   split_rule="official MedMNIST splits", file=file_name)
+    return finish(out_dir, t0)
+
+# --- APTOS 2019 ----------------------------------------------------------------------------------
+
+APTOS_CLASSES = ['0 no DR', '1 mild', '2 moderate', '3 severe', '4 proliferative DR']
+APTOS_HOW = ("APTOS 2019 is a Kaggle competition: sign in at https://www.kaggle.com/c/aptos2019-blindness-"
+             "detection, accept its rules, then download aptos2019-blindness-detection.zip (web page, or "
+             "`kaggle competitions download -c aptos2019-blindness-detection`).")
+
+
+def prepare_aptos2019(out_dir='data/aptos2019', source: str = '', size: int = 224, val_fraction: float = 0.15,
+                      test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
+    """
+    APTOS 2019 fundus photos: train.csv (id_code, diagnosis 0-4) + train_images/<id_code>.png, 3,662
+    images. Kaggle's own test set has no public labels, so all three splits come from train.csv:
+    stratified by grade, one image per eye (no patient ids are published). Labels are the ordinal
+    grades 0-4 (meta: "ordinal": true).
+    """
+    t0 = time.time()
+    args = {'source': source, 'size': size, 'val_fraction': val_fraction, 'test_fraction': test_fraction, 'seed': seed}
+    if is_up_to_date(out_dir, args):
+        print(f"{out_dir} is up to date (same arguments), nothing to do")
+        return Path(out_dir)
+    info = announce('aptos2019')
+    roots = get_raw('aptos2019', out_dir, source, how_to_get=APTOS_HOW)
+    rows = read_table(find(roots, 'train.csv'))
+    pngs = index_files(roots, ['.png'])
+    skipped = [{'file': r['id_code'] + '.png', 'reason': 'listed in train.csv but not found'}
+               for r in rows if r['id_code'] not in pngs]
+    rows = [r for r in rows if r['id_code'] in pngs]
+    split = split_by_group([r['id_code'] for r in rows], val_fraction, test_fraction, seed,
+                           strata=[r['diagnosis'] for r in rows])
+    with staging_dir(out_dir) as tmp:
+        for s in SPLITS:
+            part = [r for r, sp in zip(rows, split) if sp == s]
+            convert_split(tmp, s, [pngs[r['id_code']] for r in part], decode_2d, (size, size, 3), skipped,
+                          default_workers(workers), labels=[int(r['diagnosis']) for r in part])
+        write_meta(tmp, 'aptos2019', APTOS_CLASSES, args=args, **info, ordinal=True,
+                   split_rule=f"stratified by grade, val/test fractions {val_fraction}/{test_fraction}, seed {seed}",
+                   skipped=report_skipped(skipped))
+    return finish(out_dir, t0)
+
+# --- PatchCamelyon -------------------------------------------------------------------------------
+
+PCAM_URL = 'https://zenodo.org/records/2546921/files/{file}?download=1'
+PCAM_MD5 = {  # of the .h5.gz files, as published in the PCam README (github.com/basveeling/pcam)
+    'camelyonpatch_level_2_split_train_x.h5.gz': '1571f514728f59376b705fc836ff4b63',
+    'camelyonpatch_level_2_split_train_y.h5.gz': '35c2d7259d906cfc8143347bb8e05be7',
+    'camelyonpatch_level_2_split_valid_x.h5.gz': 'd5b63470df7cfa627aeec8b9dc0c066e',
+    'camelyonpatch_level_2_split_valid_y.h5.gz': '2b85f58b927af9964a4c15b8f7e8f179',
+    'camelyonpatch_level_2_split_test_x.h5.gz': 'd8c2d60d490dbd479f8199bdfa0cf6ec',
+    'camelyonpatch_level_2_split_test_y.h5.gz': '60a7035772fbdb7f34eb86d4420cf66a',
+}
+
+
+def prepare_pcam(out_dir='data/pcam', source: str = ''):
+    """
+    PatchCamelyon: 96x96 RGB lymph-node patches, label 1 = tumour tissue in the central 32x32 region;
+    official splits 262,144 / 32,768 / 32,768. The files are HDF5, which needs h5py: the one data set
+    with an optional dependency (docs/datasets.md says why). Its x files are copied in chunks.
+    """
+    t0 = time.time()
+    args = {'source': source}
+    if is_up_to_date(out_dir, args):
+        print(f"{out_dir} is up to date (same arguments), nothing to do")
+        return Path(out_dir)
+    try:
+        import h5py  # checked before downloading 7 GB that could not be read
+    except ImportError:
+        raise ValueError("pcam is stored as HDF5, which needs h5py: pip install h5py "
+                         "(optional: no other data set uses it)") from None
+    info = announce('pcam')
+    roots = get_raw('pcam', out_dir, source, {f: (PCAM_URL.format(file=f), md5) for f, md5 in PCAM_MD5.items()})
+    with staging_dir(out_dir) as tmp:
+        for s, official in zip(SPLITS, ('train', 'valid', 'test')):
+            arrays = {}
+            for key in ('x', 'y'):
+                name = f'camelyonpatch_level_2_split_{official}_{key}.h5'
+                h5 = find(roots, name, required=False)
+                if h5 is None:  # HDF5 needs random access: gunzip once, next to the download
+                    gz = find(roots, name + '.gz')
+                    h5 = Path(out_dir).parent / 'downloads' / 'pcam' / name
+                    if not h5.exists():
+                        with gzip.open(gz) as fin, open(h5.with_name(name + '.tmp'), 'wb') as fout:
+                            shutil.copyfileobj(fin, fout, 1 << 22)
+                        os.replace(h5.with_name(name + '.tmp'), h5)
+                arrays[key] = h5py.File(h5, 'r')[key]
+            x = arrays['x']
+            images = np.lib.format.open_memmap(tmp / f'.{s}_partial.npy', 'w+', np.uint8, x.shape)
+            for i in range(0, len(x), 4096):
+                images[i:i + 4096] = x[i:i + 4096]
+            write_split(tmp, s, images, np.asarray(arrays['y']).reshape(-1).astype(np.int64))
+            del images
+            os.remove(tmp / f'.{s}_partial.npy')
+        write_meta(tmp, 'pcam', ['no tumour', 'tumour'], args=args, **info,
+                   split_rule="official PCam splits (train / valid / test files)")
+    return finish(out_dir, t0)
+
+# --- ChestX-ray14 --------------------------------------------------------------------------------
+
+CXR14_FINDINGS = ['Atelectasis', 'Cardiomegaly', 'Effusion', 'Infiltration', 'Mass', 'Nodule', 'Pneumonia',
+                  'Pneumothorax', 'Consolidation', 'Edema', 'Emphysema', 'Fibrosis', 'Pleural_Thickening', 'Hernia']
+CXR14_FILES = {f'images_{i + 1:03d}.tar.gz': (f'https://nihcc.box.com/shared/static/{key}.gz', None) for i, key in
+               enumerate(['vfk49d74nhbxq3nqjg0900w5nvkorp5c', 'i28rlmbvmfjbl8p2n3ril0pptcmcu9d1',
+                          'f1t00wrtdk94satdfb9olcolqx20z2jp', '0aowwzs5lhjrceb3qp67ahp0rd1l1etg',
+                          'v5e3goj22zr6h8tzualxfsqlqaygfbsn', 'asi7ikud9jwnkrnkj99jnpfkjdes7l6l',
+                          'jn1b4mw4n6lnh74ovmcjb8y48h8xj07n', 'tvpxmn7qyrgl0w8wfh9kqfjskv6nmm1j',
+                          'upyy3ml7qdumlgk2rfcvlb9k6gvqq2pj', 'l6nilvfa9cg3s28tqv1qc1olm3gnz54p',
+                          'hhq8fkdgvcari67vfhs7ppg2w6ni4jze', 'ioqwiy20ihqwyr8pf4c24eazhh281pbu'])}
+
+
+def prepare_chestxray14(out_dir='data/chestxray14', source: str = '', size: int = 224, val_fraction: float = 0.1,
+                        seed: int = 0, workers: int = 0):
+    """
+    NIH ChestX-ray14: 112,120 frontal radiographs (1024x1024 PNG) of 30,805 patients; labels are the 14
+    findings of Data_Entry_2017*.csv ('Finding Labels', '|'-separated; 'No Finding' = all zeros) as
+    (N, 14) 0/1 targets ("task": "multilabel"). Test = the official test_list.txt; val = a patient-grouped
+    part of train_val_list.txt (the official lists are already patient-wise). groups = Patient ID.
+    Grey, 1 channel. The 12 image tarballs download by script; the csv and the two lists are on the
+    NIH Box page only (put them in data/downloads/chestxray14/ or in --source).
+    """
+    t0 = time.time()
+    args = {'source': source, 'size': size, 'val_fraction': val_fraction, 'seed': seed}
+    if is_up_to_date(out_dir, args):
+        print(f"{out_dir} is up to date (same arguments), nothing to do")
+        return Path(out_dir)
+    info = announce('chestxray14')
+    roots = get_raw('chestxray14', out_dir, source, CXR14_FILES)
+    entries = {r['Image Index']: r for r in read_table(find(roots, 'Data_Entry_2017*.csv'))}
+    lists = {name: find(roots, f'{name}.txt').read_text().split() for name in ('train_val_list', 'test_list')}
+    pngs = index_files(roots, ['.png'])
+    skipped = [{'file': f, 'reason': 'listed but not found (or not in the Data_Entry csv)'}
+               for f in lists['train_val_list'] + lists['test_list'] if f not in entries or f[:-4] not in pngs]
+    train_val = [f for f in lists['train_val_list'] if f in entries and f[:-4] in pngs]
+    split = split_by_group([entries[f]['Patient ID'] for f in train_val], val_fraction, 0, seed)
+    parts = {'train': [f for f, s in zip(train_val, split) if s == 'train'],
+             'val': [f for f, s in zip(train_val, split) if s == 'val'],
+             'test': [f for f in lists['test_list'] if f in entries and f[:-4] in pngs]}
+    with staging_dir(out_dir) as tmp:
+        for s in SPLITS:
+            findings = [entries[f]['Finding Labels'].split('|') for f in parts[s]]
+            convert_split(tmp, s, [pngs[f[:-4]] for f in parts[s]], decode_2d, (size, size, 1), skipped,
+                          default_workers(workers),
+                          labels=np.array([[c in fs for c in CXR14_FINDINGS] for fs in findings], np.int64),
+                          groups=[int(entries[f]['Patient ID']) for f in parts[s]])
+        write_meta(tmp, 'chestxray14', CXR14_FINDINGS, args=args, **info, task='multilabel',
+                   split_rule=f"test = official test_list.txt; train/val from train_val_list.txt grouped by "
+                              f"Patient ID (val fraction {val_fraction}, seed {seed})",
+                   skipped=report_skipped(skipped))
+    return finish(out_dir, t0)
+
+# --- volumes: MSD, BraTS 2021, any NIfTI folder ---------------------------------------------------
+#
+# A volume is stored as uint8 (D, H, W, C): NIfTI's (x, y, z) array, turned to the closest canonical
+# (RAS) orientation and transposed to (z, y, x) = (slice, row, column), one channel per modality.
+# Intensities: each channel's 0.5-99.5 percentile range mapped onto 0..255. Shape: resampled to
+# size^3 (linear, antialiased; label maps: nearest), ignoring the voxel spacing, which meta.json
+# does not keep: a 3-D trainer that needs millimetres should read the originals.
+
+
+def resize_volume(v, shape, nearest=False):
+    """(Z, Y, X) -> shape (D, H, W). Pillow resizes each slice in-plane, then the depth axis as one
+    (Z, H*W) picture: both steps antialias when shrinking, unlike plain interpolation."""
+    D, H, W = shape
+    f = Image.NEAREST if nearest else Image.BILINEAR
+    v = np.stack([np.asarray(Image.fromarray(s).resize((W, H), f)) for s in np.asarray(v, np.float32)])
+    return np.asarray(Image.fromarray(v.reshape(len(v), H * W)).resize((H * W, D), f)).reshape(D, H, W)
+
+
+def read_nifti(path):
+    """A NIfTI file as float32 (Z, Y, X, C), RAS-oriented. Raises on a damaged file or header."""
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    a = np.asarray(img.dataobj, np.float32)
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.ndim != 4 or min(a.shape) < 1:
+        raise ValueError(f"expected a 3-D or 4-D volume, got shape {a.shape}")
+    return a.transpose(2, 1, 0, 3)
+
+
+def load_volume(channel_paths, label_path, shape, label_values):
+    """One subject -> (uint8 (D, H, W, C), uint8 (D, H, W) label map or None)."""
+    D, H, W, C = shape
+    chans = np.concatenate([read_nifti(p) for p in channel_paths], axis=-1)
+    if chans.shape[-1] != C:
+        raise ValueError(f"{chans.shape[-1]} channels, the data set has {C}")
+    image = np.empty(shape, np.uint8)
+    for c in range(C):
+        lo, hi = np.percentile(chans[..., c], [0.5, 99.5])
+        image[..., c] = to_uint8(resize_volume(chans[..., c], (D, H, W)), lo, hi)
+    if label_path is None:
+        return image, None
+    seg = read_nifti(label_path)[..., 0]
+    if seg.shape != chans.shape[:3]:
+        raise ValueError(f"label volume {seg.shape} does not match the image {chans.shape[:3]}")
+    seg = np.searchsorted(label_values, np.round(seg))  # e.g. BraTS 0/1/2/4 -> 0/1/2/3
+    return image, resize_volume(seg, (D, H, W), nearest=True).astype(np.uint8)
+
+
+def decode_volumes(job):
+    """Worker: [(i, (channel paths, label values), label path)] -> [(i, image, mask, error)]."""
+    shape, items = job
+    out = []
+    for i, (channel_paths, label_values), label_path in items:
+        try:
+            out.append((i, *load_volume(channel_paths, label_path, shape, label_values), None))
+        except Exception as e:  # nibabel raises ImageFileError, ValueError, EOFError, zlib.error...
+            out.append((i, None, None, f"{type(e).__name__}: {e}"))
+    return out
+
+
+def write_volumes(tmp, name, subjects, split, size, channels, mask_labels, skipped, workers, args, info, rule,
+                  **extra):
+    """Shared tail of the 3-D data sets. subjects: [(channel paths, label path or None)];
+    split: their split names. Every subject is its own group. Labels are -1: these are segmentation
+    (or unlabelled) sets, their targets are the masks."""
+    values = np.array([v for v, _ in mask_labels]) if mask_labels else None
+    has_masks = bool(mask_labels) and all(label is not None for _, label in subjects)
+    for s in SPLITS:
+        ids = [i for i, sp in enumerate(split) if sp == s]
+        print(f"  {s}: {len(ids)} volumes")
+        convert_split(tmp, s, [(subjects[i][0], values) for i in ids], decode_volumes,
+                      (size, size, size, channels), skipped, workers, chunk=1,
+                      mask_paths=[subjects[i][1] for i in ids] if has_masks else None,
+                      mask_max=len(mask_labels or [0]) - 1, labels=np.full(len(ids), -1), groups=ids)
+    write_meta(tmp, name, [], args=args, **info, task='segmentation' if has_masks else 'unlabeled',
+               split_rule=rule, mask_labels=[n for _, n in mask_labels] if has_masks else None,
+               axes='(N, D, H, W, C) = (volume, z, y, x, channel), RAS orientation, resampled to size^3',
+               skipped=report_skipped(skipped), **extra)
+
+
+MSD_TASKS = {  # the four smallest tasks; md5 = the one MONAI's DecathlonDataset checks
+    'msd_heart': ('Task02_Heart', '06ee59366e1e5124267b774dbd654057'),
+    'msd_hippocampus': ('Task04_Hippocampus', '9d24dba78a72977dbd1d2e110310f31b'),
+    'msd_prostate': ('Task05_Prostate', '35138f08b1efaef89d7424d2bcc928db'),
+    'msd_spleen': ('Task09_Spleen', '410d4a301da4e5b2f6f86ec3ddba524e'),
+}
+
+
+def prepare_msd(name, out_dir=None, source: str = '', size: int = 64, folds: int = 5, fold: int = 0,
+                test_fraction: float = 0.2, seed: int = 0, workers: int = 0):
+    """
+    A Medical Segmentation Decathlon task: TaskXX_Name.tar with dataset.json, imagesTr/labelsTr (NIfTI)
+    and imagesTs (no labels, not used). The labelled subjects are split once: test_fraction of them
+    (seeded) is the test split, the rest is cut into `folds` folds by subject and fold `fold` is val
+    (run folds 0..folds-1 into separate --out folders for cross-validation). The tars hold macOS '._*'
+    files next to the real ones; they are never read. Masks: label maps 0..K named by dataset.json.
+    """
+    t0 = time.time()
+    task, md5 = MSD_TASKS[name]
+    out_dir = out_dir or f'data/{name}' + (f'_fold{fold}' if fold else '')
+    args = {'source': source, 'size': size, 'folds': folds, 'fold': fold, 'test_fraction': test_fraction, 'seed': seed}
+    if not 0 <= fold < folds:
+        raise ValueError(f"--fold must be in 0..{folds - 1}, got {fold}")
+    if is_up_to_date(out_dir, args):
+        print(f"{out_dir} is up to date (same arguments), nothing to do")
+        return Path(out_dir)
+    info = announce('msd')
+    roots = get_raw(name, out_dir, source,
+                    {f'{task}.tar': (f'https://msd-for-monai.s3-us-west-2.amazonaws.com/{task}.tar', md5)})
+    dataset_json = find(roots, 'dataset.json')
+    spec = json.loads(dataset_json.read_text())
+    base = dataset_json.parent
+    subjects = [([base / t['image']], base / t['label']) for t in spec['training']]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(subjects))
+    n_test = round(len(subjects) * test_fraction)
+    split = np.empty(len(subjects), dtype=object)
+    split[order[:n_test]] = 'test'
+    rest = order[n_test:]
+    split[rest] = np.where(np.arange(len(rest)) % folds == fold, 'val', 'train')
+    mask_labels = sorted((int(k), v) for k, v in spec['labels'].items())
+    with staging_dir(out_dir) as tmp:
+        write_volumes(tmp, name, subjects, split, size, len(spec['modality']), mask_labels, [],
+                      default_workers(workers), args, info,
+                      rule=f"by subject: test = {test_fraction} of the labelled subjects, the rest in {folds} "
+                           f"folds, fold {fold} = val (seed {seed})",
+                      modalities=[spec['modality'][k] for k in sorted(spec['modality'], key=int)], task_name=task)
+    return finish(out_dir, t0)
+
+
+BRATS_MODALITIES = ['flair', 't1', 't1ce', 't2']
+BRATS_HOW = ("BraTS 2021 needs a registration: https://www.synapse.org/#!Synapse:syn25829067 (or the Kaggle "
+             "copy 'brats-2021-task1'); download the training data (BraTS2021_Training_Data.tar).")
+
+
+def prepare_brats2021(out_dir='data/brats2021', source: str = '', size: int = 64, val_fraction: float = 0.15,
+                      test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
+    """
+    BraTS 2021 (task 1): one folder per subject with BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz
+    (240x240x155). 4 channels in BRATS_MODALITIES order; the seg labels 0/1/2/4 become 0/1/2/3.
+    Split by subject.
+    """
+    t0 = time.time()
+    args = {'source': source, 'size': size, 'val_fraction': val_fraction, 'test_fraction': test_fraction, 'seed': seed}
+    if is_up_to_date(out_dir, args):
+        print(f"{out_dir} is up to date (same arguments), nothing to do")
+        return Path(out_dir)
+    info = announce('brats2021')
+    roots = get_raw('brats2021', out_dir, source, how_to_get=BRATS_HOW)
+    flairs = sorted((p for r in roots for p in r.rglob('*_flair.nii*') if visible(p)), key=lambda p: p.name)
+    subjects = []
+    for flair in flairs:
+        stem, ext = flair.name.split('_flair')
+        seg = flair.with_name(f'{stem}_seg{ext}')
+        subjects.append(([flair.with_name(f'{stem}_{m}{ext}') for m in BRATS_MODALITIES], seg if seg.exists() else None))
+    if not subjects:
+        raise FileNotFoundError(f"no BraTS2021_*_flair.nii.gz under {', '.join(map(str, roots))}")
+    split = split_by_group(list(range(len(subjects))), val_fraction, test_fraction, seed)
+    mask_labels = [(0, 'background'), (1, 'necrotic tumour core'), (2, 'peritumoral edema'), (4, 'enhancing tumour')]
+    with staging_dir(out_dir) as tmp:
+        write_volumes(tmp, 'brats2021', subjects, split, size, 4, mask_labels, [], default_workers(workers), args,
+                      info, rule=f"by subject, val/test fractions {val_fraction}/{test_fraction}, seed {seed}",
+                      modalities=BRATS_MODALITIES)
+    return finish(out_dir, t0)
+
+
+def prepare_nifti(out_dir='data/nifti', source: str = '', labels: str = '', size: int = 64,
+                  val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
+    """
+    Any folder of NIfTI volumes (*.nii, *.nii.gz, searched recursively), each its own subject; a 4-D
+    file's 4th axis is the channels (all files need the same count). --labels=FOLDER: label volumes
+    with the same file names, saved as masks (values 0..K, any integers, mapped in sorted order).
+    """
+    t0 = time.time()
+    args = {'source': source, 'labels': labels, 'size': size, 'val_fraction': val_fraction,
+            'test_fraction': test_fraction, 'seed': seed}
+    if is_up_to_date(out_dir, args):
+        print(f"{out_dir} is up to date (same arguments), nothing to do")
+        return Path(out_dir)
+    info = SOURCES['local']
+    roots = get_raw('nifti', out_dir, source, how_to_get="Give the folder with --source.")
+    files = sorted(p for r in roots for p in r.rglob('*.nii*') if visible(p) and p.name.endswith(('.nii', '.nii.gz')))
+    if not files:
+        raise FileNotFoundError(f"no .nii / .nii.gz file under {source}")
+    skipped, channels = [], None
+    for p in files:  # the channel count from the first readable header; a bad header is skipped later
+        try:
+            shape = nib.load(str(p)).shape
+            channels = shape[3] if len(shape) == 4 else 1
+            break
+        except Exception:
+            continue
+    label_of = {p: Path(labels) / p.name if labels else None for p in files}
+    mask_labels = None
+    if labels:
+        values = set()
+        for p, lab in label_of.items():
+            if not lab.exists():
+                raise FileNotFoundError(f"--labels: no {p.name} in {labels}")
+            try:
+                values |= set(np.unique(np.round(np.asarray(nib.load(str(lab)).dataobj))).astype(int).tolist())
+            except Exception:
+                pass  # reported when its subject is converted
+        mask_labels = [(v, str(v)) for v in sorted(values)]
+    split = split_by_group(list(range(len(files))), val_fraction, test_fraction, seed)
+    with staging_dir(out_dir) as tmp:
+        write_volumes(tmp, 'nifti', [([p], label_of[p]) for p in files], split, size, channels or 1, mask_labels,
+                      skipped, default_workers(workers), args, info,
+                      rule=f"by file, val/test fractions {val_fraction}/{test_fraction}, seed {seed}",
+                      source_files=[str(p) for p in files])
+    return finish(out_dir, t0)
+
+# --- any folder of pictures ----------------------------------------------------------------------
+
+PICTURE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+
+
+def prepare_folder(out_dir='data/folder', source: str = '', csv: str = '', size: int = 224, channels: int = 3,
+                   val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
+    """
+    Pictures from a folder, labelled one of three ways:
+      class sub-folders   source/<class>/*.png       -> classes = the folder names, sorted
+      a flat folder       source/*.png               -> unlabelled (labels -1, task "unlabeled")
+      --csv=FILE          columns path,label[,group] -> paths relative to the csv (or to --source)
+    Split stratified by label; by `group` when the csv has one (e.g. a patient id).
+    """
+    t0 = time.time()
+    args = {'source': source, 'csv': csv, 'size': size, 'channels': channels, 'val_fraction': val_fraction,
+            'test_fraction': test_fraction, 'seed': seed}
+    if channels not in (1, 3):
+        raise ValueError(f"--channels must be 1 or 3, got {channels}")
+    if is_up_to_date(out_dir, args):
+        print(f"{out_dir} is up to date (same arguments), nothing to do")
+        return Path(out_dir)
+    if csv:
+        rows = read_table(csv)
+        base = Path(source) if source else Path(csv).parent
+        paths = [base / r['path'] for r in rows]
+        names = [r['label'] for r in rows]
+        groups = [r['group'] for r in rows] if rows and 'group' in rows[0] else None
+    else:
+        roots = get_raw('folder', out_dir, source, how_to_get="Give the folder with --source.")
+        paths = sorted(p for r in roots for p in r.rglob('*') if p.is_file() and visible(p)
+                       and p.suffix.lower() in PICTURE_SUFFIXES)
+        flat = all(p.parent in roots for p in paths)
+        names = None if flat else [p.parent.name for p in paths]
+        groups = None
+    if not paths:
+        raise FileNotFoundError(f"no pictures ({', '.join(PICTURE_SUFFIXES)}) in {source or csv}")
+    classes = sorted(set(names)) if names else []
+    labels = np.array([classes.index(n) for n in names] if names else [-1] * len(paths))
+    group_ids = np.unique(groups, return_inverse=True)[1] if groups else np.arange(len(paths))
+    split = split_by_group(group_ids, val_fraction, test_fraction, seed, strata=labels)
+    skipped = []
+    with staging_dir(out_dir) as tmp:
+        for s in SPLITS:
+            ids = np.flatnonzero(split == s)
+            convert_split(tmp, s, [paths[i] for i in ids], decode_2d, (size, size, channels), skipped,
+                          default_workers(workers), labels=labels[ids], groups=group_ids[ids] if groups else None)
+        write_meta(tmp, 'folder', classes, args=args, **SOURCES['local'],
+                   task='multiclass' if classes else 'unlabeled',
+                   split_rule=f"{'grouped by the csv group column, ' if groups else ''}stratified by label, "
+                              f"val/test fractions {val_fraction}/{test_fraction}, seed {seed}",
+                   skipped=report_skipped(skipped))
+    return finish(out_dir, t0)
+
+# --- DICOM: de-identification (PS3.15 Annex E) and the converter ---------------------------------
+#
+# The Basic Application Level Confidentiality Profile gives every attribute that can identify a
+# person one action (tables/dicom_ps3.15_table_E.1-1.tsv, a pinned copy of Table E.1-1):
+#   X remove   Z empty it   D replace with a dummy value   U replace the UID   K keep   C clean
+# A compound such as X/Z or X/Z/D lets the de-identifier pick according to the attribute's type in
+# the IOD (X for optional, Z for type 2, D for type 1). We do not carry the IOD tables, so we take the
+# LAST action: it is conformant whatever the type (an empty optional attribute is legal, a dummy value
+# satisfies type 1) and it keeps the file readable by strict tools. Other rules of the profile:
+#   - every private attribute (odd group) goes, as do the curve (50xx) and overlay text/data rows;
+#   - sequences are walked recursively; D/Z/C on a sequence empties it (no item can leak text),
+#     U* (e.g. Referenced Image Sequence) keeps it and remaps the UIDs inside;
+#   - UIDs map through a keyed hash: new = 2.25.<first 128 bits of HMAC-SHA256(run key, old)>. The
+#     same old UID gives the same new one for the whole run (a series stays a series, references
+#     stay valid) and the key is random and never stored, so nobody can go back;
+#   - Burned In Annotation (0028,0301) other than NO means the pixels may show a name: such images
+#     are refused (burned_in='refuse', the default) or kept and flagged (burned_in='flag');
+#   - Patient Identity Removed (0012,0062) = YES and De-identification Method (0012,0063) are set.
+
+DEID_TABLE = Path(__file__).resolve().parent / 'tables' / 'dicom_ps3.15_table_E.1-1.tsv'
+DUMMY = {'DA': '19000101', 'TM': '000000', 'DT': '19000101000000', 'AS': '000Y', 'DS': '0', 'IS': '0'}
+NUMERIC_VRS = ('US', 'SS', 'UL', 'SL', 'FL', 'FD', 'SV', 'UV', 'AT')
+BINARY_VRS = ('OB', 'OW', 'OF', 'OD', 'OL', 'OV', 'UN')
+
+
+def load_deid_table(path=DEID_TABLE):
+    """{tag: action} for plain tags, [(mask, value, action)] for rows with x wildcards like 50xxxxxx."""
+    exact, wildcards = {}, []
+    for line in open(path):
+        if line.startswith('#') or not line.strip():
+            continue
+        tag, action, _name = line.rstrip('\n').split('\t')
+        if 'x' in tag:
+            wildcards.append((int(''.join('0' if c == 'x' else 'F' for c in tag), 16), int(tag.replace('x', '0'), 16), action))
+        else:
+            exact[int(tag, 16)] = action
+    return exact, wildcards
+
+
+class Deidentifier:
+    """Applies the profile; one instance per run, so that UIDs map the same way across files."""
+
+    def __init__(self, table_path=DEID_TABLE):
+        self.exact, self.wildcards = load_deid_table(table_path)
+        self.key = secrets.token_bytes(32)
+        sha = hashlib.sha256(Path(table_path).read_bytes()).hexdigest()[:12]
+        self.method = f"DICOM PS3.15 E.1 Basic Profile, table sha256 {sha}"  # LO: 64 chars at most
+
+    def new_uid(self, uid):
+        digest = hmac.new(self.key, str(uid).strip().encode(), hashlib.sha256).digest()
+        return '2.25.' + str(int.from_bytes(digest[:16], 'big'))
+
+    def action(self, tag):
+        a = self.exact.get(int(tag)) or next((a for mask, value, a in self.wildcards if int(tag) & mask == value), 'K')
+        return a.split('/')[-1].rstrip('*')  # the last of a compound action, see above
+
+    def clean(self, ds):
+        for elem in list(ds):  # a copy: we delete while walking
+            if elem.tag.is_private:
+                del ds[elem.tag]
+                continue
+            a, vr = self.action(elem.tag), str(elem.VR)
+            if a == 'X':
+                del ds[elem.tag]
+            elif vr == 'SQ':
+                if a in ('Z', 'D', 'C'):
+                    elem.value = []
+                else:  # K or U*: keep the items, de-identify inside them
+                    for item in elem.value:
+                        self.clean(item)
+            elif a == 'U' and elem.value:
+                elem.value = ([self.new_uid(u) for u in elem.value] if elem.VM > 1 else self.new_uid(elem.value))
+            elif a in ('Z', 'D', 'C'):
+                if a == 'Z' or vr in BINARY_VRS or vr == 'UR':
+                    elem.value = b'' if vr in BINARY_VRS else None if vr.startswith(NUMERIC_VRS) else ''
+                elif vr == 'UI':
+                    elem.value = self.new_uid(elem.value or 'dummy')
+                else:
+                    elem.value = 0 if vr.startswith(NUMERIC_VRS) else DUMMY.get(vr, 'ANONYMIZED')
+        return ds
+
+    def __call__(self, ds):
+        """De-identify ds in place (its file meta too: Media Storage SOP Instance UID is a U row)."""
+        self.clean(ds)
+        if getattr(ds, 'file_meta', None) is not None:
+            self.clean(ds.file_meta)
+        ds.PatientIdentityRemoved = 'YES'
+        ds.DeidentificationMethod = self.method
+        code = pydicom.Dataset()
+        code.CodeValue, code.CodingSchemeDesignator = '113100', 'DCM'
+        code.CodeMeaning = 'Basic Application Confidentiality Profile'
+        ds.DeidentificationMethodCodeSequence = [code]
+        return ds
+
+
+def burned_in_ok(ds, policy):
+    """True if the image may be used: Burned In Annotation is NO, or the policy is 'flag'."""
+    if policy not in ('refuse', 'flag'):
+        raise ValueError(f"--burned_in must be 'refuse' or 'flag', got {policy!r}")
+    return str(ds.get('BurnedInAnnotation', '')).upper() == 'NO' or policy == 'flag'
+
+
+def dicom_files(root):
+    return [p for p in sorted(Path(root).rglob('*')) if p.is_file() and visible(p) and p.name != 'DICOMDIR']
+
+
+def anonymize_folder(in_dir, out_dir, burned_in='refuse'):
+    """`python prepare.py dicom --anonymize_only IN OUT`: every DICOM file under IN, de-identified, into
+    OUT/<new study UID>/<new series UID>/<new SOP instance UID>.dcm (the original names and folders
+    may carry names, so they are not reused). Unreadable files and refused images are reported."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty; pick another OUT")
+    deid, skipped, n = Deidentifier(), [], 0
+    with staging_dir(out_dir) as tmp:
+        for p in dicom_files(in_dir):
+            try:
+                ds = pydicom.dcmread(p)
+            except Exception as e:
+                skipped.append({'file': str(p), 'reason': f"not a readable DICOM file ({type(e).__name__}: {e})"})
+                continue
+            if not burned_in_ok(ds, burned_in):
+                skipped.append({'file': str(p), 'reason': 'Burned In Annotation is not NO (use --burned_in=flag '
+                                                          'after checking the pixels)'})
+                continue
+            deid(ds)
+            dest = tmp / str(ds.get('StudyInstanceUID', 'no-study')) / str(ds.get('SeriesInstanceUID', 'no-series'))
+            dest.mkdir(parents=True, exist_ok=True)
+            ds.save_as(dest / f"{ds.get('SOPInstanceUID', n)}.dcm", enforce_file_format=False)
+            n += 1
+    report_skipped(skipped)
+    print(f"de-identified {n} file(s) into {out_dir}")
+    return out_dir
+
+
+def dicom_frames(ds, size, window):
+    """Pixel data -> list of uint8 (size, size, 1): modality rescale (slope, intercept) to real units
+    (e.g. Hounsfield), then the window (--window=center,width, else the file's first window, else the
+    0.5-99.5 percentiles), MONOCHROME1 inverted so that dense is bright. Colour becomes luminance."""
+    a = ds.pixel_array.astype(np.float32)
+    frames = int(ds.get('NumberOfFrames', 1) or 1)
+    colour = int(ds.get('SamplesPerPixel', 1)) == 3
+    if frames == 1:
+        a = a[None]
+    if colour:
+        a = a @ np.array([0.299, 0.587, 0.114], np.float32)  # pixel_array gives RGB
+    else:
+        a = a * float(ds.get('RescaleSlope', 1) or 1) + float(ds.get('RescaleIntercept', 0) or 0)
+    first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
+    if colour:
+        lo, hi = 0.0, 255.0
+    elif window:
+        c, w = (float(x) for x in window.split(','))
+        lo, hi = c - w / 2, c + w / 2
+    elif 'WindowCenter' in ds and 'WindowWidth' in ds:
+        c, w = first(ds.WindowCenter), first(ds.WindowWidth)
+        lo, hi = c - w / 2, c + w / 2
+    else:
+        lo, hi = np.percentile(a, [0.5, 99.5])
+    out = []
+    for f in a:
+        img = to_uint8(f, lo, hi)
+        if ds.get('PhotometricInterpretation') == 'MONOCHROME1':
+            img = 255 - img
+        out.append(np.asarray(square_resize(Image.fromarray(img), size))[..., None])
+    return out
+
+
+def prepare_dicom(out_dir='data/dicom', source: str = '', size: int = 224, window: str = '',
+                  burned_in: str = 'refuse', val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0):
+    """
+    A folder of DICOM series (any layout, any file names) -> grey 2-D images, one per frame, with
+    de-identified metadata: {split}_metadata.jsonl holds, line i for image i, the DICOM JSON model of
+    the de-identified header (pixel data left out) plus the frame number. Split grouped by patient:
+    groups are small integers numbered from the original Patient IDs inside this run, which are never
+    written. Unlabelled (labels -1). Also: --anonymize_only IN OUT de-identifies files without
+    converting (see anonymize_folder).
+    """
+    t0 = time.time()
+    args = {'source': source, 'size': size, 'window': window, 'burned_in': burned_in,
+            'val_fraction': val_fraction, 'test_fraction': test_fraction, 'seed': seed}
+    if is_up_to_date(out_dir, args):
+        print(f"{out_dir} is up to date (same arguments), nothing to do")
+        return Path(out_dir)
+    roots = get_raw('dicom', out_dir, source, how_to_get="Give the folder with --source.")
+    deid, skipped, images, headers, patients = Deidentifier(), [], [], [], []
+    n_flagged = 0
+    for p in (p for r in roots for p in dicom_files(r)):
+        try:
+            ds = pydicom.dcmread(p)
+            if 'PixelData' not in ds:
+                raise ValueError("no pixel data")
+            if not burned_in_ok(ds, burned_in):
+                skipped.append({'file': str(p), 'reason': 'Burned In Annotation is not NO (refused; use '
+                                                          '--burned_in=flag after checking the pixels)'})
+                continue
+            frames = dicom_frames(ds, size, window)
+            patient = str(ds.get('PatientID', '')) or str(ds.get('StudyInstanceUID', p))  # read before de-id
+            flagged = str(ds.get('BurnedInAnnotation', '')).upper() != 'NO'
+            del ds.PixelData
+            header = deid(ds).to_json_dict(bulk_data_threshold=1 << 30, bulk_data_element_handler=lambda e: None)
+        except Exception as e:  # pydicom: InvalidDicomError, missing pixel handlers, truncated data...
+            skipped.append({'file': str(p), 'reason': f"{type(e).__name__}: {e}"})
+            continue
+        n_flagged += flagged * len(frames)
+        patients += [patient] * len(frames)
+        headers += [{'frame': k, 'burned_in_flag': flagged, 'header': header} for k in range(len(frames))]
+        images += frames
+    if not images:
+        report_skipped(skipped)
+        raise ValueError(f"no usable DICOM image under {source}")
+    groups = np.unique(patients, return_inverse=True)[1]
+    split = split_by_group(groups, val_fraction, test_fraction, seed)
+    with staging_dir(out_dir) as tmp:
+        for s in SPLITS:
+            ids = np.flatnonzero(split == s)
+            write_split(tmp, s, np.stack([images[i] for i in ids]), np.full(len(ids), -1), groups=groups[ids])
+            with open(tmp / f'{s}_metadata.jsonl', 'w') as f:
+                for i in ids:
+                    f.write(json.dumps(headers[i]) + '\n')
+        write_meta(tmp, 'dicom', [], args=args, **SOURCES['local'], task='unlabeled',
+                   split_rule=f"grouped by patient, val/test fractions {val_fraction}/{test_fraction}, seed {seed}",
+                   deidentification=deid.method, burned_in_flagged=n_flagged,
+                   metadata_files=[f'{s}_metadata.jsonl' for s in SPLITS], skipped=report_skipped(skipped))
+    return finish(out_dir, t0)
+
+# -----------------------------------------------------------------------------
 # command line: python prepare.py <dataset> [--key=value ...]
 
 
-DATASETS = {'demo': prepare_demo}
+DATASETS = {
+    'demo': prepare_demo,
+    'ham10000': prepare_ham10000,
+    **{flag: functools.partial(prepare_medmnist, flag) for flag in MEDMNIST['flags']},
+    'aptos2019': prepare_aptos2019,
+    'pcam': prepare_pcam,
+    'chestxray14': prepare_chestxray14,
+    **{name: functools.partial(prepare_msd, name) for name in MSD_TASKS},
+    'brats2021': prepare_brats2021,
+    'folder': prepare_folder,
+    'dicom': prepare_dicom,
+    'nifti': prepare_nifti,
+}
 
 
 def cli_type(param):
@@ -518,22 +1710,31 @@ def options(fn):
     return {name: p for name, p in inspect.signature(fn).parameters.items() if name != 'out_dir'}
 
 
+def default_out(name, fn):
+    out = inspect.signature(fn).parameters['out_dir'].default
+    return out or f'data/{name}'
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     epilog = 'options per data set (--key=value):\n' + '\n'.join(
-        f"  {name}: --out=data/{name} " + ' '.join(f"--{k}={p.default}" for k, p in options(fn).items())
-        for name, fn in DATASETS.items())
+        f"  {name}: --out={default_out(name, fn)} " + ' '.join(f"--{k}={p.default}" for k, p in options(fn).items())
+        for name, fn in DATASETS.items()) + '\n  dicom also: --anonymize_only IN OUT (de-identify files, no arrays)'
     parser = argparse.ArgumentParser(
-        prog='prepare.py', description="Prepare a data set in data/<name>/ (docs/data_format.md).",
+        prog='prepare.py', description="Prepare a data set in data/<name>/ (docs/data_format.md, docs/datasets.md).",
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument('dataset', choices=list(DATASETS), help='which data set to prepare')
     known, rest = parser.parse_known_args(argv)
     fn = DATASETS[known.dataset]
     sub = argparse.ArgumentParser(prog=f'prepare.py {known.dataset}', allow_abbrev=False)
-    sub.add_argument('--out', default=f'data/{known.dataset}', help='output folder')
+    sub.add_argument('--out', default=None, help='output folder')
     for name, p in options(fn).items():
         sub.add_argument(f'--{name}', type=cli_type(p), default=p.default)
     valid = ['out'] + list(options(fn))
+    if known.dataset == 'dicom':
+        sub.add_argument('--anonymize_only', nargs=2, metavar=('IN', 'OUT'),
+                         help='de-identify the DICOM files under IN into OUT, nothing else')
+        valid.append('anonymize_only')
     for token in rest:  # name the closest valid option instead of argparse's bare "unrecognized"
         key = token[2:].split('=', 1)[0] if token.startswith('--') else None
         if key is not None and key not in valid:
@@ -541,9 +1742,14 @@ def main(argv=None):
             sub.error(f"unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else
                                                    f"; valid: {' '.join('--' + v for v in valid)}"))
     opts = vars(sub.parse_args(rest))
+    out = opts.pop('out')  # None: the function's default (medmnist and msd name it after --size / --fold)
     try:
-        fn(opts.pop('out'), **opts)
-    except (FileExistsError, ValueError) as e:
+        if opts.get('anonymize_only'):
+            anonymize_folder(*opts['anonymize_only'], burned_in=opts['burned_in'])
+        else:
+            opts.pop('anonymize_only', None)
+            fn(**({'out_dir': out} if out else {}), **opts)
+    except (OSError, ValueError) as e:  # missing files, checksums, refused folders, bad options
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,207 @@
+"""DICOM de-identification (PS3.15 Annex E Basic Profile) on the real DICOM files that ship inside
+pydicom, and the `dicom` converter. Nothing here needs the network."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+import prepare
+from prepare import SPLITS
+
+TEST_FILES = Path(pydicom.__file__).parent / 'data' / 'test_files'
+# real files: CT and MR images (the MR_small* files are one instance of one series, stored in four
+# encodings), RT objects, an SR document, private sequences, an ECG waveform, overlays
+FILES = ['CT_small.dcm', 'MR_small.dcm', 'MR_small_RLE.dcm', 'MR_small_bigendian.dcm', 'MR_small_implicit.dcm',
+         'JPEG2000.dcm', 'rtplan.dcm', 'rtstruct.dcm', 'rtdose.dcm',
+         'test-SR.dcm', 'nested_priv_SQ.dcm', 'priv_SQ.dcm', 'waveform_ecg.dcm', 'examples_overlay.dcm',
+         'liver_1frame.dcm']
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def walk(ds):
+    """Every element, sequences included, with the dataset holding it."""
+    for elem in ds:
+        yield elem
+        if elem.VR == 'SQ':
+            for item in elem.value:
+                yield from walk(item)
+
+
+@pytest.fixture(scope='module')
+def deidentified():
+    deid = prepare.Deidentifier()
+    pairs = []
+    for name in FILES:
+        original = pydicom.dcmread(TEST_FILES / name, force=True)  # two have no 'DICM' preamble
+        pairs.append((name, original, deid(pydicom.dcmread(TEST_FILES / name, force=True))))
+    return deid, pairs
+
+
+def test_table_is_the_pinned_edition_with_its_compound_actions():
+    exact, wildcards = prepare.load_deid_table()
+    assert len(exact) > 600 and len(wildcards) == 3
+    assert exact[0x00100010] == 'Z' and exact[0x00100020] == 'Z/D' and exact[0x0020000D] == 'U'
+    assert exact[0x00081140] == 'X/Z/U*' and exact[0x00080080] == 'X/Z/D'
+    assert set(exact.values()) >= {'X', 'Z', 'D', 'U', 'X/Z', 'X/D', 'Z/D', 'X/Z/D'}
+
+
+def test_no_attribute_marked_x_and_no_private_attribute_remains(deidentified):
+    deid, pairs = deidentified
+    for name, _, ds in pairs:
+        for elem in list(walk(ds)) + list(walk(ds.file_meta)):
+            assert not elem.tag.is_private, (name, elem.tag)
+            assert deid.action(elem.tag) != 'X', (name, elem.tag, elem.name)
+    assert any(e.tag.is_private for e in walk(pydicom.dcmread(TEST_FILES / 'nested_priv_SQ.dcm', force=True)))  # there were some
+    assert any(e.tag.group & 0xFF00 == 0x6000 and e.tag.element == 0x3000
+               for e in pydicom.dcmread(TEST_FILES / 'examples_overlay.dcm'))
+
+
+def test_names_ids_and_dates_are_emptied_or_replaced(deidentified):
+    deid, pairs = deidentified
+    checked = 0
+    for name, original, ds in pairs:
+        for elem in walk(original):
+            a = deid.action(elem.tag)
+            if a in ('Z', 'D') and elem.VR != 'SQ' and elem.value not in (None, '', b'') and elem.tag in ds:
+                assert ds[elem.tag].value != elem.value, (name, elem.name)
+                checked += 1
+        if 'PatientName' in original:
+            assert str(ds.PatientName) == '' and ds.PatientID == 'ANONYMIZED' and ds.get('StudyDate', '') == ''
+        assert 'PatientBirthDate' not in ds or ds.PatientBirthDate == ''
+        assert ds.PatientIdentityRemoved == 'YES' and ds.DeidentificationMethod.startswith('DICOM PS3.15')
+    assert checked > 30
+    ct = dict((n, d) for n, _, d in pairs)['CT_small.dcm']
+    assert 'InstitutionName' not in ct or ct.InstitutionName in ('', 'ANONYMIZED')
+
+
+def test_uids_are_remapped_consistently_across_files_of_a_series(deidentified):
+    deid, pairs = deidentified
+    by_name = {n: (o, d) for n, o, d in pairs}
+    copies = [by_name[n] for n in ('MR_small.dcm', 'MR_small_RLE.dcm', 'MR_small_bigendian.dcm', 'MR_small_implicit.dcm')]
+    for key in ('StudyInstanceUID', 'SeriesInstanceUID', 'SOPInstanceUID'):  # one series in four files...
+        assert len({o[key].value for o, _ in copies}) == 1
+        assert len({d[key].value for _, d in copies}) == 1  # ...is still one, under its new UIDs
+        assert copies[0][1][key].value != copies[0][0][key].value
+    ct = by_name['CT_small.dcm'][1]
+    assert ct.SeriesInstanceUID != copies[0][1].SeriesInstanceUID
+    for name, original, ds in pairs:
+        assert ds.get('SOPClassUID') == original.get('SOPClassUID')  # what the object is, is kept
+        for key in ('StudyInstanceUID', 'SeriesInstanceUID', 'SOPInstanceUID', 'FrameOfReferenceUID'):
+            if key in original:
+                assert ds[key].value.startswith('2.25.') and ds[key].value != original[key].value
+                assert ds[key].value == deid.new_uid(original[key].value)
+        if 'SOPInstanceUID' in original and original.file_meta.get('MediaStorageSOPInstanceUID') == original.SOPInstanceUID:
+            assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID  # file meta follows the same map
+    assert prepare.Deidentifier().new_uid('1.2.3') != deid.new_uid('1.2.3')  # keyed: another run, another map
+    rt = by_name['rtstruct.dcm'][1]  # references inside sequences follow the same map
+    refs = [e.value for e in walk(rt) if e.keyword == 'ReferencedSOPInstanceUID']
+    assert refs and all(r.startswith('2.25.') for r in refs)
+
+
+def test_files_still_read_and_pixels_are_unchanged(deidentified, tmp_path):
+    _, pairs = deidentified
+    for name, original, ds in pairs:
+        ds.save_as(tmp_path / name, enforce_file_format=False)
+        again = pydicom.dcmread(tmp_path / name, force=True)
+        assert again.PatientIdentityRemoved == 'YES'
+        if name in ('CT_small.dcm', 'MR_small.dcm', 'MR_small_RLE.dcm', 'MR_small_bigendian.dcm', 'rtdose.dcm',
+                    'liver_1frame.dcm'):
+            assert np.array_equal(again.pixel_array, original.pixel_array), name
+
+
+def burned(tmp_path, name, value, src='MR_small.dcm'):
+    ds = pydicom.dcmread(TEST_FILES / src)
+    if value is not None:
+        ds.BurnedInAnnotation = value
+    ds.save_as(tmp_path / name, enforce_file_format=False)
+    return ds
+
+
+def test_anonymize_only_cli_refuses_burned_in_text_and_reports_bad_files(tmp_path):
+    src = tmp_path / 'in' / 'Doe^John'  # a folder name that identifies: not reused in the output
+    src.mkdir(parents=True)
+    burned(src, 'a.dcm', 'NO')
+    burned(src, 'b.dcm', 'NO', 'CT_small.dcm')
+    burned(src, 'c.dcm', 'YES')
+    burned(src, 'd.dcm', None)  # unknown: not NO, refused too
+    shutil.copy(TEST_FILES / 'rtplan_truncated.dcm', src / 'e.dcm')
+    (src / 'notes.txt').write_text('not dicom')
+    r = subprocess.run([sys.executable, str(ROOT / 'prepare.py'), 'dicom', '--anonymize_only', str(tmp_path / 'in'),
+                        str(tmp_path / 'out')], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = sorted((tmp_path / 'out').rglob('*.dcm'))
+    assert len(out) == 2 and 'de-identified 2 file(s)' in r.stdout
+    assert 'Burned In Annotation' in r.stdout and 'notes.txt' in r.stdout
+    for p in out:
+        ds = pydicom.dcmread(p)
+        assert p.name == f'{ds.SOPInstanceUID}.dcm' and p.parent.name == ds.SeriesInstanceUID
+        assert 'Doe' not in str(p) and str(ds.PatientName) == ''
+    r = subprocess.run([sys.executable, str(ROOT / 'prepare.py'), 'dicom', '--anonymize_only', str(tmp_path / 'in'),
+                        str(tmp_path / 'out'), '--burned_in=flag'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and 'not empty' in r.stderr  # never writes over an earlier result
+
+
+def fabricate_series(root, patients=8, slices=2):
+    """Copies of CT_small: one series per patient, with fresh instance UIDs."""
+    for p in range(patients):
+        series = pydicom.uid.generate_uid()
+        for s in range(slices):
+            ds = pydicom.dcmread(TEST_FILES / 'CT_small.dcm')
+            ds.PatientID, ds.PatientName, ds.SeriesInstanceUID = f'PAT{p:03d}', f'Doe^Patient{p}', series
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+            ds.BurnedInAnnotation = 'NO'
+            ds.save_as(root / f'pat{p}_{s}.dcm', enforce_file_format=False)
+
+
+def test_dicom_converter_groups_by_patient_and_stores_deidentified_headers(tmp_path):
+    src = tmp_path / 'series'
+    src.mkdir()
+    fabricate_series(src)
+    mr = burned(src, 'mr.dcm', 'NO')
+    shutil.copy(TEST_FILES / 'MR_truncated.dcm', src / 'broken.dcm')  # pixel data cut short
+    (src / 'empty.dcm').write_bytes(b'')
+    out = prepare.prepare_dicom(tmp_path / 'data' / 'dicom', source=str(src), size=64, val_fraction=0.2,
+                                test_fraction=0.2)
+    m = meta(out)
+    assert sum(m['counts'].values()) == 17 and m['skipped']['count'] == 2 and m['task'] == 'unlabeled'
+    assert m['deidentification'].startswith('DICOM PS3.15')
+    groups = {s: set(np.load(out / f'{s}_groups.npy').tolist()) for s in SPLITS}
+    assert not groups['train'] & groups['val'] and not groups['train'] & groups['test'] and not groups['val'] & groups['test']
+    series_of = {}
+    text = ''
+    for s in SPLITS:
+        lines = (out / f'{s}_metadata.jsonl').read_text().splitlines()
+        assert len(lines) == m['counts'][s]
+        text += ''.join(lines)
+        for line, g in zip(lines, np.load(out / f'{s}_groups.npy')):
+            h = pydicom.Dataset.from_json(json.loads(line)['header'])
+            assert h.PatientIdentityRemoved == 'YES' and str(h.PatientName) == '' and 'PixelData' not in h
+            series_of.setdefault(h.SeriesInstanceUID, set()).add(int(g))
+    assert 'Doe' not in text and 'PAT00' not in text and mr.SeriesInstanceUID not in text
+    assert all(len(g) == 1 for g in series_of.values()) and len(series_of) == 9  # a series = one patient
+    # MR_small (64 px, window 600/1600 in its header): rescale + window + uint8, nothing else
+    img = [np.load(out / f'{s}_images.npy')[i] for s in SPLITS
+           for i, line in enumerate((out / f'{s}_metadata.jsonl').read_text().splitlines())
+           if pydicom.Dataset.from_json(json.loads(line)['header']).Modality == 'MR'][0]
+    expected = prepare.to_uint8(mr.pixel_array, 600 - 1600 / 2, 600 + 1600 / 2)
+    assert np.array_equal(img[..., 0], expected)
+
+
+def test_dicom_converter_refuses_unknown_burned_in_by_default(tmp_path):
+    src = tmp_path / 'series'
+    src.mkdir()
+    for i in range(3):
+        burned(src, f'{i}.dcm', None)
+    with pytest.raises(ValueError, match='no usable DICOM'):
+        prepare.prepare_dicom(tmp_path / 'data' / 'd', source=str(src), size=32)
+    assert not (tmp_path / 'data' / 'd').exists()
+
+
+def meta(out):
+    return json.loads((out / 'meta.json').read_text())
