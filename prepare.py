@@ -229,8 +229,11 @@ def download(url, dest, md5=None):
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
     except urllib.error.HTTPError as e:
         if e.code != 416:  # 416 "range not satisfiable": the .part already holds the whole file
-            raise
+            raise OSError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
         response = None
+    except (urllib.error.URLError, OSError) as e:  # no network, DNS failure, refused, timed out
+        raise OSError(f"could not download {url}: {getattr(e, 'reason', e)}. Check the network, or fetch "
+                      f"the file another way and pass its folder with --source=PATH") from e
     if response is not None:
         with response:
             if have and getattr(response, 'status', None) != 206:
