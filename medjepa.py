@@ -66,7 +66,7 @@ pred_n_head = 3            # predictor heads
 objective = 'mask'         # 'mask': masked latent prediction (I-JEPA style); 'views': LeJEPA multi-view
 sigreg_lambda = 0.05       # the one knob: loss = (1 - lambda) * prediction + lambda * SIGReg
 num_slices = 256           # SIGReg random 1-D projections per step (LeJEPA recommends 256-1024)
-sigreg_on = 'pooled'       # 'mask' objective: SIGReg on per-image 'pooled' context vectors or on all 'tokens'
+sigreg_on = 'pooled_std'   # 'mask' objective: SIGReg on per-image context vectors, batch-standardised ('pooled_std') or raw ('pooled'), or on all 'tokens'
 num_targets = 4            # target blocks per image
 target_scale = (0.15, 0.2) # area of each target block, as a fraction of the patch grid
 target_aspect = (0.75, 1.5)  # aspect ratio range of the target blocks
@@ -180,7 +180,8 @@ def validate(c):
     need(c['pred_n_embd'] % c['pred_n_head'] == 0,
          f"pred_n_embd={c['pred_n_embd']} must be divisible by pred_n_head={c['pred_n_head']}")
     need(c['objective'] in ('mask', 'views'), f"objective must be 'mask' or 'views', got '{c['objective']}'")
-    need(c['sigreg_on'] in ('tokens', 'pooled'), f"sigreg_on must be 'tokens' or 'pooled', got '{c['sigreg_on']}'")
+    need(c['sigreg_on'] in ('pooled_std', 'pooled', 'tokens'),
+         f"sigreg_on must be 'pooled_std', 'pooled' or 'tokens', got '{c['sigreg_on']}'")
     need(c['init_from'] in ('scratch', 'resume'), f"init_from must be 'scratch' or 'resume', got '{c['init_from']}'")
     need(c['dtype'] in ('auto', 'float32', 'bfloat16', 'float16'), f"dtype '{c['dtype']}' is not one of auto/float32/bfloat16/float16")
     need(c['color_jitter'] >= 0 and 0 <= c['gray_prob'] <= 1,
@@ -547,6 +548,24 @@ _EP_W[0] = _EP_W[-1] = 3 / 16  # trapezoid on [0, 3], doubled for [-3, 0]
 _EP_W = _EP_W * _EP_PHI  # times the Gaussian weighting exp(-t^2/2)
 
 
+def standardise(z, eps=1e-6):
+    """Each dimension to zero mean and unit variance over the global batch (BatchNorm without the
+    affine part; the statistics are averaged over ranks, so DDP equals one process). (N, K) -> (N, K).
+
+    Why the 'mask' objective applies SIGReg to standardise(pooled) and not to the raw vectors: a
+    fresh encoder maps every image to nearly the same pooled vector (a common component plus small
+    image-specific parts: per-dimension std ~0.07, effective rank ~10 on the demo). Raw SIGReg then
+    spends its gradient on moving that mean to 0 and growing the scale to 1, which the final
+    LayerNorm makes slow, and the representation stays low-rank. After standardising, mean and
+    scale are taken care of and all of SIGReg's pressure goes into the shape of the distribution:
+    random projections of a standardised batch are N(0, 1) only if the dimensions are decorrelated,
+    i.e. only if the encoder spreads images along many independent directions (docs/design.md)."""
+    z = z.float()
+    mu = global_mean(z.mean(0))  # (K,)
+    var = global_mean((z - mu).pow(2).mean(0))  # (K,) biased, as BatchNorm's
+    return (z - mu) / (var + eps).sqrt()
+
+
 def sigreg(z, step, num_slices=256, seed=0):
     """SIGReg of embeddings z (N, K) -> scalar. Same directions on every rank for a given step."""
     with torch.autocast(z.device.type, enabled=False):  # cos(t x) and the N-fold sum need fp32
@@ -601,8 +620,11 @@ class JEPA(nn.Module):
         z = self.encoder(x, ctx_idx)  # (B, Nc, D) context tokens only
         pred = self.predictor(z, ctx_idx, tgt_idx, grid)  # (B, M*K, D)
         pred_loss = F.mse_loss(pred.float(), target.float())
-        pooled = z.mean(1)  # (B, D)
-        reg_in = z.reshape(-1, z.shape[-1]) if c['sigreg_on'] == 'tokens' else pooled
+        pooled = z.mean(1)  # (B, D) one vector per image
+        if c['sigreg_on'] == 'tokens':
+            reg_in = z.reshape(-1, z.shape[-1])  # (B*Nc, D)
+        else:
+            reg_in = standardise(pooled) if c['sigreg_on'] == 'pooled_std' else pooled
         reg = sigreg(reg_in, step, c['num_slices'], c['seed'])
         loss = (1 - lam) * pred_loss + lam * reg
         N, Nc, D, L = grid[0] * grid[1], ctx_idx.shape[1], c['n_embd'], c['n_layer']

@@ -109,6 +109,23 @@ def test_sigreg_gradient_is_exact_and_pushes_away_from_collapse():
     assert 0.5 < z.detach().std().item() < 2.0
 
 
+def test_standardised_sigreg_ignores_scale_and_shift_but_sees_correlation():
+    """'pooled_std': SIGReg after batch standardisation judges only the shape of the distribution.
+    A rescaled, shifted Gaussian passes; a batch spread along one direction (rank 1) fails."""
+    g = torch.Generator().manual_seed(0)
+    N, K = 512, 32
+    z = torch.randn(N, K, generator=g)
+    s = mj.standardise(z)
+    torch.testing.assert_close(s.mean(0), torch.zeros(K), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s.var(0, unbiased=False), torch.ones(K), atol=1e-4, rtol=0)
+    scale, shift = torch.rand(K, generator=g) * 0.1 + 0.01, torch.randn(K, generator=g) * 5
+    base = mj.sigreg(mj.standardise(z), step=2).item()
+    assert mj.sigreg(mj.standardise(z * scale + shift), step=2).item() == pytest.approx(base, rel=1e-3)
+    assert mj.sigreg(z * scale + shift, step=2).item() > 20 * base  # raw SIGReg punishes scale and shift
+    rank1 = torch.randn(N, 1, generator=g) * torch.randn(1, K, generator=g) + 0.01 * torch.randn(N, K, generator=g)
+    assert mj.sigreg(mj.standardise(rank1), step=2).item() > 10 * base  # correlated dimensions are not isotropic
+
+
 def test_sigreg_is_computed_in_float32_under_bf16_autocast():
     z = torch.randn(512, 64)
     with torch.autocast('cpu', dtype=torch.bfloat16):
