@@ -779,6 +779,51 @@ def setup_distributed(cfg):
     return False, 0, 1, dev
 
 
+def make_optimizer(model, cfg, dev):
+    """AdamW with weight decay on matrices only; the fused kernel on GPUs (one launch for all tensors)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # biases, norms, mask token
+    return torch.optim.AdamW([{'params': decay, 'weight_decay': cfg['weight_decay']},
+                              {'params': no_decay, 'weight_decay': 0.0}],
+                             lr=cfg['learning_rate'], betas=(cfg['beta1'], cfg['beta2']),
+                             **({'fused': True} if dev.startswith('cuda') else {}))
+
+
+def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_clip):
+    """One optimiser step: `accum` micro-batches (get_batch(micro) -> batch) forward and backward with
+    their gradients summed, then clipping and AdamW. Returns the loss averaged over the micro-steps
+    (a detached tensor: no device sync here), the last micro-step's stats and the summed FLOPs.
+
+    What equals what (tests/test_ddp.py checks both):
+    - W ranks (DDP) == 1 process on the W shards concatenated, loss and updated weights, SIGReg
+      included: each rank's loss is a mean over its shard, DDP averages the gradients, and SIGReg's
+      characteristic-function means are all-reduced (global_mean), so every rank sees the global
+      statistic of all W * batch_size embeddings.
+    - K accumulation micro-steps == one batch K times larger for the prediction term only. SIGReg
+      is a nonlinear statistic of a batch: each micro-step scores its own batch_size * W embeddings
+      and the K scores are averaged. That is an unbiased SIGReg of a K-times smaller batch, not the
+      SIGReg of the big batch (docs/scaling.md quantifies the gap). Making it exact would need every
+      micro-batch's embeddings before any backward (a second forward pass, or keeping all K graphs).
+    """
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    loss_sum, flops = 0.0, 0
+    for micro in range(accum):
+        batch = get_batch(micro)
+        if ddp:  # only the last micro-step all-reduces gradients; the others just accumulate
+            model.require_backward_grad_sync = micro == accum - 1
+        with autocast:
+            loss, stats = model(batch, step)
+        scaler.scale(loss / accum).backward()
+        loss_sum, flops = loss_sum + loss.detach(), flops + stats['flops']
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / accum, stats, flops
+
+
 def train(cfg):
     ddp, rank, world, dev = setup_distributed(cfg)
     master = rank == 0
@@ -813,12 +858,7 @@ def train(cfg):
     # model, optimiser, resume
     torch.manual_seed(cfg['seed'])
     model = build_model(cfg, in_chans).to(dev)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # biases, norms, mask token
-    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg['weight_decay']},
-                                   {'params': no_decay, 'weight_decay': 0.0}],
-                                  lr=cfg['learning_rate'], betas=(cfg['beta1'], cfg['beta2']),
-                                  **({'fused': True} if dev.startswith('cuda') else {}))
+    optimizer = make_optimizer(model, cfg, dev)
     scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))
     iter_num, best_knn = 0, 0.0
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
@@ -834,9 +874,11 @@ def train(cfg):
         if master:
             print(f'resumed from {ckpt_path} at step {iter_num}')
     raw_model = model
-    if ddp and cfg['objective'] == 'views':
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if ddp and cfg['objective'] == 'views' and dev.startswith('cuda'):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the projector's BatchNorm over all ranks
         raw_model = model
+    elif ddp and cfg['objective'] == 'views' and master:  # torch's SyncBatchNorm runs on GPUs only
+        print('note: on CPU the projector BatchNorm normalises each rank\'s shard on its own (no SyncBatchNorm)')
     if cfg['compile']:
         model = torch.compile(model)
     if ddp:
@@ -871,6 +913,14 @@ def train(cfg):
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
 
+    def get_batch(micro):  # this rank's micro-batch of step iter_num, augmented on the device
+        nonlocal tdata
+        td = time.time()
+        idx = np.sort(batch_indices(iter_num, micro, n_train, cfg['batch_size'], world, rank, accum, cfg['seed']))
+        batch = make_batch(cfg, images[idx], mean, std, iter_num, micro, dev, rank)
+        tdata += time.time() - td
+        return batch
+
     t0 = time.time()
     tdata, stopping = 0.0, False
     flops_acc, imgs_acc, mfu = 0.0, 0, -1.0
@@ -885,24 +935,9 @@ def train(cfg):
         lr = lr_at(iter_num, cfg)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        for micro in range(accum):
-            td = time.time()
-            idx = np.sort(batch_indices(iter_num, micro, n_train, cfg['batch_size'], world, rank, accum, cfg['seed']))
-            batch = make_batch(cfg, images[idx], mean, std, iter_num, micro, dev, rank)
-            tdata += time.time() - td
-            if ddp:  # only the last micro-step all-reduces gradients
-                model.require_backward_grad_sync = micro == accum - 1
-            with autocast:
-                loss, stats = model(batch, iter_num)
-            scaler.scale(loss / accum).backward()
-            flops_acc += stats['flops'] * world
-            imgs_acc += cfg['batch_size'] * world
-        if cfg['grad_clip'] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss, stats, flops = train_step(model, optimizer, scaler, get_batch, accum, iter_num, autocast, cfg['grad_clip'])
+        flops_acc += flops * world
+        imgs_acc += cfg['batch_size'] * accum * world
         iter_num += 1
         if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
             if dev.startswith('cuda'):
