@@ -212,6 +212,11 @@ def main(argv):
             t_all += time.perf_counter() - t
         loader = dict(img_per_s=cfg['loader_iters'] * B / t_all, read_frac=t_read / t_all)
 
+    compiled = None
+    if cfg['compile']:  # did torch.compile really compile? graphs made, and where Python fell back to eager
+        from torch._dynamo.utils import counters
+        compiled = dict(graphs=counters['stats']['unique_graphs'], graph_breaks=sum(counters['graph_break'].values()),
+                        break_reasons=[r.splitlines()[0] for r in sorted(counters['graph_break'], key=counters['graph_break'].get)[-3:]])
     if cuda:
         mem = dict(peak_mem_gb=torch.cuda.max_memory_allocated(dev) / 1e9, mem_kind='cuda max_memory_allocated')
     else:  # the whole process's high-water mark (Linux reports KiB), mapped data pages included
@@ -230,10 +235,13 @@ def main(argv):
         print(f"input pipeline alone: {loader['img_per_s']:.0f} img/s ({loader['img_per_s'] / need:.1f}x what the "
               f"step consumes; {100 * loader['read_frac']:.0f}% of it reading the memmap)")
     print(f"peak memory: {mem['peak_mem_gb']:.2f} GB ({mem['mem_kind']})")
+    if compiled:
+        print(f"torch.compile: {compiled['graphs']} graphs, {compiled['graph_breaks']} graph breaks "
+              + ' | '.join(compiled['break_reasons']))
     out = dict(config=cfg, device=dev, dtype=dtype, torch=torch.__version__, threads=torch.get_num_threads(),
                params_m=n_params / 1e6, peak_tflops=peak / 1e12, peak_source=peak_src,
                gemm_tflops=[g / 1e12 for g in gemm], results=results, breakdown_ms=breakdown_ms,
-               loader=loader, **mem)
+               loader=loader, compiled=compiled, **mem)
     print(json.dumps(out))
     return out
 
