@@ -102,6 +102,7 @@ def main(argv):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    cuda_mallocs = (lambda: torch.cuda.memory_stats(dev).get('num_device_alloc', 0)) if cuda else (lambda: 0)
     accum = cfg['gradient_accumulation_steps']  # one process: all micro-steps are ours
 
     # data: the real training path if data_dir exists, and a synthetic batch made the same way
@@ -148,7 +149,7 @@ def main(argv):
         for i in range(cfg['bench_warmup'] + cfg['bench_iters']):
             if i == cfg['bench_warmup']:
                 sync()
-                t0, flops = time.perf_counter(), 0
+                t0, flops, mallocs = time.perf_counter(), 0, cuda_mallocs()
             loss, _, f = mj.train_step(step_model, optimizer, scaler, lambda micro: get(step, micro), accum, step,
                                        autocast, cfg['grad_clip'])
             flops += f
@@ -159,6 +160,8 @@ def main(argv):
             raise FloatingPointError(f'loss is {loss.item()} in the benchmark: the configuration does not train')
         results[name] = dict(img_per_s=cfg['bench_iters'] * B * accum / dt, step_ms=1e3 * dt / cfg['bench_iters'],
                              tflops=flops / dt / 1e12)
+        if cuda:  # new device memory during timed steps (0 once warm): a sign that shapes keep changing
+            results[name]['cuda_mallocs'] = cuda_mallocs() - mallocs
     gemm.append(mj.measure_matmul_flops(dev, ptdtype))
     peak, peak_src = datasheet_peak(dev) or (max(gemm), f'{dtype} GEMM measured in this run')
     # (other processes only lower a measured rate: the higher of the two readings is the fairer denominator)
@@ -227,7 +230,8 @@ def main(argv):
           + ', '.join(f'{g / 1e12:.3f}' for g in gemm) + ' TFLOP/s)')
     for name, r in results.items():
         print(f"{name:>9}: {r['img_per_s']:8.1f} img/s  {r['step_ms']:8.1f} ms/step  "
-              f"{r['tflops']:.3f} TFLOP/s  MFU {100 * r['mfu']:.1f}%")
+              f"{r['tflops']:.3f} TFLOP/s  MFU {100 * r['mfu']:.1f}%"
+              + (f"  ({r['cuda_mallocs']} cudaMalloc calls while timed)" if 'cuda_mallocs' in r else ''))
     print(f"breakdown ({'real' if 'real' in sources else 'synthetic'} data, synced, {total:.1f} ms/step): "
           + '  '.join(f'{k} {v:.1f} ms ({100 * v / total:.0f}%)' for k, v in breakdown_ms.items()))
     if loader:

@@ -859,8 +859,8 @@ def train(cfg):
         from prepare import prepare_demo
         print(f"{cfg['data_dir']} is missing: generating the demo data set (python prepare.py demo)")
         prepare_demo(cfg['data_dir'])
-    if ddp:
-        dist.barrier()
+    if ddp:  # (naming the GPU: NCCL would otherwise guess it from the global rank)
+        dist.barrier(**({'device_ids': [torch.cuda.current_device()]} if dev.startswith('cuda') else {}))
     meta = read_meta(cfg['data_dir'])
     train_split, val_split = load_split(cfg['data_dir'], 'train'), load_split(cfg['data_dir'], 'val')
     images, (mean, std) = train_split['images'], (meta['mean'], meta['std'])
