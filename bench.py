@@ -16,7 +16,8 @@ throughput this run measures itself (2048^2 GEMMs in the training dtype, before 
 the higher of the two), because CPUs have no honest datasheet number. The last line printed is one
 JSON object: the config, images/s, breakdown, MFU, peak memory.
 
-Numbers depend on everything else the machine is doing: run it on a quiet machine.
+Numbers depend on everything else the machine is doing: run it on a quiet machine. Measured
+numbers, their conditions and the open questions: docs/scaling.md.
 """
 
 import json
