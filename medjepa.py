@@ -814,9 +814,10 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
       statistic of all W * batch_size embeddings.
     - K accumulation micro-steps == one batch K times larger for the prediction term only. SIGReg
       is a nonlinear statistic of a batch: each micro-step scores its own batch_size * W embeddings
-      and the K scores are averaged. That is an unbiased SIGReg of a K-times smaller batch, not the
-      SIGReg of the big batch (docs/scaling.md quantifies the gap). Making it exact would need every
-      micro-batch's embeddings before any backward (a second forward pass, or keeping all K graphs).
+      and the K scores are averaged: the SIGReg of a K-times smaller batch. As EP grows with N for
+      non-Gaussian embeddings, that pulls about K times more weakly than the big batch's SIGReg
+      (measured in docs/scaling.md). Making it exact would need every micro-batch's embeddings
+      before any backward (a second forward pass, or keeping all K graphs).
     """
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     loss_sum, flops = 0.0, 0
