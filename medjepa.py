@@ -245,11 +245,17 @@ def batch_indices(step, micro, n, batch, world, rank, accum, seed):
 
 
 def to_float(images_uint8, mean, std, device):
-    """(B, H, W, C) uint8 numpy -> (B, C, H, W) float tensor, normalised per channel."""
-    x = torch.from_numpy(np.array(images_uint8, copy=True)).to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2).float().div_(255)
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    """(B, H, W, C) uint8 numpy -> (B, C, H, W) float tensor, normalised per channel on the device.
+
+    uint8 travels (4x fewer bytes than float32). Host-to-device copies here and in the model are
+    non_blocking: a blocking copy waits for the GPU to drain its queue, leaving it idle while the
+    CPU prepares the next work; from pinned (page-locked) memory the copy itself is asynchronous."""
+    x = torch.from_numpy(np.array(images_uint8, copy=True))  # own writable memory (memmaps are read-only)
+    if str(device).startswith('cuda'):
+        x = x.pin_memory()
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    m = torch.tensor(mean).view(1, -1, 1, 1).to(device, non_blocking=True)
+    s = torch.tensor(std).view(1, -1, 1, 1).to(device, non_blocking=True)
     return (x - m) / s
 
 
@@ -271,7 +277,7 @@ def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3)):
     theta = torch.zeros(B, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
     theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    grid = F.affine_grid(theta.to(dev), (B, x.shape[1], size, size), align_corners=False)
+    grid = F.affine_grid(theta.to(dev, non_blocking=True), (B, x.shape[1], size, size), align_corners=False)
     return F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
 
 
@@ -283,10 +289,10 @@ def color_jitter(x, gen, strength, gray_prob=0.0):
     if strength <= 0 and gray_prob <= 0:
         return x
     def factor():
-        return (1 + (torch.rand(B, 1, 1, 1, generator=gen) * 2 - 1) * strength).to(x.device)
-    x = x * factor() + (torch.rand(B, 1, 1, 1, generator=gen).to(x.device) - 0.5) * strength  # contrast, brightness
+        return (1 + (torch.rand(B, 1, 1, 1, generator=gen) * 2 - 1) * strength).to(x.device, non_blocking=True)
+    x = x * factor() + (torch.rand(B, 1, 1, 1, generator=gen).to(x.device, non_blocking=True) - 0.5) * strength  # contrast, brightness
     gray = x.mean(1, keepdim=True)
-    keep = (torch.rand(B, 1, 1, 1, generator=gen) >= gray_prob).float().to(x.device)
+    keep = (torch.rand(B, 1, 1, 1, generator=gen) >= gray_prob).float().to(x.device, non_blocking=True)
     return gray + (x - gray) * factor() * keep  # saturation; 0 = grayscale
 
 
@@ -317,7 +323,13 @@ class Attention(nn.Module):
     def forward(self, x, attn_mask=None):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # flash / memory-efficient kernels
+        if q.is_cuda or q.dtype == torch.float32:  # flash / memory-efficient kernels
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        else:  # bf16 on a CPU: SDPA's backward is ~3x slower than plain matmuls there (docs/scaling.md)
+            att = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, nh, T, T)
+            if attn_mask is not None:  # True = may attend, as in SDPA
+                att = att + torch.where(attn_mask, 0.0, float('-inf')).to(att.dtype)
+            y = att.softmax(-1) @ v
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -376,7 +388,7 @@ class ViT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
     def pos_embed(self, grid, device):
-        return sincos_2d(*grid, self.norm.normalized_shape[0]).to(device)
+        return sincos_2d(*grid, self.norm.normalized_shape[0]).to(device, non_blocking=True)
 
     def forward(self, x, keep=None):
         x = self.patch_embed.proj(x)  # (B, D, gh, gw)
@@ -410,11 +422,11 @@ class Predictor(nn.Module):
     def forward(self, ctx, ctx_idx, tgt_idx, grid):
         B, M, K = tgt_idx.shape
         Nc = ctx_idx.shape[1]
-        pos = sincos_2d(*grid, self.mask_token.shape[0]).to(ctx.device)  # (N, dim)
+        pos = sincos_2d(*grid, self.mask_token.shape[0]).to(ctx.device, non_blocking=True)  # (N, dim)
         x = self.embed(ctx) + pos[ctx_idx]  # (B, Nc, dim)
         t = self.mask_token + pos[tgt_idx.view(B, M * K)]  # (B, M*K, dim)
         x = torch.cat([x, t], 1)
-        block_id = torch.cat([torch.full((Nc,), -1), torch.arange(M).repeat_interleave(K)]).to(ctx.device)
+        block_id = torch.cat([torch.full((Nc,), -1), torch.arange(M).repeat_interleave(K)]).to(ctx.device, non_blocking=True)
         allowed = (block_id[None, :] == -1) | (block_id[:, None] == block_id[None, :])  # (L, L) query x key
         for block in self.blocks:
             x = block(x, allowed)
@@ -574,13 +586,13 @@ def sigreg(z, step, num_slices=256, seed=0):
 
 def _sigreg(z, step, num_slices, seed):
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    A = torch.randn(z.shape[1], num_slices, generator=gen, dtype=torch.float64).to(z)
+    A = torch.randn(z.shape[1], num_slices, generator=gen, dtype=torch.float64).to(z, non_blocking=True)
     A = A / A.norm(dim=0, keepdim=True)  # (K, M) unit directions
-    xt = (z @ A)[..., None] * _EP_T.to(z)  # (N, M, T)
+    xt = (z @ A)[..., None] * _EP_T.to(z, non_blocking=True)  # (N, M, T)
     c = global_mean(xt.cos().mean(0))  # (M, T) empirical characteristic function, real part
     s = global_mean(xt.sin().mean(0))  # imaginary part
     n = z.shape[0] * (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
-    ep = ((c - _EP_PHI.to(z)) ** 2 + s ** 2) @ _EP_W.to(z)  # (M,)
+    ep = ((c - _EP_PHI.to(z, non_blocking=True)) ** 2 + s ** 2) @ _EP_W.to(z, non_blocking=True)  # (M,)
     return n * ep.mean()
 
 # -----------------------------------------------------------------------------
@@ -801,6 +813,53 @@ def setup_distributed(cfg):
     return False, 0, 1, dev
 
 
+def make_optimizer(model, cfg, dev):
+    """AdamW with weight decay on matrices only. The fused kernel updates all tensors in one pass:
+    one launch on a GPU, ~2x faster than the per-tensor loop on a CPU (torch >= 2.4 has it there)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # biases, norms, mask token
+    fused = dev.startswith('cuda') or (dev == 'cpu' and torch.__version__ >= '2.4')
+    return torch.optim.AdamW([{'params': decay, 'weight_decay': cfg['weight_decay']},
+                              {'params': no_decay, 'weight_decay': 0.0}],
+                             lr=cfg['learning_rate'], betas=(cfg['beta1'], cfg['beta2']), fused=fused or None)
+
+
+def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_clip):
+    """One optimiser step: `accum` micro-batches (get_batch(micro) -> batch) forward and backward with
+    their gradients summed, then clipping and AdamW. Returns the loss averaged over the micro-steps
+    (a detached tensor: no device sync here), the last micro-step's stats and the summed FLOPs.
+
+    What equals what (tests/test_ddp.py checks both):
+    - W ranks (DDP) == 1 process on the W shards concatenated, loss and updated weights, SIGReg
+      included: each rank's loss is a mean over its shard, DDP averages the gradients, and SIGReg's
+      characteristic-function means are all-reduced (global_mean), so every rank sees the global
+      statistic of all W * batch_size embeddings.
+    - K accumulation micro-steps == one batch K times larger for the prediction term only. SIGReg
+      is a nonlinear statistic of a batch: each micro-step scores its own batch_size * W embeddings
+      and the K scores are averaged: the SIGReg of a K-times smaller batch. As EP grows with N for
+      non-Gaussian embeddings, that pulls about K times more weakly than the big batch's SIGReg
+      (measured in docs/scaling.md). Making it exact would need every micro-batch's embeddings
+      before any backward (a second forward pass, or keeping all K graphs).
+    """
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    loss_sum, flops = 0.0, 0
+    for micro in range(accum):
+        batch = get_batch(micro)
+        if ddp:  # only the last micro-step all-reduces gradients; the others just accumulate
+            model.require_backward_grad_sync = micro == accum - 1
+        with autocast:
+            loss, stats = model(batch, step)
+        scaler.scale(loss / accum).backward()
+        loss_sum, flops = loss_sum + loss.detach(), flops + stats['flops']
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / accum, stats, flops
+
+
 def train(cfg):
     ddp, rank, world, dev = setup_distributed(cfg)
     master = rank == 0
@@ -823,8 +882,8 @@ def train(cfg):
         from prepare import prepare_demo
         print(f"{cfg['data_dir']} is missing: generating the demo data set (python prepare.py demo)")
         prepare_demo(cfg['data_dir'])
-    if ddp:
-        dist.barrier()
+    if ddp:  # (naming the GPU: NCCL would otherwise guess it from the global rank)
+        dist.barrier(**({'device_ids': [torch.cuda.current_device()]} if dev.startswith('cuda') else {}))
     meta = read_meta(cfg['data_dir'])
     train_split, val_split = load_split(cfg['data_dir'], 'train'), load_split(cfg['data_dir'], 'val')
     images, (mean, std) = train_split['images'], (meta['mean'], meta['std'])
@@ -835,12 +894,7 @@ def train(cfg):
     # model, optimiser, resume
     torch.manual_seed(cfg['seed'])
     model = build_model(cfg, in_chans).to(dev)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # biases, norms, mask token
-    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg['weight_decay']},
-                                   {'params': no_decay, 'weight_decay': 0.0}],
-                                  lr=cfg['learning_rate'], betas=(cfg['beta1'], cfg['beta2']),
-                                  **({'fused': True} if dev.startswith('cuda') else {}))
+    optimizer = make_optimizer(model, cfg, dev)
     scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))
     iter_num, best_knn = 0, 0.0
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
@@ -856,9 +910,11 @@ def train(cfg):
         if master:
             print(f'resumed from {ckpt_path} at step {iter_num}')
     raw_model = model
-    if ddp and cfg['objective'] == 'views':
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if ddp and cfg['objective'] == 'views' and dev.startswith('cuda'):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the projector's BatchNorm over all ranks
         raw_model = model
+    elif ddp and cfg['objective'] == 'views' and master:  # torch's SyncBatchNorm runs on GPUs only
+        print('note: on CPU the projector BatchNorm normalises each rank\'s shard on its own (no SyncBatchNorm)')
     if cfg['compile']:
         model = torch.compile(model)
     if ddp:
@@ -893,6 +949,14 @@ def train(cfg):
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
 
+    def get_batch(micro):  # this rank's micro-batch of step iter_num, augmented on the device
+        nonlocal tdata
+        td = time.time()
+        idx = np.sort(batch_indices(iter_num, micro, n_train, cfg['batch_size'], world, rank, accum, cfg['seed']))
+        batch = make_batch(cfg, images[idx], mean, std, iter_num, micro, dev, rank)
+        tdata += time.time() - td
+        return batch
+
     t0 = time.time()
     tdata, stopping = 0.0, False
     flops_acc, imgs_acc, mfu = 0.0, 0, -1.0
@@ -907,24 +971,9 @@ def train(cfg):
         lr = lr_at(iter_num, cfg)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        for micro in range(accum):
-            td = time.time()
-            idx = np.sort(batch_indices(iter_num, micro, n_train, cfg['batch_size'], world, rank, accum, cfg['seed']))
-            batch = make_batch(cfg, images[idx], mean, std, iter_num, micro, dev, rank)
-            tdata += time.time() - td
-            if ddp:  # only the last micro-step all-reduces gradients
-                model.require_backward_grad_sync = micro == accum - 1
-            with autocast:
-                loss, stats = model(batch, iter_num)
-            scaler.scale(loss / accum).backward()
-            flops_acc += stats['flops'] * world
-            imgs_acc += cfg['batch_size'] * world
-        if cfg['grad_clip'] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss, stats, flops = train_step(model, optimizer, scaler, get_batch, accum, iter_num, autocast, cfg['grad_clip'])
+        flops_acc += flops * world
+        imgs_acc += cfg['batch_size'] * accum * world
         iter_num += 1
         if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
             if dev.startswith('cuda'):

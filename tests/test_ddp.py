@@ -1,6 +1,12 @@
-"""SIGReg under data parallelism: 2 gloo processes must agree with 1 process on the whole batch."""
+"""Data parallelism and gradient accumulation must give one process's result on the whole batch.
+
+2 gloo processes on CPU (mp.spawn for SIGReg alone, torchrun for whole training steps and for
+medjepa.py itself). What is exact and what is not is written in medjepa.train_step's docstring.
+"""
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -55,3 +61,109 @@ def test_sigreg_on_two_gloo_processes_equals_one_process(tmp_path):
         # each rank's embedding gradient is world x its slice of the global one; DDP's averaging
         # over ranks then divides by world (a plain all_reduce would leave it world times too small)
         torch.testing.assert_close(o['zgrad'] / world, ref_zgrad.chunk(world)[r], rtol=1e-4, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- a full training step under torchrun
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import ddp_step  # noqa: E402  (tests/ddp_step.py: the worker torchrun launches)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _assert_same_step(got, ref, what):
+    assert got['losses'] == pytest.approx(ref['losses'], rel=1e-5), what
+    for step, (g, r) in enumerate(zip(got['grads'], ref['grads'])):
+        for n in r:
+            torch.testing.assert_close(g[n], r[n], rtol=1e-4, atol=1e-7, msg=f'{what}: gradient of {n}, step {step}')
+    # AdamW moves each weight by about lr = 1e-3 per step whatever the gradient's size, so a gradient
+    # that is pure rounding noise (e.g. the key bias: softmax ignores it) still moves it by ~lr in a
+    # random direction. Weights therefore agree to 1e-3 of one step, not to float precision.
+    for n in ref['weights']:
+        torch.testing.assert_close(got['weights'][n], ref['weights'][n], rtol=0, atol=1e-6, msg=f'{what}: {n}')
+
+
+def test_torchrun_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
+    """2 gloo ranks launched by torchrun, 2 AdamW steps of medjepa.train_step: the loss, the gradients
+    the optimiser sees and the updated weights equal one process on the concatenated batch, with
+    SIGReg weighted 0.5 ('sigreg') and with 2 accumulation micro-steps per rank ('accum')."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(ROOT, 'tests', 'ddp_step.py'), str(tmp_path)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for name, (overrides, _) in ddp_step.SCENARIOS.items():
+        ref = ddp_step.run(overrides, world=1, accum=1)
+        ranks = [torch.load(tmp_path / f'{name}.rank{r}.pt', weights_only=True) for r in range(2)]
+        for r, got in enumerate(ranks):
+            _assert_same_step(got, ref, f'{name}, rank {r}')
+        for n in ref['weights']:  # DDP keeps the replicas bit-identical
+            assert torch.equal(ranks[0]['weights'][n], ranks[1]['weights'][n]), n
+
+
+def test_accumulation_equals_one_big_batch_for_the_prediction_term():
+    """sigreg_lambda=0: 4 micro-steps of 2 images == 1 step of 8 images (loss, gradients, weights)."""
+    overrides = ['--sigreg_lambda=0.0']
+    _assert_same_step(ddp_step.run(overrides, accum=4), ddp_step.run(overrides, accum=1), 'accum=4')
+
+
+def test_accumulation_averages_sigreg_over_micro_batches_instead_of_the_big_batch():
+    """With SIGReg on, accumulation is NOT exact (docs/scaling.md): each micro-step scores SIGReg on its
+    own micro-batch. Check the loss is exactly that, and that the gap to the big batch is far larger
+    than the tolerance used above (so those tests would see a SIGReg error)."""
+    overrides = ['--sigreg_lambda=0.5']
+    acc, big = ddp_step.run(overrides, accum=2, steps=1), ddp_step.run(overrides, accum=1, steps=1)
+    cfg = mj.configure(ddp_step.TINY + overrides + ['--batch_size=4'])
+    torch.manual_seed(cfg['seed'])
+    model, full = mj.build_model(cfg), ddp_step.global_batch(cfg, 0)
+    micro_losses = [model({k: v[i:i + 4] for k, v in full.items()}, 0)[0].item() for i in (0, 4)]
+    assert acc['losses'][0] == pytest.approx(sum(micro_losses) / 2, rel=1e-6)
+    assert abs(acc['losses'][0] - big['losses'][0]) > 1e-3 * abs(big['losses'][0])
+    gap = max((acc['grads'][0][n] - big['grads'][0][n]).abs().max().item() for n in big['grads'][0])
+    assert gap > 1e-4, gap
+
+
+def test_ranks_get_disjoint_images_and_their_own_augmentations_and_masks():
+    """The data stream does not depend on how it is split: 2 ranks x 1 micro-step read the images of
+    1 rank x 2 micro-steps; each (rank, micro-step) draws its own crops and masks."""
+    n, B = 40, 4
+    two_ranks = [mj.batch_indices(3, 0, n, B, 2, r, 1, seed=0) for r in range(2)]
+    two_micro = [mj.batch_indices(3, m, n, B, 1, 0, 2, seed=0) for m in range(2)]
+    assert np.array_equal(np.concatenate(two_ranks), np.concatenate(two_micro))
+    assert not set(two_ranks[0]) & set(two_ranks[1])
+    imgs = np.random.default_rng(0).integers(0, 256, (B, 32, 32, 3), dtype=np.uint8)
+    cfg = mj.configure(['--image_size=32', '--patch_size=8'])
+    b0, b1 = (mj.make_batch(cfg, imgs, [0.5] * 3, [0.3] * 3, step=3, micro=0, device='cpu', rank=r) for r in range(2))
+    assert not torch.allclose(b0['x'], b1['x']) and not torch.equal(b0['tgt_idx'], b1['tgt_idx'])
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp('tiny')
+    rng = np.random.default_rng(0)
+    for split, n in [('train', 64), ('val', 16)]:
+        np.save(d / f'{split}_images.npy', rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+        np.save(d / f'{split}_labels.npy', rng.integers(0, 2, n).astype(np.int64))
+    (d / 'meta.json').write_text(json.dumps(dict(name='tiny', task='multiclass', num_classes=2, classes=['a', 'b'],
+                                                 mean=[0.5] * 3, std=[0.3] * 3)))
+    return str(d)
+
+
+def test_medjepa_py_trains_under_torchrun_and_rank_0_saves_one_checkpoint(tiny_data, tmp_path):
+    """The real entry point, 2 CPU ranks, the 'views' objective (BatchNorm, the riskier path) with
+    2 accumulation micro-steps per rank: it runs, logs every step and saves the checkpoint once."""
+    out = tmp_path / 'out'
+    args = ['--n_layer=1', '--n_embd=32', '--n_head=2', '--image_size=32', '--patch_size=8', '--local_size=16',
+            '--n_local_views=1', '--batch_size=4', '--gradient_accumulation_steps=4', '--num_slices=16',
+            '--objective=views', '--max_iters=3', '--warmup_iters=1', '--log_interval=1', '--eval_interval=100',
+            '--knn_train_size=32', '--device=cpu', '--dtype=float32', f'--data_dir={tiny_data}', f'--out_dir={out}']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'medjepa.py'] + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert 'world=2 batch=4x2x2' in p.stdout and p.stdout.count('saved ') == 1
+    recs = [json.loads(line) for line in open(out / 'log.jsonl')]
+    assert [r['iter'] for r in recs if 'loss' in r] == [1, 2, 3]
+    assert mj.load_checkpoint(str(out / 'ckpt.pt'))['iter_num'] == 3

@@ -1,0 +1,259 @@
+"""
+bench.py: how fast is a MedJEPA training step, and how close is it to what the hardware can do?
+
+    python bench.py                                  # the demo model (preset 'tiny', 64 px) on this machine
+    python bench.py --preset=ref                     # ViT-Tiny/16 + 6x384 predictor, 224 px, batch 16
+    python bench.py --preset=vits16 --dtype=float32  # ViT-S/16 at 224 px; any medjepa.py key can be overridden
+    python bench.py --preset=vitb16 --batch_size=256 --compile=True   # ViT-B/16 on one GPU
+    python bench.py config/vit_tiny_224.py --bench_data=real          # a training config, real data only
+
+It times medjepa.train_step (the code medjepa.py trains with) on a synthetic batch held on the device
+and on the real data path (memory-mapped data_dir + make_batch, as in training), then breaks one
+step into data / forward / backward / optimiser (with a device sync between phases), times the input
+pipeline alone, and prints images/s, MFU and peak memory. MFU = model FLOPs per second / peak:
+on a GPU the peak is the device's dense bf16 datasheet number; on a CPU it is the matmul
+throughput this run measures itself (2048^2 GEMMs in the training dtype, before and after timing;
+the higher of the two), because CPUs have no honest datasheet number. The last line printed is one
+JSON object: the config, images/s, breakdown, MFU, peak memory.
+
+Numbers depend on everything else the machine is doing: run it on a quiet machine. Measured
+numbers, their conditions and the open questions: docs/scaling.md.
+"""
+
+import json
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import medjepa as mj
+
+# -----------------------------------------------------------------------------
+# bench.py's own keys; every medjepa.py key (model, batch_size, dtype, compile, device, ...) works too
+preset = 'tiny'        # starting model size: 'tiny' (medjepa.py's demo defaults), 'ref', 'vits16', 'vitb16'
+bench_warmup = 3       # untimed steps first (allocator, caches, torch.compile)
+bench_iters = 10       # timed optimiser steps per data source
+breakdown_iters = 3    # steps timed phase by phase (device sync between phases)
+bench_data = 'both'    # 'synthetic', 'real' (data_dir, as in training) or 'both' (real only if data_dir exists)
+loader_iters = 10      # batches for the input-pipeline benchmark (0 skips it)
+# -----------------------------------------------------------------------------
+BENCH_DEFAULTS = dict(preset=preset, bench_warmup=bench_warmup, bench_iters=bench_iters,
+                      breakdown_iters=breakdown_iters, bench_data=bench_data, loader_iters=loader_iters)
+
+# Model sizes at 224 px with 16 px patches (14 x 14 = 196 patches); the predictor stays 6 x 384 as
+# in I-JEPA's ViT-B/L recipes. 'ref' is the size the seed MedJEPA package was timed at (SPEC.md 8).
+PRESETS = {
+    'tiny': {},
+    'ref': dict(image_size=224, patch_size=16, n_embd=192, n_layer=12, n_head=3,
+                pred_n_embd=384, pred_n_layer=6, pred_n_head=6, batch_size=16, local_size=96),
+    'vits16': dict(image_size=224, patch_size=16, n_embd=384, n_layer=12, n_head=6,
+                   pred_n_embd=384, pred_n_layer=6, pred_n_head=6, batch_size=32, local_size=96),
+    'vitb16': dict(image_size=224, patch_size=16, n_embd=768, n_layer=12, n_head=12,
+                   pred_n_embd=384, pred_n_layer=6, pred_n_head=6, batch_size=64, local_size=96),
+}
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, without sparsity): nanoGPT's habit.
+GPU_BF16_PEAK = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'L4': 121e12, 'A10': 125e12,
+                 'RTX 4090': 165e12, 'RTX 3090': 71e12}
+
+
+def get_config(argv):
+    """Preset values replace medjepa.py's defaults; then config files and --key=value, as in medjepa.py."""
+    defaults = dict(mj.DEFAULTS, **BENCH_DEFAULTS)
+    name = mj.configure([a for a in argv if a.startswith('--preset=')], defaults)['preset']
+    if name not in PRESETS:
+        raise mj.ConfigError(f"preset '{name}' is not one of {', '.join(PRESETS)}")
+    defaults.update(PRESETS[name])
+    cfg = mj.validate(mj.configure(argv, defaults))
+    if cfg['bench_data'] not in ('synthetic', 'real', 'both'):
+        raise mj.ConfigError(f"bench_data must be 'synthetic', 'real' or 'both', got '{cfg['bench_data']}'")
+    for k in ('bench_iters', 'breakdown_iters'):
+        if cfg[k] < 1:
+            raise mj.ConfigError(f'{k}={cfg[k]} must be at least 1')
+    return cfg
+
+
+def datasheet_peak(dev):
+    """Dense bf16 peak FLOP/s of a known GPU, else None."""
+    if dev.startswith('cuda'):
+        name = torch.cuda.get_device_name(dev)
+        for key, flops in GPU_BF16_PEAK.items():
+            if key in name:
+                return flops, f'{name} datasheet dense bf16'
+    return None
+
+
+def main(argv):
+    cfg = get_config(argv)
+    dev = cfg['device'] if cfg['device'] != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    if cfg['num_threads'] > 0:
+        torch.set_num_threads(cfg['num_threads'])
+    have_data = os.path.isfile(os.path.join(cfg['data_dir'], 'meta.json'))
+    if cfg['bench_data'] == 'real' and not have_data:
+        raise FileNotFoundError(f"bench_data='real' but '{cfg['data_dir']}' has no data set: run 'python prepare.py demo'")
+    dtype = mj.resolve_dtype(cfg['dtype'], dev)
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    autocast = nullcontext() if dtype == 'float32' else torch.autocast(dev.split(':')[0], dtype=ptdtype)
+    cuda = dev.startswith('cuda')
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    cuda_mallocs = (lambda: torch.cuda.memory_stats(dev).get('num_device_alloc', 0)) if cuda else (lambda: 0)
+    accum = cfg['gradient_accumulation_steps']  # one process: all micro-steps are ours
+
+    # data: the real training path if data_dir exists, and a synthetic batch made the same way
+    if have_data:
+        meta = mj.read_meta(cfg['data_dir'])
+        images, (mean, std) = mj.load_split(cfg['data_dir'], 'train')['images'], (meta['mean'], meta['std'])
+    else:
+        images, (mean, std) = None, ([0.5] * 3, [0.25] * 3)
+    in_chans = images.shape[-1] if images is not None else 3
+    B = cfg['batch_size']
+
+    def real_batch(step, micro):
+        idx = np.sort(mj.batch_indices(step, micro, len(images), B, 1, 0, accum, cfg['seed']))
+        return mj.make_batch(cfg, images[idx], mean, std, step, micro, dev)
+    fake = np.random.default_rng(0).integers(0, 256, (B, cfg['image_size'], cfg['image_size'], in_chans), dtype=np.uint8)
+    synthetic = mj.make_batch(cfg, fake, mean, std, 0, 0, dev)  # made once, reused: no data cost
+    sources = {'synthetic': lambda step, micro: synthetic}
+    if have_data and cfg['bench_data'] != 'synthetic':
+        sources['real'] = real_batch
+    if cfg['bench_data'] == 'real':
+        del sources['synthetic']
+
+    torch.manual_seed(cfg['seed'])
+    model = mj.build_model(cfg, in_chans).to(dev)
+    optimizer = mj.make_optimizer(model, cfg, dev)
+    scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))
+    step_model = torch.compile(model) if cfg['compile'] else model
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"bench: preset={cfg['preset']} {n_params / 1e6:.1f}M params, {cfg['image_size']} px, patch {cfg['patch_size']}, "
+          f"encoder {cfg['n_layer']}x{cfg['n_embd']}, predictor {cfg['pred_n_layer']}x{cfg['pred_n_embd']}, "
+          f"objective={cfg['objective']}, batch {B}x{accum}, device={dev} dtype={dtype} compile={cfg['compile']} "
+          f"threads={torch.get_num_threads()}")
+    if images is not None and images.shape[1] != cfg['image_size']:
+        print(f"note: {cfg['data_dir']} holds {images.shape[1]} px images; crops are resized to {cfg['image_size']} px")
+    gemm = [mj.measure_matmul_flops(dev, ptdtype)]  # this device's GEMM rate in the training dtype, now
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    # 1) throughput of the training step itself (medjepa.train_step), per data source
+    step = 0
+    results = {}
+    for name, get in sources.items():
+        flops = 0
+        for i in range(cfg['bench_warmup'] + cfg['bench_iters']):
+            if i == cfg['bench_warmup']:
+                sync()
+                t0, flops, mallocs = time.perf_counter(), 0, cuda_mallocs()
+            loss, _, f = mj.train_step(step_model, optimizer, scaler, lambda micro: get(step, micro), accum, step,
+                                       autocast, cfg['grad_clip'])
+            flops += f
+            step += 1
+        sync()
+        dt = time.perf_counter() - t0
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f'loss is {loss.item()} in the benchmark: the configuration does not train')
+        results[name] = dict(img_per_s=cfg['bench_iters'] * B * accum / dt, step_ms=1e3 * dt / cfg['bench_iters'],
+                             tflops=flops / dt / 1e12)
+        if cuda:  # new device memory during timed steps (0 once warm): a sign that shapes keep changing
+            results[name]['cuda_mallocs'] = cuda_mallocs() - mallocs
+    gemm.append(mj.measure_matmul_flops(dev, ptdtype))
+    peak, peak_src = datasheet_peak(dev) or (max(gemm), f'{dtype} GEMM measured in this run')
+    # (other processes only lower a measured rate: the higher of the two readings is the fairer denominator)
+    for r in results.values():
+        r['mfu'] = r['tflops'] * 1e12 / peak
+
+    # 2) one step phase by phase: data, forward, backward, optimiser
+    get = sources.get('real', sources.get('synthetic'))
+    phases = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0)
+    for _ in range(cfg['breakdown_iters']):
+        sync()
+        for micro in range(accum):
+            t = time.perf_counter()
+            batch = get(step, micro)
+            sync()
+            t1 = time.perf_counter()
+            with autocast:
+                loss, _ = step_model(batch, step)
+            sync()
+            t2 = time.perf_counter()
+            scaler.scale(loss / accum).backward()
+            sync()
+            t3 = time.perf_counter()
+            phases['data'] += t1 - t
+            phases['forward'] += t2 - t1
+            phases['backward'] += t3 - t2
+        t = time.perf_counter()
+        if cfg['grad_clip'] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        phases['optimizer'] += time.perf_counter() - t
+        step += 1
+    breakdown_ms = {k: 1e3 * v / cfg['breakdown_iters'] for k, v in phases.items()}
+    total = sum(breakdown_ms.values())
+
+    # 3) the input pipeline alone: read from the memmap, copy, augment and mask on the device
+    loader = None
+    if 'real' in sources and cfg['loader_iters'] > 0:
+        t_read = t_all = 0.0
+        for i in range(cfg['loader_iters']):
+            t = time.perf_counter()
+            idx = np.sort(mj.batch_indices(10_000 + i, 0, len(images), B, 1, 0, 1, cfg['seed']))
+            raw = images[idx]
+            t_read += time.perf_counter() - t
+            mj.make_batch(cfg, raw, mean, std, i, 0, dev)
+            sync()
+            t_all += time.perf_counter() - t
+        loader = dict(img_per_s=cfg['loader_iters'] * B / t_all, read_frac=t_read / t_all)
+
+    compiled = None
+    if cfg['compile']:  # did torch.compile really compile? graphs made, and where Python fell back to eager
+        from torch._dynamo.utils import counters
+        compiled = dict(graphs=counters['stats']['unique_graphs'], graph_breaks=sum(counters['graph_break'].values()),
+                        break_reasons=[r.splitlines()[0] for r in sorted(counters['graph_break'], key=counters['graph_break'].get)[-3:]])
+    if cuda:
+        mem = dict(peak_mem_gb=torch.cuda.max_memory_allocated(dev) / 1e9, mem_kind='cuda max_memory_allocated')
+    else:  # the whole process's high-water mark (Linux reports KiB), mapped data pages included
+        mem = dict(peak_mem_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, mem_kind='process peak RSS')
+
+    # report
+    print(f"peak for MFU: {peak / 1e12:.3f} TFLOP/s ({peak_src}; {dtype} GEMM here: "
+          + ', '.join(f'{g / 1e12:.3f}' for g in gemm) + ' TFLOP/s)')
+    for name, r in results.items():
+        print(f"{name:>9}: {r['img_per_s']:8.1f} img/s  {r['step_ms']:8.1f} ms/step  "
+              f"{r['tflops']:.3f} TFLOP/s  MFU {100 * r['mfu']:.1f}%"
+              + (f"  ({r['cuda_mallocs']} cudaMalloc calls while timed)" if 'cuda_mallocs' in r else ''))
+    print(f"breakdown ({'real' if 'real' in sources else 'synthetic'} data, synced, {total:.1f} ms/step): "
+          + '  '.join(f'{k} {v:.1f} ms ({100 * v / total:.0f}%)' for k, v in breakdown_ms.items()))
+    if loader:
+        need = max(r['img_per_s'] for r in results.values())
+        print(f"input pipeline alone: {loader['img_per_s']:.0f} img/s ({loader['img_per_s'] / need:.1f}x what the "
+              f"step consumes; {100 * loader['read_frac']:.0f}% of it reading the memmap)")
+    print(f"peak memory: {mem['peak_mem_gb']:.2f} GB ({mem['mem_kind']})")
+    if compiled:
+        print(f"torch.compile: {compiled['graphs']} graphs, {compiled['graph_breaks']} graph breaks "
+              + ' | '.join(compiled['break_reasons']))
+    out = dict(config=cfg, device=dev, dtype=dtype, torch=torch.__version__, threads=torch.get_num_threads(),
+               params_m=n_params / 1e6, peak_tflops=peak / 1e12, peak_source=peak_src,
+               gemm_tflops=[g / 1e12 for g in gemm], results=results, breakdown_ms=breakdown_ms,
+               loader=loader, compiled=compiled, **mem)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except mj.ConfigError as e:
+        print(f'bench: {e}', file=sys.stderr)
+        sys.exit(2)

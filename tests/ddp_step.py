@@ -1,0 +1,80 @@
+"""Worker for tests/test_ddp.py: two optimiser steps of medjepa.train_step on a fixed global batch.
+
+The global batch of every step (images, crops and masks, so that all images share one context
+length) is built from seeds that do not depend on how it is split, so any (world, accum) split of
+it must give the update of one process on the whole batch. Rank r, micro-step m takes chunk
+m * world + r, the order medjepa.batch_indices uses.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_step.py OUT_DIR
+runs every entry of SCENARIOS on 2 gloo ranks and writes OUT_DIR/<name>.rank<r>.pt; the test runs
+the same scenarios in one process with run(..., world=1, accum=1) and compares.
+"""
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import medjepa as mj
+
+GLOBAL_BATCH = 8
+TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--pred_n_layer=2', '--pred_n_embd=16', '--pred_n_head=2',
+        '--image_size=48', '--patch_size=8', '--num_slices=64', '--device=cpu', '--dtype=float32',
+        '--grad_clip=0']  # no clipping: a gradient wrong by a constant factor would be clipped away
+# name: (config overrides, accumulation micro-steps per rank under torchrun)
+SCENARIOS = {
+    'sigreg': (['--sigreg_lambda=0.5'], 1),  # SIGReg weighted up so that an error in it would show
+    'accum': (['--sigreg_lambda=0.0'], 2),   # DDP and accumulation together: exact for the prediction term
+}
+
+
+def global_batch(cfg, step):
+    """The whole batch of one step: (G, C, S, S) images, their jittered copies, one mask draw."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    S, G = cfg['image_size'], GLOBAL_BATCH
+    x = torch.randn(G, 3, S, S, generator=gen)
+    grid = (S // cfg['patch_size'],) * 2
+    ctx_idx, tgt_idx = mj.sample_masks(G, grid, gen, cfg['num_targets'], cfg['target_scale'],
+                                       cfg['target_aspect'], cfg['context_scale'], cfg['min_keep'])
+    return dict(x=x, x_tgt=x + 0.1 * torch.randn(x.shape, generator=gen), ctx_idx=ctx_idx, tgt_idx=tgt_idx)
+
+
+def run(overrides, world=1, rank=0, accum=1, steps=2):
+    """Train `steps` steps; return the global loss, the gradients AdamW saw and the final weights."""
+    B = GLOBAL_BATCH // (world * accum)
+    cfg = mj.validate(mj.configure(TINY + overrides + [f'--batch_size={B}', f'--gradient_accumulation_steps={accum * world}']))
+    torch.manual_seed(cfg['seed'])
+    model = mj.build_model(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    optimizer = mj.make_optimizer(model, cfg, 'cpu')
+    grads = []  # what the optimiser sees: the gradient after DDP's all-reduce and accumulation
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: grads.append(
+        {n: p.grad.clone() for n, p in zip(names, model.parameters())}))
+    scaler = torch.amp.GradScaler(enabled=False)
+    losses = []
+    for step in range(steps):
+        full = global_batch(cfg, step)
+        def get_batch(micro):
+            j = micro * world + rank
+            return {k: v[j * B:(j + 1) * B] for k, v in full.items()}
+        loss, _, _ = mj.train_step(model, optimizer, scaler, get_batch, accum, step, nullcontext(), cfg['grad_clip'])
+        if world > 1:  # each rank's loss uses its shard's prediction term: average them
+            dist.all_reduce(loss)
+            loss /= world
+        losses.append(loss.item())
+    model = model.module if world > 1 else model
+    return dict(losses=losses, grads=grads, weights={n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+if __name__ == '__main__':
+    out_dir = sys.argv[1]
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo')
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for name, (overrides, accum) in SCENARIOS.items():
+        torch.save(run(overrides, world, rank, accum), os.path.join(out_dir, f'{name}.rank{rank}.pt'))
+    dist.destroy_process_group()
