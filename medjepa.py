@@ -79,10 +79,10 @@ proj_dim = 64              # 'views' objective: projector output width (SIGReg a
 # optimisation
 batch_size = 64            # images per micro-step per process
 gradient_accumulation_steps = 1  # micro-steps per optimiser step, summed over all processes
-max_iters = 1200           # optimiser steps
+max_iters = 600            # optimiser steps
 learning_rate = 1e-3       # peak AdamW learning rate
 min_lr = 1e-5              # learning rate at the end of the cosine decay
-warmup_iters = 100         # linear warmup steps
+warmup_iters = 60           # linear warmup steps
 weight_decay = 0.05        # AdamW decay on matrices only (not on biases, norms, tokens)
 beta1 = 0.9
 beta2 = 0.95

@@ -1,5 +1,10 @@
-# The README's demo: masked latent prediction + SIGReg on the built-in synthetic data set (64 px).
-# ~10 minutes on 2 CPU cores.   python medjepa.py config/demo.py
+# The MedJEPA objective on the demo data: masked latent prediction + SIGReg on the built-in synthetic
+# data set (64 px). These are also medjepa.py's defaults; the file states them for reading and editing.
+# ~5 minutes on 2 CPU cores.   python medjepa.py config/demo.py
 out_dir = 'out-demo'
 data_dir = 'data/demo'
 objective = 'mask'
+sigreg_on = 'pooled_std'   # SIGReg on batch-standardised per-image context vectors (docs/design.md)
+max_iters = 600
+warmup_iters = 60
+eval_interval = 200

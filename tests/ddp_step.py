@@ -26,6 +26,7 @@ TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--pred_n_layer=2', '--pred_
 # name: (config overrides, accumulation micro-steps per rank under torchrun)
 SCENARIOS = {
     'sigreg': (['--sigreg_lambda=0.5'], 1),  # SIGReg weighted up so that an error in it would show
+    'sigreg_raw': (['--sigreg_lambda=0.5', '--sigreg_on=pooled'], 1),  # without the global standardisation
     'accum': (['--sigreg_lambda=0.0'], 2),   # DDP and accumulation together: exact for the prediction term
 }
 

@@ -78,11 +78,18 @@ def _assert_same_step(got, ref, what):
     for step, (g, r) in enumerate(zip(got['grads'], ref['grads'])):
         for n in r:
             torch.testing.assert_close(g[n], r[n], rtol=1e-4, atol=1e-7, msg=f'{what}: gradient of {n}, step {step}')
-    # AdamW moves each weight by about lr = 1e-3 per step whatever the gradient's size, so a gradient
-    # that is pure rounding noise (e.g. the key bias: softmax ignores it) still moves it by ~lr in a
-    # random direction. Weights therefore agree to 1e-3 of one step, not to float precision.
+    # AdamW divides each gradient by its own running size, so an element's update inherits the
+    # *relative* error of its gradient: where the true gradient is ~0 (the key bias, which softmax
+    # ignores; the final norm's scale, which the standardised SIGReg ignores) rounding noise of ~1e-7
+    # still moves the weight by up to lr per step in a random direction. So each element may differ
+    # by 1e-6 plus lr * steps * (1e-6 / its smallest |gradient|), capped at 2 lr per step; elements
+    # with real gradients (>= 1e-3) must agree to ~1e-6, and every gradient was compared above.
+    lr, steps = 1e-3, len(ref['grads'])
     for n in ref['weights']:
-        torch.testing.assert_close(got['weights'][n], ref['weights'][n], rtol=0, atol=1e-6, msg=f'{what}: {n}')
+        gmin = torch.stack([r[n].abs() for r in ref['grads']]).min(0).values
+        tol = 1e-6 + lr * steps * (1e-6 / gmin.clamp_min(1e-12)).clamp(max=2.0)
+        err = (got['weights'][n] - ref['weights'][n]).abs()
+        assert (err <= tol).all(), f'{what}: {n} differs by {err.max():.3g} (tolerance {tol.flatten()[err.argmax()]:.3g})'
 
 
 def test_torchrun_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
