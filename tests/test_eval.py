@@ -50,7 +50,7 @@ def test_linear_probe_is_perfect_on_separable_clusters():
     (xtr, ytr), (xva, yva), (xte, yte) = clusters(200, 0), clusters(100, 1), clusters(100, 2)
     r = ev.linear_probe(xtr, ytr, xva, yva, xte, yte)
     assert r['acc'] == 1.0 and r['bal_acc'] == 1.0 and r['macro_f1'] == 1.0 and r['auroc'] == 1.0
-    assert set(r['val_acc']) == set(ev.CS) and all(a == 1.0 for a in r['val_acc'].values())
+    assert set(r['val']) == set(ev.CS) and all(a == 1.0 for a in r['val'].values())
     assert r['C'] == min(ev.CS)  # every C ties on val: the documented tie-break keeps the smallest
 
 
@@ -109,7 +109,7 @@ def val_vs_test_problem():
 def test_linear_probe_picks_the_C_best_on_val_even_when_test_prefers_another():
     xtr, ytr, xva, yva, xte, yte = val_vs_test_problem()
     r = ev.linear_probe(xtr, ytr, xva, yva, xte, yte)
-    best_val_C = max(sorted(ev.CS), key=lambda C: r['val_acc'][C])  # first maximum = smallest C
+    best_val_C = max(sorted(ev.CS), key=lambda C: r['val'][C])  # first maximum = smallest C
     # what an (illegal) selection on test would pick, computed independently here
     sc = StandardScaler().fit(xtr)
     test_acc = {C: LogisticRegression(C=C, max_iter=1000).fit(sc.transform(xtr), ytr).score(sc.transform(xte), yte)
@@ -127,7 +127,7 @@ def test_linear_probe_choice_does_not_depend_on_test_data():
     c = ev.linear_probe(xtr, ytr, xva, yva, xte, 1 - yte)
     d = ev.linear_probe(xtr, ytr, xva, yva, 3 * xte + 5, yte)  # test images shifted: e.g. no scaler fit on test
     assert a['C'] == b['C'] == c['C'] == d['C']
-    assert a['val_acc'] == b['val_acc'] == c['val_acc'] == d['val_acc']
+    assert a['val'] == b['val'] == c['val'] == d['val']
     assert c['acc'] == pytest.approx(1 - a['acc'])  # only the final test score sees test labels
 
 
@@ -202,10 +202,11 @@ def test_format_table_contains_every_row_and_number():
 # command line and end to end
 
 
-def test_multilabel_task_fails_with_a_message_naming_it():
-    with pytest.raises(NotImplementedError, match="multilabel.*chestxray"):
-        ev.check_task({'task': 'multilabel', 'name': 'chestxray'})
-    assert ev.check_task({'task': 'multiclass'}) == 'multiclass'
+def test_unknown_task_type_fails_with_a_message_naming_it():
+    with pytest.raises(NotImplementedError, match="regression.*boneage"):
+        ev.check_task({'task': 'regression', 'name': 'boneage'})
+    assert ev.check_task({'task': 'multilabel'}) == 'multilabel'
+    assert ev.check_task({}) == 'multiclass'
 
 
 def test_bad_flag_exits_2_and_suggests_the_closest(capsys):
@@ -213,8 +214,8 @@ def test_bad_flag_exits_2_and_suggests_the_closest(capsys):
         ev.parse_args(['--ckp=out/ckpt.pt'])
     assert e.value.code == 2 and '--ckpt' in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        ev.parse_args(['--tasks=knn,fewshot'])
-    assert e.value.code == 2 and 'fewshot' in capsys.readouterr().err
+        ev.parse_args(['--tasks=knn,fewshots'])
+    assert e.value.code == 2 and 'fewshots' in capsys.readouterr().err
 
 
 def test_missing_checkpoint_names_the_path_and_how_to_make_one(tmp_path):
