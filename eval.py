@@ -88,6 +88,7 @@ seg_epochs = 8              # segmentation: passes over those images; the best v
 seg_lr = 3e-3               # segmentation head learning rate (AdamW)
 figures = True              # draw figures/*.png next to the checkpoint
 embedding = 'pca'           # 2-D embedding map: 'pca' (instant) or 'tsne' (slower, often clearer clusters)
+KEYS = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 CS = [1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2]  # linear-probe inverse regularisation strengths tried on val
 # -----------------------------------------------------------------------------
 
@@ -145,13 +146,11 @@ def leakage_report(data):
 def classification_metrics(y_true, y_score, task='multiclass'):
     """y_true (N,) int labels or (N, L) 0/1, y_score (N, K) class scores or probabilities -> dict.
 
-    acc / bal_acc / macro_f1 use the argmax prediction; balanced accuracy (mean per-class recall)
-    matters because "always say the common class" scores high accuracy on imbalanced medical data.
-    AUROC ranks the scores: for K = 2 the positive class; for K > 2 the mean one-vs-rest AUROC
-    (MedMNIST's "AUC") over the classes with positives and negatives; NaN if undefined. 'ordinal'
-    adds quadratic weighted kappa (a disagreement costs (i - j)^2: grade 4 for a 0 is worse than a 1).
-    'multilabel': per-label AUROC, their mean, and macro-F1 at threshold 0.5.
-    """
+    acc / bal_acc / macro_f1 use the argmax; balanced accuracy (mean per-class recall) matters because
+    "always say the common class" scores high accuracy on imbalanced medical data. AUROC: for K = 2 of
+    the positive class, else the mean one-vs-rest AUROC (MedMNIST's "AUC") over classes with positives
+    and negatives; NaN if undefined. 'ordinal' adds quadratic weighted kappa (a disagreement costs
+    (i - j)^2). 'multilabel': per-label AUROC, their mean, macro-F1 at threshold 0.5."""
     y_score = np.asarray(y_score, dtype=np.float64)
     if task == 'multilabel':
         y_true = np.asarray(y_true)
@@ -200,14 +199,10 @@ def metric_cells(prefix, m):
 
 
 def pixel_features(images_uint8, size=16, mean=None, std=None, chunk=1024):
-    """Raw-pixel baseline: (N, H, W, C) uint8 -> (N, size*size*C) float32.
-
-    Area averaging = each output pixel is the mean of the input pixels it covers (adaptive average
-    pooling), so no detail is invented and nothing is skipped. Values are scaled to [0, 1], then, if
-    mean/std (per channel, [0, 1] units) are given, normalised the way the encoder sees its input,
-    so that cosine similarity in kNN is not dominated by overall brightness. Flattened in (h, w, c)
-    order. Works in chunks so a memory-mapped split is never converted to float all at once.
-    """
+    """Raw-pixel baseline: (N, H, W, C) uint8 -> (N, size*size*C) float32, flattened in (h, w, c) order.
+    Area averaging (each output pixel = mean of the input pixels it covers) invents and skips nothing;
+    normalising with mean/std ([0, 1] units) as the encoder's input is keeps brightness from dominating
+    cosine similarity. In chunks, so a memory-mapped split is never converted to float all at once."""
     N, H, W, C = images_uint8.shape
     out = np.empty((N, size * size * C), dtype=np.float32)
     for i in range(0, N, chunk):
@@ -278,18 +273,15 @@ TIMM_VIT_KEY = re.compile(r'^(patch_embed\.proj|blocks\.\d+\.(norm1|norm2|attn\.
 
 
 def imagenet_to_medjepa(sd, in_chans=3):
-    """Map a timm-layout ViT state dict (vit_base_patch16_224 and friends; DeiT, MAE and DINO
-    checkpoints too, wrapped in 'model' / 'state_dict' / 'teacher' or prefixed 'module.') onto ours.
+    """Map a timm-layout ViT state dict (vit_base_patch16_224; DeiT / MAE / DINO checkpoints too, wrapped
+    in 'model' / 'state_dict' / 'teacher' or prefixed 'module.') onto LearnedPosViT.
 
     medjepa.ViT already uses timm's names (patch_embed.proj, blocks.i.norm1 / attn.qkv / attn.proj /
-    norm2 / mlp.fc1 / mlp.fc2, norm), so those copy as they are. The rest:
-      pos_embed (1, 1 + 14*14, D): the class-token entry is dropped, the patch grid -> learned_pos;
-      cls_token, dist_token, head*, pre_logits: dropped (we mean-pool patch tokens, no classifier);
-      grey input: the RGB patch filters are summed (timm's adapt_input_conv), a grey g being (g, g, g);
-      anything else (e.g. torchvision's names): ValueError naming the keys.
-    -> (state dict for LearnedPosViT, dict(patch_size, n_embd, n_head, pos_grid, n_layer)). Heads are
-    not stored in a state dict: ViTs use 64-dim heads, so n_head = n_embd // 64.
-    """
+    norm2 / mlp.fc1 / mlp.fc2, norm): those copy as they are. pos_embed (1, 1 + 14*14, D) loses its
+    class-token entry and becomes learned_pos; cls_token, head* and the like are dropped (we mean-pool
+    patch tokens); for grey input the RGB patch filters are summed (a grey g is (g, g, g)); anything
+    else (e.g. torchvision's names) is a ValueError naming the keys. -> (state dict, architecture);
+    heads are not in a state dict, but ViTs use 64-dim heads: n_head = n_embd // 64."""
     for wrapper in ('model', 'state_dict', 'teacher'):
         sd = sd[wrapper] if isinstance(sd.get(wrapper), dict) else sd
     sd = {re.sub(r'^(module|backbone)\.', '', k): v for k, v in sd.items()}
@@ -368,11 +360,9 @@ def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, Cs=CS, seed=0, 
     """Logistic regression on frozen features, C chosen on val, reported on test once.
 
     Standardisation statistics come from `unlabeled` (default train_x; few-shot runs pass the whole
-    train set, whose statistics need no labels). For each C: fit on train, score val with MAIN[task].
-    The model with the best val score (ties -> the smaller C, the simpler model) is the only one that
-    sees test; nothing is refit, and test_y is read once, for that final score.
-    -> test metrics + 'C' (chosen) + 'val' {C: val score} + 'select' (metric) + 'n_iter' {C: iterations}.
-    """
+    train set: statistics need no labels). Each C is fitted on train and scored on val (MAIN[task]);
+    only the best (ties -> the smaller C) sees test, once, with no refit.
+    -> test metrics + 'C' (chosen) + 'val' {C: val score} + 'select' + 'n_iter' {C: iterations}."""
     K = num_classes or int(max(train_y.max(), val_y.max(), test_y.max())) + 1
     # float32: each lbfgs step streams the features through memory twice; half the bytes is ~1.6x faster
     train_x, val_x, test_x = (np.asarray(x, dtype=np.float32) for x in (train_x, val_x, test_x))
@@ -463,14 +453,11 @@ def predict(encoder, head, prep, images, task, bs=256, amp=False):
 def finetune(encoder, prep, train_feats, data, cfg):
     """Fine-tune a copy of the encoder + a linear head on the train labels; pick the step on val; test once.
 
-    LP-FT (Kumar et al. 2022): the head first learns on the frozen train features, so fine-tuning
-    starts from a sensible classifier; a random head's large early gradients would scramble the
-    pretrained features before it has learned anything. Then warmup + cosine lr, AdamW with
-    layer-wise decay, random-resized crops and flips. At step 0 (the probe head on the untouched
-    encoder) and every finetune_eval_every steps the val score is measured and the weights of the
-    best step kept; only those are scored on test. A chosen step 0 says: within this budget,
-    fine-tuning did not beat its own starting point on val.
-    """
+    LP-FT (Kumar et al. 2022): the head first learns on frozen features, so that a random head's large
+    early gradients do not scramble the pretrained features. Then warmup + cosine lr, AdamW with
+    layer-wise decay, crops and flips. Val is scored at step 0 (probe head, encoder untouched) and every
+    finetune_eval_every steps; only the best step's weights see test. A chosen step 0 says: within this
+    budget, fine-tuning did not beat its own starting point."""
     images, labels, task, K = data['images'], data['labels'], data['task'], data['num_classes']
     dev, amp, iters = cfg['device'], cfg['dtype'] == 'bfloat16', cfg['finetune_iters']
     head = fit_head(train_feats, labels['train'], task, K).to(dev)
@@ -513,12 +500,9 @@ def finetune(encoder, prep, train_feats, data, cfg):
 
 
 def seg_logits(head, tokens, patch, out_size):
-    """tokens (B, *grid, D) -> per-pixel class logits (B, K, *out_size).
-
-    The head maps each token to K x p^d logits, one K-vector per pixel of its patch (a 'sub-pixel'
-    linear decoder, like SETR-naive or Segmenter's linear baseline), and each is put back in place.
-    A grid that does not cover out_size exactly (a resized input) is resized (bi- / trilinear).
-    """
+    """tokens (B, *grid, D) -> per-pixel class logits (B, K, *out_size). The head maps each token to
+    K x p^d logits, one K-vector per pixel of its patch (a 'sub-pixel' linear decoder, like Segmenter's
+    linear baseline), put back in place; a grid that misses out_size (resized input) is interpolated."""
     B, grid = tokens.shape[0], tokens.shape[1:-1]
     d, p = len(grid), patch
     x = head(tokens)  # (B, *grid, K * p^d)
@@ -657,28 +641,26 @@ TASKS = {'knn': task_knn, 'linear': task_linear, 'fewshot': task_fewshot, 'finet
          'seg': task_seg, 'domain': task_domain}
 
 
-def captions(data, cfg):
-    """One line above each task's table: what was done, on which split, how many images, which seeds."""
-    n, c = data['counts'], cfg
+def captions(data, c):
+    """The line above each task's table: what was done, on which split, how many images, which seeds."""
+    n = data['counts']
     test, sel = f"test, {n['test']} images", f"chosen on val ({n['val']} images)"
-    return {
-        'knn': f"**kNN** (DINO protocol: cosine on L2-normalised features; the k nearest of the {n['train']} train "
-               f"images vote with weight exp(sim / {c['knn_T']})): {test}; nothing trained, nothing selected.",
-        'linear': f"**Linear probe** (logistic regression on standardised frozen features): C from "
-                  f"{{{', '.join(f'{C:g}' for C in c['Cs'])}}} {sel}; {test}; seed {c['seed']}.",
-        'fewshot': f"**Few-shot and data efficiency**: the linear probe on k train images per class, or on a stratified "
-                   f"fraction of the {n['train']} train labels; test {MAIN[data['task']]} ({n['test']} images), mean ± std "
-                   f"over {c['fewshot_seeds']} draws (seeds 0-{c['fewshot_seeds'] - 1}); C {sel} in each draw.",
-        'finetune': f"**Fine-tuning** end to end, LP-FT ({c['finetune_iters']} steps of {c['finetune_batch']} images, "
-                    f"AdamW, lr {c['finetune_lr']:g}, layer decay {c['layer_decay']}, crops and flips): step {sel} at 0 "
-                    f"(= the probe head, encoder untouched) and every {c['finetune_eval_every']} steps; {test}; seed {c['seed']}.",
-        'seg': f"**Segmentation** on frozen patch tokens (standardised, then one linear map to a logit per class per "
-               f"pixel), trained on {c.get('seg_n_train')} train masks for up to {c['seg_epochs']} epochs, epoch {sel} by "
-               f"mean Dice; per-image Dice of each foreground class (background excluded), {test}; seed {c['seed']}.",
-        'domain': f"**Domain shift** across sites (hospitals / devices): kNN (k=20) per test site with every train "
-                  f"image; a→b = train images of site a only, test images of site b; a linear probe that predicts the "
-                  f"site, C {sel}; {test}.",
-    }
+    return {'knn': f"**kNN** (DINO protocol: cosine on L2-normalised features; the k nearest of {n['train']} train images "
+                   f"vote with weight exp(sim / {c['knn_T']})): {test}; nothing trained, nothing selected.",
+            'linear': f"**Linear probe** (logistic regression on standardised frozen features): C from "
+                      f"{{{', '.join(f'{C:g}' for C in c['Cs'])}}} {sel}; {test}; seed {c['seed']}.",
+            'fewshot': f"**Few-shot and data efficiency**: the linear probe on k train images per class, or on a stratified "
+                       f"fraction of the train labels (C {sel} in each draw); {test}; {MAIN[data['task']]}, mean ± std over "
+                       f"{c['fewshot_seeds']} draws (seeds 0-{c['fewshot_seeds'] - 1}).",
+            'finetune': f"**Fine-tuning** end to end, LP-FT ({c['finetune_iters']} steps of {c['finetune_batch']} images, "
+                        f"AdamW, lr {c['finetune_lr']:g}, layer decay {c['layer_decay']}, crops, flips): step {sel} at 0 (the "
+                        f"probe head, encoder untouched) and every {c['finetune_eval_every']}; {test}; seed {c['seed']}.",
+            'seg': f"**Segmentation** from frozen patch tokens (standardised, one linear map to a logit per class per pixel) "
+                   f"fitted on {c.get('seg_n_train')} train masks, epoch (of {c['seg_epochs']}) {sel} by mean Dice; "
+                   f"per-image Dice per foreground class, background excluded; {test}; seed {c['seed']}.",
+            'domain': f"**Domain shift** across sites (hospitals / devices): kNN (k=20) per test site with all train images; "
+                      f"a→b = train images of site a, test images of site b; a linear probe predicting the site from the "
+                      f"features, C {sel}; {test}."}
 
 
 # -----------------------------------------------------------------------------
@@ -835,11 +817,8 @@ def draw_figures(rows, results, data, cfg, out_dir):
 
 
 def format_table(rows, title='', notes=()):
-    """rows: list of dicts {column: value} -> markdown table string.
-
-    Columns appear in first-seen order; floats print with one decimal (we pass percentages),
-    None / missing as '-', anything else with str(). Number columns are right-aligned.
-    """
+    """rows: list of dicts {column: value} -> markdown table. Columns in first-seen order; floats with one
+    decimal (we pass percentages), None / missing as '-', the rest with str(); numbers right-aligned."""
     cols = []
     for r in rows:
         cols += [c for c in r if c not in cols]
@@ -884,12 +863,6 @@ def to_json(obj):
 # command line
 
 
-KEYS = ['ckpt', 'data_dir', 'tasks', 'baselines', 'imagenet', 'imagenet_size', 'device', 'dtype', 'seed',
-        'batch_size', 'knn_ks', 'knn_T', 'pixel_size', 'shots', 'fractions', 'fewshot_seeds', 'finetune_iters',
-        'finetune_batch', 'finetune_lr', 'layer_decay', 'finetune_eval_every', 'seg_train', 'seg_epochs', 'seg_lr',
-        'figures', 'embedding']
-
-
 def parse_args(argv=None):
     """--key=value flags for the globals at the top; their comments are the --help text."""
     g = globals()
@@ -897,33 +870,30 @@ def parse_args(argv=None):
         helps = dict(re.findall(r"^(\w+) = .*?# (.*)$", f.read(), re.M))
     p = argparse.ArgumentParser(description='\n\n'.join(__doc__.strip().split('\n\n')[:2]), allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    def boolean(s):
-        if s.lower() not in ('true', 'false', '1', '0'):
-            raise argparse.ArgumentTypeError(f'expected true or false, got {s!r}')
-        return s.lower() in ('true', '1')
+    def boolean(v):
+        if v.lower() not in ('true', 'false', '1', '0'):
+            raise ValueError(v)
+        return v.lower() in ('true', '1')
     for k in KEYS:
-        typ = boolean if isinstance(g[k], bool) else type(g[k])
-        p.add_argument(f'--{k}', type=typ, default=g[k], help=f"{helps.get(k, '')} (default: {g[k]!r})")
+        p.add_argument(f'--{k}', type=boolean if isinstance(g[k], bool) else type(g[k]), default=g[k],
+                       help=f"{helps.get(k, '')} (default: {g[k]!r})")
     args, unknown = p.parse_known_args(argv)
     for u in unknown:
         close = difflib.get_close_matches(u.split('=', 1)[0].lstrip('-'), KEYS, n=1)
         p.error(f"unknown flag {u!r}; " + (f"did you mean --{close[0]}?" if close else f"valid flags: --{', --'.join(KEYS)}"))
-    choices = {'tasks': ['auto', *TASKS], 'baselines': ['random', 'pixels', 'none']}
-    for key, valid in choices.items():
+    for key, valid in (('tasks', ['auto', *TASKS]), ('baselines', ['random', 'pixels', 'none'])):
         setattr(args, key, [v for v in getattr(args, key).split(',') if v not in ('', 'none')])
-        for v in getattr(args, key):
-            if v not in valid:
-                p.error(f"unknown {key[:-1]} {v!r} in --{key}; choose from {', '.join(valid)}")
+        for v in set(getattr(args, key)) - set(valid):
+            p.error(f"unknown {key[:-1]} {v!r} in --{key}; choose from {', '.join(valid)}")
     for key, valid in (('dtype', ('auto', 'float32', 'bfloat16')), ('embedding', ('pca', 'tsne'))):
         if getattr(args, key) not in valid:
             p.error(f"--{key} must be one of {', '.join(valid)}, got {getattr(args, key)!r}")
-    for key, typ, top in (('knn_ks', int, None), ('shots', int, None), ('fractions', float, 1)):
+    for key, typ, top in (('knn_ks', int, np.inf), ('shots', int, np.inf), ('fractions', float, 1)):
         try:
             setattr(args, key, [typ(v) for v in getattr(args, key).split(',') if v])
-            assert all(0 < v <= (top or v) for v in getattr(args, key))
+            assert all(0 < v <= top for v in getattr(args, key))
         except (ValueError, AssertionError):
-            p.error(f"--{key} must be comma-separated positive numbers{' up to 1' if top else ''}, "
-                    f"got {getattr(args, key)!r}")
+            p.error(f"--{key} must be comma-separated numbers in (0, {top}], got {getattr(args, key)!r}")
     return args
 
 
