@@ -562,7 +562,7 @@ def task_knn(row, data, cfg):
         res[f'k={k}'] = knn_accuracy(X['train'], y['train'], X['test'], y['test'], data['num_classes'], k, cfg['knn_T'], task)
         cells[f'k={k} {METRIC_NAMES[MAIN[task]]}'] = 100 * res[f'k={k}'][MAIN[task]]
     k = 20 if 20 in cfg['knn_ks'] else cfg['knn_ks'][0]
-    return res, {**metric_cells(f'k={k}', res[f'k={k}']), **cells}
+    return res, {**cells, **{c: v for c, v in metric_cells(f'k={k}', res[f'k={k}']).items() if c not in cells}}
 
 
 def task_linear(row, data, cfg):
