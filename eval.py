@@ -754,20 +754,19 @@ def fig_attention(plt, path, rows, data, idx):
 
 
 def fig_data_efficiency(plt, path, results, task):
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4), subplot_kw={'xscale': 'log'})
     for name, res in results.items():
         for a, kind, scale in ((ax[0], 'shots', 1), (ax[1], 'fractions', 100)):
             pts = sorted(res.get('fewshot', {}).get(kind, {}).items())
             if pts:
                 a.errorbar([scale * k for k, _ in pts], [100 * m['mean'] for _, m in pts],
                            yerr=[100 * m['std'] for _, m in pts], marker='o', capsize=3, label=name)
-                a.set_xticks([scale * k for k, _ in pts], [f'{scale * k:g}' for k, _ in pts])
+                a.set_xticks([scale * k for k, _ in pts], [f'{scale * k:g}' for k, _ in pts], minor=False)
+                a.minorticks_off()
     metric = METRIC_NAMES[MAIN[task]]
-    ax[0].set(xscale='log', title='few-shot linear probe (mean ± std over draws)',
+    ax[0].set(title='few-shot linear probe (mean ± std over draws)',
               xlabel='labelled train images per class', ylabel=f'test {metric} (%)')
-    ax[1].set(xscale='log', title='data efficiency: linear probe', xlabel='% of the train labels', ylabel=f'test {metric} (%)')
-    for a in ax:
-        a.minorticks_off()
+    ax[1].set(title='data efficiency: linear probe', xlabel='% of the train labels', ylabel=f'test {metric} (%)')
     finish(fig, ax, path)
 
 

@@ -335,3 +335,47 @@ def test_no_choice_depends_on_the_test_split(tmp_path):
     pix = [r['raw pixels'] for r in reports]
     assert pix[0]['linear']['acc'] == 1.0 and pix[1]['linear']['acc'] < 0.7  # the corruption reached the test numbers
     assert pix[0]['seg']['mean_dice'] > 0.8 > pix[1]['seg']['mean_dice']
+
+
+@pytest.mark.parametrize('task', ['multilabel', 'ordinal'])
+def test_end_to_end_on_multilabel_and_ordinal_labels(tmp_path, capsys, task):
+    """Multi-label: each image may show any of 3 colours (per-label AUROC, no k-shot); ordinal: 3
+    brightness grades (selection and the extra column use quadratic weighted kappa)."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / 'data'
+    data.mkdir()
+    for split, n in (('train', 60), ('val', 30), ('test', 30)):
+        if task == 'multilabel':
+            y = np.stack([np.arange(n) % 2, np.arange(n) // 2 % 2, np.arange(n) // 4 % 2], 1)
+            x = rng.integers(0, 60, (n, 16, 16, 3)) + 120 * y[:, None, None, :]
+        else:
+            y = np.arange(n) % 3
+            x = rng.integers(0, 60, (n, 16, 16, 3)) + 60 * y[:, None, None, None]
+        np.save(data / f'{split}_images.npy', x.astype(np.uint8))
+        np.save(data / f'{split}_labels.npy', y.astype(np.int64))
+    json.dump({'name': 'tiny', 'task': task, 'classes': ['a', 'b', 'c'], 'num_classes': 3,
+               'mean': [0.3] * 3, 'std': [0.2] * 3}, open(data / 'meta.json', 'w'))
+    ckpt = write_tiny_checkpoint(tmp_path / 'out', data)
+    report = ev.main([f'--ckpt={ckpt}'] + FAST)
+    assert report['tasks'] == ['knn', 'linear', 'fewshot', 'finetune']  # no masks, no sites
+    pix = report['results']['raw pixels']
+    if task == 'multilabel':
+        assert pix['linear']['select'] == 'auroc' and pix['linear']['auroc'] == 1.0
+        assert len(pix['linear']['per_label_auroc']) == 3 and pix['fewshot']['shots'] == {}
+        assert 'k=20 AUROC' in capsys.readouterr().out
+    else:
+        assert pix['linear']['select'] == 'qwk' and pix['linear']['qwk'] == 1.0
+        assert 'linear QWK' in capsys.readouterr().out
+    assert (ckpt.parent / 'figures' / 'attention.png').exists()
+
+
+def test_imagenet_row_runs_every_frozen_task_from_a_weights_file(tiny_run, capsys):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_eval_tasks import timm_vit_state_dict
+    path = tiny_run.parent / 'vit_tiny_imagenet.pth'
+    torch.save(timm_vit_state_dict(D=64, depth=2, p=8, grid=4, classes=10), path)
+    report = ev.main([f'--ckpt={tiny_run}', f'--imagenet={path}', '--imagenet_size=32', '--baselines=none',
+                      '--tasks=knn,linear,seg', '--figures=false', '--seg_epochs=2'])
+    assert report['results']['imagenet']['feature_dim'] == 64
+    assert report['results']['imagenet']['seg']['n'] == 30  # 4x4 tokens of 8 px -> 32 px logits -> 16 px masks
+    assert '| imagenet |' in capsys.readouterr().out
