@@ -887,6 +887,9 @@ def parse_args(argv=None):
     for key, valid in (('dtype', ('auto', 'float32', 'bfloat16')), ('embedding', ('pca', 'tsne'))):
         if getattr(args, key) not in valid:
             p.error(f"--{key} must be one of {', '.join(valid)}, got {getattr(args, key)!r}")
+    for key in ('batch_size', 'fewshot_seeds', 'finetune_batch', 'finetune_eval_every', 'seg_epochs'):
+        if getattr(args, key) < 1:
+            p.error(f"--{key} must be at least 1, got {getattr(args, key)}")
     for key, typ, top in (('knn_ks', int, np.inf), ('shots', int, np.inf), ('fractions', float, 1)):
         try:
             setattr(args, key, [typ(v) for v in getattr(args, key).split(',') if v])
