@@ -50,7 +50,7 @@ def test_linear_probe_is_perfect_on_separable_clusters():
     (xtr, ytr), (xva, yva), (xte, yte) = clusters(200, 0), clusters(100, 1), clusters(100, 2)
     r = ev.linear_probe(xtr, ytr, xva, yva, xte, yte)
     assert r['acc'] == 1.0 and r['bal_acc'] == 1.0 and r['macro_f1'] == 1.0 and r['auroc'] == 1.0
-    assert set(r['val_acc']) == set(ev.CS) and all(a == 1.0 for a in r['val_acc'].values())
+    assert set(r['val']) == set(ev.CS) and all(a == 1.0 for a in r['val'].values())
     assert r['C'] == min(ev.CS)  # every C ties on val: the documented tie-break keeps the smallest
 
 
@@ -109,7 +109,7 @@ def val_vs_test_problem():
 def test_linear_probe_picks_the_C_best_on_val_even_when_test_prefers_another():
     xtr, ytr, xva, yva, xte, yte = val_vs_test_problem()
     r = ev.linear_probe(xtr, ytr, xva, yva, xte, yte)
-    best_val_C = max(sorted(ev.CS), key=lambda C: r['val_acc'][C])  # first maximum = smallest C
+    best_val_C = max(sorted(ev.CS), key=lambda C: r['val'][C])  # first maximum = smallest C
     # what an (illegal) selection on test would pick, computed independently here
     sc = StandardScaler().fit(xtr)
     test_acc = {C: LogisticRegression(C=C, max_iter=1000).fit(sc.transform(xtr), ytr).score(sc.transform(xte), yte)
@@ -127,7 +127,7 @@ def test_linear_probe_choice_does_not_depend_on_test_data():
     c = ev.linear_probe(xtr, ytr, xva, yva, xte, 1 - yte)
     d = ev.linear_probe(xtr, ytr, xva, yva, 3 * xte + 5, yte)  # test images shifted: e.g. no scaler fit on test
     assert a['C'] == b['C'] == c['C'] == d['C']
-    assert a['val_acc'] == b['val_acc'] == c['val_acc'] == d['val_acc']
+    assert a['val'] == b['val'] == c['val'] == d['val']
     assert c['acc'] == pytest.approx(1 - a['acc'])  # only the final test score sees test labels
 
 
@@ -202,10 +202,11 @@ def test_format_table_contains_every_row_and_number():
 # command line and end to end
 
 
-def test_multilabel_task_fails_with_a_message_naming_it():
-    with pytest.raises(NotImplementedError, match="multilabel.*chestxray"):
-        ev.check_task({'task': 'multilabel', 'name': 'chestxray'})
-    assert ev.check_task({'task': 'multiclass'}) == 'multiclass'
+def test_unknown_task_type_fails_with_a_message_naming_it():
+    with pytest.raises(NotImplementedError, match="regression.*boneage"):
+        ev.check_task({'task': 'regression', 'name': 'boneage'})
+    assert ev.check_task({'task': 'multilabel'}) == 'multilabel'
+    assert ev.check_task({}) == 'multiclass'
 
 
 def test_bad_flag_exits_2_and_suggests_the_closest(capsys):
@@ -213,8 +214,8 @@ def test_bad_flag_exits_2_and_suggests_the_closest(capsys):
         ev.parse_args(['--ckp=out/ckpt.pt'])
     assert e.value.code == 2 and '--ckpt' in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        ev.parse_args(['--tasks=knn,fewshot'])
-    assert e.value.code == 2 and 'fewshot' in capsys.readouterr().err
+        ev.parse_args(['--tasks=knn,fewshots'])
+    assert e.value.code == 2 and 'fewshots' in capsys.readouterr().err
 
 
 def test_missing_checkpoint_names_the_path_and_how_to_make_one(tmp_path):
@@ -224,42 +225,157 @@ def test_missing_checkpoint_names_the_path_and_how_to_make_one(tmp_path):
     assert path in str(e.value.code) and 'python medjepa.py' in str(e.value.code)
 
 
-@pytest.fixture
-def tiny_run(tmp_path):
-    """A 3-class data set of 16 px images and an untrained tiny checkpoint (built, not trained)."""
+def write_tiny_data(data, corrupt_test=False):
+    """A 3-class data set of 16 px images whose class is the colour, with a bright square as the
+    lesion mask, two sites and one group per image. corrupt_test: the same train and val, but the test
+    split's labels and masks shuffled and its images replaced by noise."""
     rng = np.random.default_rng(0)
-    data = tmp_path / 'data'
     data.mkdir()
     for split, n in (('train', 60), ('val', 30), ('test', 30)):
         y = np.arange(n) % 3
         x = rng.integers(0, 60, (n, 16, 16, 3)) + 80 * np.eye(3)[y][:, None, None, :]  # class = colour
-        np.save(data / f'{split}_images.npy', x.astype(np.uint8))
-        np.save(data / f'{split}_labels.npy', y.astype(np.int64))
+        masks = np.zeros((n, 16, 16), np.uint8)
+        for i, (r, c) in enumerate(rng.integers(0, 9, (n, 2))):
+            masks[i, r:r + 7, c:c + 7] = 1
+        x = x + 100 * masks[..., None]  # the lesion is brighter
+        sites = (np.arange(n) // 3) % 2
+        if split == 'test' and corrupt_test:
+            y, x, masks = rng.permutation(y), rng.integers(0, 256, x.shape), masks[rng.permutation(n)]
+        arrays = {'images': x.clip(0, 255).astype(np.uint8), 'labels': y, 'masks': masks, 'sites': sites,
+                  'groups': np.arange(n) + {'train': 0, 'val': 1000, 'test': 2000}[split]}
+        for key, a in arrays.items():
+            np.save(data / f'{split}_{key}.npy', a if key in ('images', 'masks') else a.astype(np.int64))
     json.dump({'name': 'tiny', 'task': 'multiclass', 'classes': ['r', 'g', 'b'], 'num_classes': 3,
                'mean': [0.2, 0.2, 0.2], 'std': [0.2, 0.2, 0.2]}, open(data / 'meta.json', 'w'))
+
+
+def write_tiny_checkpoint(out, data):
+    """An untrained tiny encoder (built, not trained) and a short training log, as medjepa.py writes."""
     cfg = dict(medjepa.DEFAULTS, data_dir=str(data), patch_size=4, n_layer=1, n_embd=24, n_head=2,
                pred_n_layer=1, pred_n_embd=12, pred_n_head=2)
     torch.manual_seed(0)
     model = medjepa.build_model(cfg, 3)
-    ckpt = tmp_path / 'out' / 'ckpt.pt'
-    ckpt.parent.mkdir()
-    torch.save({'model': model.state_dict(), 'config': cfg, 'iter_num': 7}, ckpt)
-    return ckpt
+    out.mkdir()
+    torch.save({'model': model.state_dict(), 'config': cfg, 'iter_num': 7}, out / 'ckpt.pt')
+    with open(out / 'log.jsonl', 'w') as f:
+        for it in (1, 2, 3):
+            f.write(json.dumps(dict(iter=it, loss=1 / it, pred=0.5 / it, sigreg=2 / it, lr=1e-3, erank=it)) + '\n')
+        f.write(json.dumps(dict(iter=3, knn_val=0.4)) + '\n')
+    return out / 'ckpt.pt'
 
 
-def test_end_to_end_writes_table_and_json_next_to_the_checkpoint(tiny_run, capsys):
-    report = ev.main([f'--ckpt={tiny_run}', '--knn_ks=10,20'])
+@pytest.fixture
+def tiny_run(tmp_path):
+    write_tiny_data(tmp_path / 'data')
+    return write_tiny_checkpoint(tmp_path / 'out', tmp_path / 'data')
+
+
+# every task, shrunk to seconds on the tiny data
+FAST = ['--shots=1,5', '--fractions=0.5,1', '--fewshot_seeds=2', '--finetune_iters=4', '--finetune_eval_every=2',
+        '--finetune_batch=16', '--seg_epochs=20', '--seg_lr=0.03']
+
+
+def test_end_to_end_writes_tables_json_and_figures_next_to_the_checkpoint(tiny_run, capsys):
+    report = ev.main([f'--ckpt={tiny_run}', '--knn_ks=10,20,100'] + FAST)
     out = capsys.readouterr().out
+    assert report['tasks'] == ['knn', 'linear', 'fewshot', 'finetune', 'seg', 'domain']  # all the data support
     for name in ('pretrained', 'random-init', 'raw pixels'):
         assert f'| {name} |' in out
-    assert 'kNN acc (k=10)' in out and '60 train / 30 val / 30 test' in out and 'chosen on val' in out
+    assert '| raw pixels |' not in out.split('**Fine-tuning**')[1].split('**Segmentation**')[0]  # nothing to tune
+    for text in ('k=10 acc', '60 train / 30 val / 30 test', 'chosen on val', '1-shot', '50 %', 'Dice foreground',
+                 'site probe acc', '0→1 acc', 'k=[100] skipped', 'over 2 draws'):
+        assert text in out, text
     saved = json.load(open(tiny_run.parent / 'eval.json'))
     assert saved['counts'] == {'train': 60, 'val': 30, 'test': 30} and saved['iter_num'] == 7
-    assert saved['results']['raw pixels']['feature_dim'] == 16 * 16 * 3
-    assert saved['results']['pretrained']['feature_dim'] == 24
-    assert saved['results']['raw pixels']['linear']['acc'] == 1.0  # colour classes: pixels solve it
-    assert saved['results']['pretrained']['linear']['C'] in ev.CS
-    assert saved['ckpt_config']['n_embd'] == 24
+    assert saved['leakage'] == {'train/test': {'groups': 0, 'images': 0}, 'val/test': {'groups': 0, 'images': 0},
+                                'train/val': {'groups': 0, 'images': 0}}
+    pix, pre = saved['results']['raw pixels'], saved['results']['pretrained']
+    assert pix['feature_dim'] == 16 * 16 * 3 and pre['feature_dim'] == 24
+    assert pix['linear']['acc'] == 1.0  # colour classes: pixels solve it
+    assert pre['linear']['C'] in ev.CS and saved['ckpt_config']['n_embd'] == 24
+    assert [r['n_labelled'] for r in pre['fewshot']['shots']['5']['runs']] == [15, 15]  # 5 per class, 2 seeds
+    assert pre['fewshot']['fractions']['1.0']['mean'] == pre['linear']['acc']  # 100 % of the labels = the probe
+    assert set(pre['finetune']['val']) == {'0', '2', '4'} and pre['finetune']['best_step'] in (0, 2, 4)
+    assert pix['seg']['mean_dice'] > 0.8  # a bright square: pixels segment it
+    assert set(pre['domain']['cross_site']) == {'0->0', '0->1', '1->0', '1->1'}
     assert (tiny_run.parent / 'eval.md').read_text() in out
     assert report['results']['pretrained']['knn']['k=20']['k'] == 20
+    for fig in ('training_curves', 'embedding', 'attention', 'data_efficiency', 'segmentation'):
+        assert (tiny_run.parent / 'figures' / f'{fig}.png').stat().st_size > 5000, fig
     assert not list(tiny_run.parent.glob('*.tmp*'))  # atomic writes leave no temp files behind
+
+
+def selection_records(obj, path=''):
+    """Every number eval.json records about a CHOICE (val scores, chosen C / step / epoch), by path."""
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            p = f'{path}/{k}'
+            if k in ('val', 'val_mean_dice', 'C', 'best_step', 'best_epoch'):
+                out[p] = v
+            else:
+                out.update(selection_records(v, p))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out.update(selection_records(v, f'{path}/{i}'))
+    return out
+
+
+def test_no_choice_depends_on_the_test_split(tmp_path):
+    """Two data sets identical in train and val; in the second, test labels are permuted, test images
+    are noise and test masks shuffled. If any selection (probe C, few-shot C, fine-tuning step,
+    segmentation epoch, site-probe C) looked at a test image or label, some choice would differ."""
+    reports = []
+    for name, corrupt in (('clean', False), ('corrupt', True)):
+        write_tiny_data(tmp_path / name, corrupt_test=corrupt)
+        ckpt = write_tiny_checkpoint(tmp_path / f'out-{name}', tmp_path / name)
+        reports.append(ev.main([f'--ckpt={ckpt}', '--figures=false'] + FAST)['results'])
+    clean, corrupt = (selection_records(r) for r in reports)
+    assert len(clean) > 40 and clean == corrupt
+    pix = [r['raw pixels'] for r in reports]
+    assert pix[0]['linear']['acc'] == 1.0 and pix[1]['linear']['acc'] < 0.7  # the corruption reached the test numbers
+    assert pix[0]['seg']['mean_dice'] > 0.8 > pix[1]['seg']['mean_dice']
+
+
+@pytest.mark.parametrize('task', ['multilabel', 'ordinal'])
+def test_end_to_end_on_multilabel_and_ordinal_labels(tmp_path, capsys, task):
+    """Multi-label: each image may show any of 3 colours (per-label AUROC, no k-shot); ordinal: 3
+    brightness grades (selection and the extra column use quadratic weighted kappa)."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / 'data'
+    data.mkdir()
+    for split, n in (('train', 60), ('val', 30), ('test', 30)):
+        if task == 'multilabel':
+            y = np.stack([np.arange(n) % 2, np.arange(n) // 2 % 2, np.arange(n) // 4 % 2], 1)
+            x = rng.integers(0, 60, (n, 16, 16, 3)) + 120 * y[:, None, None, :]
+        else:
+            y = np.arange(n) % 3
+            x = rng.integers(0, 60, (n, 16, 16, 3)) + 60 * y[:, None, None, None]
+        np.save(data / f'{split}_images.npy', x.astype(np.uint8))
+        np.save(data / f'{split}_labels.npy', y.astype(np.int64))
+    json.dump({'name': 'tiny', 'task': task, 'classes': ['a', 'b', 'c'], 'num_classes': 3,
+               'mean': [0.3] * 3, 'std': [0.2] * 3}, open(data / 'meta.json', 'w'))
+    ckpt = write_tiny_checkpoint(tmp_path / 'out', data)
+    report = ev.main([f'--ckpt={ckpt}'] + FAST)
+    assert report['tasks'] == ['knn', 'linear', 'fewshot', 'finetune']  # no masks, no sites
+    pix = report['results']['raw pixels']
+    if task == 'multilabel':
+        assert pix['linear']['select'] == 'auroc' and pix['linear']['auroc'] == 1.0
+        assert len(pix['linear']['per_label_auroc']) == 3 and pix['fewshot']['shots'] == {}
+        assert 'k=20 AUROC' in capsys.readouterr().out
+    else:
+        assert pix['linear']['select'] == 'qwk' and pix['linear']['qwk'] == 1.0
+        assert 'linear QWK' in capsys.readouterr().out
+    assert (ckpt.parent / 'figures' / 'attention.png').exists()
+
+
+def test_imagenet_row_runs_every_frozen_task_from_a_weights_file(tiny_run, capsys):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_eval_tasks import timm_vit_state_dict
+    path = tiny_run.parent / 'vit_tiny_imagenet.pth'
+    torch.save(timm_vit_state_dict(D=64, depth=2, p=8, grid=4, classes=10), path)
+    report = ev.main([f'--ckpt={tiny_run}', f'--imagenet={path}', '--imagenet_size=32', '--baselines=none',
+                      '--tasks=knn,linear,seg', '--figures=false', '--seg_epochs=2'])
+    assert report['results']['imagenet']['feature_dim'] == 64
+    assert report['results']['imagenet']['seg']['n'] == 30  # 4x4 tokens of 8 px -> 32 px logits -> 16 px masks
+    assert '| imagenet |' in capsys.readouterr().out
