@@ -1,5 +1,5 @@
 # MedJEPA: the two commands of the README.
-#   make demo   set up, generate the demo data, pretrain (~10 min on 2 CPU cores), print the eval table
+#   make demo   set up, generate the demo data, pretrain (~7 min on 2 CPU cores), evaluate (~4 min), print the tables
 #   make test   set up and run the test suite (about 1 min on 2 CPU cores)
 # A torch that is already installed (e.g. your CUDA build) is kept; without one, torch==2.13.0 is
 # installed. Use another interpreter with `make demo PYTHON=/path/to/python`.
