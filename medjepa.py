@@ -255,7 +255,8 @@ def batch_indices(step, micro, n, batch, world, rank, accum, seed):
 
 
 def to_float(images_uint8, mean, std, device):
-    """(B, H, W, C) uint8 numpy -> (B, C, H, W) float tensor, normalised per channel on the device.
+    """(B, H, W, C) uint8 numpy -> (B, C, H, W) float tensor, normalised per channel on the device
+    (volumes: (B, D, H, W, C) -> (B, C, D, H, W)).
 
     uint8 travels (4x fewer bytes than float32). Host-to-device copies here and in the model are
     non_blocking: a blocking copy waits for the GPU to drain its queue, leaving it idle while the
@@ -263,9 +264,10 @@ def to_float(images_uint8, mean, std, device):
     x = torch.from_numpy(np.array(images_uint8, copy=True))  # own writable memory (memmaps are read-only)
     if str(device).startswith('cuda'):
         x = x.pin_memory()
-    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-    m = torch.tensor(mean).view(1, -1, 1, 1).to(device, non_blocking=True)
-    s = torch.tensor(std).view(1, -1, 1, 1).to(device, non_blocking=True)
+    x = x.to(device, non_blocking=True).movedim(-1, 1).float().div_(255)
+    shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcast over the spatial axes
+    m = torch.tensor(mean).view(shape).to(device, non_blocking=True)
+    s = torch.tensor(std).view(shape).to(device, non_blocking=True)
     return (x - m) / s
 
 
@@ -706,9 +708,15 @@ def build_model(cfg, in_chans=3):
     return JEPA({k: cfg[k] for k in MODEL_KEYS}, in_chans)
 
 
+def batch_generator(cfg, step, micro, rank):
+    """The random generator of one micro-batch (crops, masks), a function of the step alone: resuming
+    reproduces the same batches, and every rank and micro-step draws its own."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([cfg['seed'], step, micro, rank]).generate_state(1)[0]))
+
+
 def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
     """Augment one micro-batch on the device and draw its masks, from seeds derived from the step."""
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg['seed'], step, micro, rank]).generate_state(1)[0]))
+    gen = batch_generator(cfg, step, micro, rank)
     x = to_float(images, mean, std, device)
     jitter = lambda v: color_jitter(v, gen, cfg['color_jitter'], cfg['gray_prob'])
     if cfg['objective'] == 'mask':
@@ -837,7 +845,7 @@ def main(argv=None, impl=None):
     try:
         cfg = impl.validate(configure(sys.argv[1:] if argv is None else argv, impl.DEFAULTS))
     except ConfigError as e:
-        print(f'{impl.__name__}: {e}', file=sys.stderr)
+        print(f'{os.path.basename(impl.__file__)}: {e}', file=sys.stderr)
         sys.exit(2)
     return train(cfg, impl)
 
@@ -962,10 +970,10 @@ def train(cfg, impl=None):
         if master:
             print(f'resumed from {ckpt_path} at step {iter_num}')
     raw_model = model
-    if ddp and cfg['objective'] == 'views' and dev.startswith('cuda'):
+    if ddp and cfg.get('objective') == 'views' and dev.startswith('cuda'):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the projector's BatchNorm over all ranks
         raw_model = model
-    elif ddp and cfg['objective'] == 'views' and master:  # torch's SyncBatchNorm runs on GPUs only
+    elif ddp and cfg.get('objective') == 'views' and master:  # torch's SyncBatchNorm runs on GPUs only
         print('note: on CPU the projector BatchNorm normalises each rank\'s shard on its own (no SyncBatchNorm)')
     if cfg['compile']:
         model = torch.compile(model)
@@ -976,7 +984,7 @@ def train(cfg, impl=None):
         os.makedirs(cfg['out_dir'], exist_ok=True)
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{meta.get('name', cfg['data_dir'])}: {n_train} train images {tuple(images.shape[1:])}; "
-              f"model {n_params / 1e6:.2f}M params; objective={cfg['objective']}; device={dev} dtype={dtype} "
+              f"model {n_params / 1e6:.2f}M params; objective={cfg.get('objective', 'mask')}; device={dev} dtype={dtype} "
               f"world={world} batch={cfg['batch_size']}x{accum}x{world}")
         peak = measure_matmul_flops(dev, ptdtype if dtype != 'float32' else torch.float32)
         print(f'measured {dtype} matmul throughput (MFU denominator): {peak / 1e9:.0f} GFLOP/s')
