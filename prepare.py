@@ -1324,15 +1324,24 @@ def resize_volume(v, shape, nearest=False):
     return np.asarray(Image.fromarray(v.reshape(len(v), H * W)).resize((H * W, D), f)).reshape(D, H, W)
 
 
-def read_nifti(path):
-    """A NIfTI file as float32 (Z, Y, X, C), RAS-oriented. Raises on a damaged file or header."""
+def read_nifti(path, spacing=False):
+    """A NIfTI file as float32 (Z, Y, X, C), RAS-oriented. Raises on a damaged file or header.
+    spacing=True: also the voxel size in mm along (Z, Y, X), read from the reoriented header."""
     img = nib.as_closest_canonical(nib.load(str(path)))
     a = np.asarray(img.dataobj, np.float32)
     if a.ndim == 3:
         a = a[..., None]
     if a.ndim != 4 or min(a.shape) < 1:
         raise ValueError(f"expected a 3-D or 4-D volume, got shape {a.shape}")
-    return a.transpose(2, 1, 0, 3)
+    a = a.transpose(2, 1, 0, 3)
+    return (a, tuple(float(z) for z in img.header.get_zooms()[:3][::-1])) if spacing else a
+
+
+def resample_spacing(v, spacing, target, nearest=False):
+    """(Z, Y, X) volume with voxel size `spacing` (mm) -> the same field of view at voxel size `target`:
+    shape round(shape * spacing / target), so the physical extent is kept (to half a voxel per axis)."""
+    shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(v.shape, spacing, target))
+    return resize_volume(v, shape, nearest)
 
 
 def load_volume(channel_paths, label_path, shape, label_values):
