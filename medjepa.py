@@ -1007,8 +1007,9 @@ def train(cfg, impl=None):
 
     # pre-emption (SIGTERM from a scheduler, SIGUSR1 as a warning): finish the step, save, exit
     stop = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    # (restored on return: train() may run inside a bigger program, whose forked workers inherit handlers)
+    old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def get_batch(micro):  # this rank's micro-batch of step iter_num, augmented on the device
         nonlocal tdata
@@ -1073,6 +1074,8 @@ def train(cfg, impl=None):
         print(f'saved {ckpt_path}')
     if ddp:
         dist.destroy_process_group()
+    for sig, handler in old_handlers.items():
+        signal.signal(sig, handler)
     return raw_model
 
 
