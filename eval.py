@@ -1025,8 +1025,9 @@ def main(argv=None):
     figs = draw_figures(rows, results, data, cfg, out_dir) if args.figures else []
     caps = captions(data, cfg)
     notes = ["Rows: pretrained = the checkpoint's encoder (mean-pooled tokens); random-init = the same architecture "
-             f"untrained (torch.manual_seed({args.seed})); raw pixels = images area-averaged to {args.pixel_size}x"
-             f"{args.pixel_size} and normalised (segmentation: each patch's pixels)"
+             f"untrained (torch.manual_seed({args.seed})); raw pixels = images area-averaged to "
+             + (f"{args.pixel_size}x{args.pixel_size}" if data['images']['train'].ndim == 4 else f"{max(1, args.pixel_size // 2)}^3")
+             + " and normalised (segmentation: each patch's pixels)"
              + (f"; imagenet = {args.imagenet} at {args.imagenet_size} px" if args.imagenet else '') + f". Features in {dtype}."]
     if leaky:
         notes.append(f"**WARNING: leakage between splits** (shared groups / identical images): {leaks}")
