@@ -93,9 +93,9 @@ CS = [1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2]  # linear-probe inverse regularisation st
 # -----------------------------------------------------------------------------
 
 SPLITS = ('train', 'val', 'test')
-SUPPORTED = ('multiclass', 'binary', 'ordinal', 'multilabel')
+SUPPORTED = ('multiclass', 'binary', 'ordinal', 'multilabel', 'segmentation')  # segmentation: masks only
 # the metric that selects on val and heads the per-k / few-shot / domain columns (QWK for ordinal grades, as in APTOS)
-MAIN = {'multiclass': 'acc', 'binary': 'acc', 'ordinal': 'qwk', 'multilabel': 'auroc'}
+MAIN = {'multiclass': 'acc', 'binary': 'acc', 'ordinal': 'qwk', 'multilabel': 'auroc', 'segmentation': 'acc'}  # segmentation: no label task runs
 METRIC_NAMES = {'acc': 'acc', 'bal_acc': 'bal-acc', 'macro_f1': 'macro-F1', 'auroc': 'AUROC', 'qwk': 'QWK'}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's augreg models use 0.5, 0.5
 
@@ -203,12 +203,13 @@ def pixel_features(images_uint8, size=16, mean=None, std=None, chunk=1024):
     Area averaging (each output pixel = mean of the input pixels it covers) invents and skips nothing;
     normalising with mean/std ([0, 1] units) as the encoder's input is keeps brightness from dominating
     cosine similarity. In chunks, so a memory-mapped split is never converted to float all at once."""
-    N, H, W, C = images_uint8.shape
-    out = np.empty((N, size * size * C), dtype=np.float32)
+    N, C, d = len(images_uint8), images_uint8.shape[-1], images_uint8.ndim - 2
+    size = size if d == 2 else max(1, size // 2)  # volumes: (size/2)^3 cells, as many features as 2-D's size^2 * 2
+    out = np.empty((N, size ** d * C), dtype=np.float32)
+    pool = F.adaptive_avg_pool2d if d == 2 else F.adaptive_avg_pool3d
     for i in range(0, N, chunk):
-        x = torch.from_numpy(np.asarray(images_uint8[i:i + chunk], dtype=np.float32) / 255.0)  # (B, H, W, C)
-        x = torch.nn.functional.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), size)  # (B, C, size, size)
-        x = x.permute(0, 2, 3, 1)  # (B, size, size, C)
+        x = torch.from_numpy(np.asarray(images_uint8[i:i + chunk], dtype=np.float32) / 255.0)  # (B, *spatial, C)
+        x = pool(x.movedim(-1, 1), size).movedim(1, -1)  # (B, size, size(, size), C)
         if mean is not None:
             x = (x - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
         out[i:i + chunk] = x.reshape(len(x), -1).numpy()
@@ -223,21 +224,33 @@ def make_prep(mean, std, dev, size=None):
     return prep
 
 
+def as_tuple(patch, d):
+    """A patch size as one side per spatial axis: 8 -> (8, 8); (4, 8, 8) stays."""
+    return tuple(patch) if isinstance(patch, (tuple, list)) else (patch,) * d
+
+
 class PatchPixels(nn.Module):
-    """The raw-pixel 'encoder' for segmentation: each token is its patch's pixels, (B, N, C*p*p),
-    in the same row-major grid order as the ViT's tokens."""
+    """The raw-pixel 'encoder' for segmentation: each token is its patch's pixels, (B, N, C*p*p)
+    (volumes: C*pd*ph*pw), in the same row-major grid order as the ViT's tokens."""
     def __init__(self, patch_size):
         super().__init__()
         self.patch_size = patch_size
 
+    def grid(self, x):
+        return tuple(s // p for s, p in zip(x.shape[2:], as_tuple(self.patch_size, x.ndim - 2)))
+
     def forward(self, x):
-        return F.unfold(x, self.patch_size, stride=self.patch_size).transpose(1, 2)
+        if x.ndim == 4:
+            return F.unfold(x, self.patch_size, stride=self.patch_size).transpose(1, 2)
+        (B, C), (gd, gh, gw), (pd, ph, pw) = x.shape[:2], self.grid(x), as_tuple(self.patch_size, 3)
+        x = x.reshape(B, C, gd, pd, gh, ph, gw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)  # (B, gd, gh, gw, C, pd, ph, pw)
+        return x.reshape(B, gd * gh * gw, C * pd * ph * pw)
 
 
 @torch.no_grad()
 def encode(encoder, prep, images, bs=256, token_idx=None, amp=False):
     """One frozen pass over a split -> (pooled (N, D) float32, tokens of the images in token_idx as
-    (n, gh, gw, D) float16, or None). pooled = mean of the output tokens, as medjepa.extract_features.
+    (n, *grid, D) float16, or None). pooled = mean of the output tokens, as medjepa.extract_features.
     bf16 autocast changes features by ~0.1 % (measured on the demo) and halves the CPU time."""
     encoder.eval()
     pooled, tokens = [], []
@@ -247,7 +260,7 @@ def encode(encoder, prep, images, bs=256, token_idx=None, amp=False):
             t = encoder(x)  # (B, N, D)
         pooled.append(t.float().mean(1).cpu())
         if token_idx is not None:
-            grid = (x.shape[2] // encoder.patch_size, x.shape[3] // encoder.patch_size)
+            grid = encoder.grid(x)  # (gh, gw) or (gd, gh, gw)
             sel = token_idx[(token_idx >= i) & (token_idx < i + bs)] - i
             tokens.append(t[torch.as_tensor(sel, device=t.device)].half().cpu())
     tokens = torch.cat(tokens).view(len(token_idx), *grid, -1).numpy() if token_idx is not None else None
@@ -504,12 +517,12 @@ def seg_logits(head, tokens, patch, out_size):
     K x p^d logits, one K-vector per pixel of its patch (a 'sub-pixel' linear decoder, like Segmenter's
     linear baseline), put back in place; a grid that misses out_size (resized input) is interpolated."""
     B, grid = tokens.shape[0], tokens.shape[1:-1]
-    d, p = len(grid), patch
+    d, p = len(grid), as_tuple(patch, len(grid))  # anisotropic 3-D patches: (pd, ph, pw)
     x = head(tokens)  # (B, *grid, K * p^d)
-    K = x.shape[-1] // p ** d
-    x = x.view(B, *grid, K, *([p] * d))  # (B, g1..gd, K, p..p)
+    K = x.shape[-1] // math.prod(p)
+    x = x.view(B, *grid, K, *p)  # (B, g1..gd, K, p1..pd)
     x = x.permute(0, d + 1, *[i for j in range(d) for i in (1 + j, d + 2 + j)])  # (B, K, g1, p, g2, p, ...)
-    x = x.reshape(B, K, *[g * p for g in grid])  # (B, K, g1*p, ..., gd*p)
+    x = x.reshape(B, K, *[g * q for g, q in zip(grid, p)])  # (B, K, g1*p1, ..., gd*pd)
     if tuple(x.shape[2:]) != tuple(out_size):
         x = F.interpolate(x, size=tuple(out_size), mode='bilinear' if d == 2 else 'trilinear', align_corners=False)
     return x
@@ -523,7 +536,7 @@ def train_segmentation(tokens, masks, patch, num_classes, cfg):
     D, out_size = tokens['train'].shape[-1], masks['train'].shape[1:]
     flat = tokens['train'].reshape(-1, D).astype(np.float32)
     mu, sd = torch.from_numpy(flat.mean(0)), torch.from_numpy(flat.std(0) + 1e-6)
-    linear = nn.Linear(D, num_classes * patch ** (tokens['train'].ndim - 2))
+    linear = nn.Linear(D, num_classes * math.prod(as_tuple(patch, tokens['train'].ndim - 2)))
     head = lambda t: linear((t - mu) / sd)
     opt = torch.optim.AdamW(linear.parameters(), lr=cfg['seg_lr'], weight_decay=1e-4)
     rng = np.random.default_rng(cfg['seed'])
@@ -602,11 +615,25 @@ def task_finetune(row, data, cfg):
     return r, {**metric_cells('fine-tuned', r), 'step (val)': r['best_step']}
 
 
+# BraTS evaluates tumour regions, not labels: enhancing tumour (ET = label 4), tumour core (TC = 1 + 4)
+# and whole tumour (WT = 1 + 2 + 4). prepare.py stores the labels 0/1/2/4 as 0/1/2/3.
+BRATS_LABELS = ['background', 'necrotic tumour core', 'peritumoral edema', 'enhancing tumour']
+BRATS_REGIONS = {'ET': (3,), 'TC': (1, 3), 'WT': (1, 2, 3)}
+
+
+def region_dice(pred, target, regions):
+    """Dice of unions of labels, per image as dice_per_class -> {region: Dice}."""
+    return {name: dice_per_class(np.isin(pred, labels), np.isin(target, labels), 2)[0] for name, labels in regions.items()}
+
+
 def task_seg(row, data, cfg):
     masks = {s: data['masks'][s][row['token_idx'][s]] for s in SPLITS}
     r, pred = train_segmentation(row['tokens'], masks, row['encoder'].patch_size, cfg['seg_classes'], cfg)
     row['seg_pred'] = pred[:8]  # for the overlay figure
     cells = {f"Dice {cfg['seg_names'][c]}": 100 * d for c, d in enumerate(r['dice'], start=1)}
+    if list(cfg['seg_names']) == BRATS_LABELS:
+        r['brats_regions'] = region_dice(pred, masks['test'], BRATS_REGIONS)
+        cells.update({f'Dice {k}': 100 * v for k, v in r['brats_regions'].items()})
     return r, {**cells, **({'mean Dice': 100 * r['mean_dice']} if len(r['dice']) > 1 else {}), 'epoch (val)': r['best_epoch']}
 
 
@@ -776,9 +803,12 @@ def fig_segmentation(plt, path, rows, data):
     fig, ax = plt.subplots(len(rows), n, figsize=(2 * n, 2.2 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for j, i in enumerate(row['token_idx']['test'][:n]):
-            show(ax[r, j], data['images']['test'][i])
-            ax[r, j].contour(data['masks']['test'][i] > 0, levels=[0.5], colors='lime', linewidths=1)
-            ax[r, j].contour(row['seg_pred'][j] > 0, levels=[0.5], colors='magenta', linewidths=1, linestyles='--')
+            image, mask, pred = data['images']['test'][i], data['masks']['test'][i], row['seg_pred'][j]
+            if image.ndim == 4:  # a volume: its middle slice
+                image, mask, pred = image[len(image) // 2], mask[len(mask) // 2], pred[len(pred) // 2]
+            show(ax[r, j], image)
+            ax[r, j].contour(mask > 0, levels=[0.5], colors='lime', linewidths=1)
+            ax[r, j].contour(pred > 0, levels=[0.5], colors='magenta', linewidths=1, linestyles='--')
         ax[r, 0].set_ylabel(row['name'], fontsize=8)
     ax[0, 0].plot([], [], color='lime', label='ground truth')
     ax[0, 0].plot([], [], color='magenta', ls='--', label='prediction')
@@ -798,7 +828,8 @@ def draw_figures(rows, results, data, cfg, out_dir):
     log = os.path.join(out_dir, 'log.jsonl')
     todo = [('training_curves', fig_training_curves, (log,), os.path.isfile(log)),
             ('embedding', fig_embedding, (rows, data, cfg['embedding'], cfg['seed']), True),
-            ('attention', fig_attention, (rows, data, idx), any(isinstance(r['encoder'], medjepa.ViT) for r in rows)),
+            ('attention', fig_attention, (rows, data, idx), any(isinstance(r['encoder'], medjepa.ViT) for r in rows)
+             and data['images']['test'].ndim == 4),
             ('data_efficiency', fig_data_efficiency, (results, data['task']), any('fewshot' in r for r in results.values())),
             ('segmentation', fig_segmentation, (rows, data), any('seg_pred' in r for r in rows))]
     os.makedirs(os.path.join(out_dir, 'figures'), exist_ok=True)
@@ -903,9 +934,16 @@ def build_rows(args, ckpt, data):
     """The encoders compared, each a dict(name, make: () -> encoder module, prep: uint8 -> input tensor)."""
     config, dev, in_chans = ckpt['config'], args.device, data['images']['train'].shape[-1]
     mean, std = data['meta']['mean'], data['meta']['std']
+    dims = medjepa.checkpoint_dims(ckpt)
+    if dims != data['meta'].get('spatial_dims', 2):
+        sys.exit(f"error: {args.ckpt} is a {dims}-D model but {data['name']} holds "
+                 f"{'volumes' if dims == 2 else '2-D images'}: pass a matching --ckpt or --data_dir")
+    if dims == 3:
+        import medjepa3d
+    build = medjepa3d.build_model if dims == 3 else medjepa.build_model
     def jepa(trained):
         torch.manual_seed(args.seed)
-        model = medjepa.build_model(config, in_chans)
+        model = build(config, in_chans)
         if trained:
             model.load_state_dict(ckpt['model'])  # strict: a mismatch is a bug, not a warning
         return model.encoder.to(dev)
@@ -933,6 +971,11 @@ def main(argv=None):
     data = load_data(ddir)
     n, task, K = data['counts'], data['task'], data['num_classes']
     why_not = {'seg': 'the data set has no masks'} if data['masks'] is None else {}
+    if data['meta'].get('spatial_dims', 2) == 3:
+        why_not['finetune'] = 'fine-tuning is 2-D only for now (volumes: frozen-token segmentation and probes)'
+    if task == 'segmentation':
+        why_not.update({t: 'the data set has no volume-level labels, only masks'
+                        for t in ('knn', 'linear', 'fewshot', 'finetune', 'domain')})
     if data['sites'] is None or len(set(data['sites']['train']) & set(data['sites']['test'])) < 2:
         why_not['domain'] = 'the data set has no sites, or only one in train and test'
     todo = [t for t in TASKS if t not in why_not] if args.tasks == ['auto'] else args.tasks
@@ -944,7 +987,7 @@ def main(argv=None):
     if leaky:
         print(f"WARNING: splits share groups or identical images, every number below is optimistic: {leaks}")
     dtype = medjepa.resolve_dtype(args.dtype, args.device)
-    cfg = {**vars(args), 'dtype': dtype, 'Cs': CS, 'knn_ks': [k for k in args.knn_ks if k <= n['train'] / K] or [1]}
+    cfg = {**vars(args), 'dtype': dtype, 'Cs': CS, 'knn_ks': [k for k in args.knn_ks if k <= n['train'] / max(K, 1)] or [1]}
     token_idx = None
     if 'seg' in todo:  # patch tokens are big: a seeded subset of train, all of val and test
         n_seg = n['train'] if args.seg_train <= 0 else min(args.seg_train, n['train'])
@@ -982,8 +1025,9 @@ def main(argv=None):
     figs = draw_figures(rows, results, data, cfg, out_dir) if args.figures else []
     caps = captions(data, cfg)
     notes = ["Rows: pretrained = the checkpoint's encoder (mean-pooled tokens); random-init = the same architecture "
-             f"untrained (torch.manual_seed({args.seed})); raw pixels = images area-averaged to {args.pixel_size}x"
-             f"{args.pixel_size} and normalised (segmentation: each patch's pixels)"
+             f"untrained (torch.manual_seed({args.seed})); raw pixels = images area-averaged to "
+             + (f"{args.pixel_size}x{args.pixel_size}" if data['images']['train'].ndim == 4 else f"{max(1, args.pixel_size // 2)}^3")
+             + " and normalised (segmentation: each patch's pixels)"
              + (f"; imagenet = {args.imagenet} at {args.imagenet_size} px" if args.imagenet else '') + f". Features in {dtype}."]
     if leaky:
         notes.append(f"**WARNING: leakage between splits** (shared groups / identical images): {leaks}")
@@ -996,7 +1040,7 @@ def main(argv=None):
           + '\n'.join(format_table(tables[t], title=caps[t]) for t in todo if tables[t])
           + '\n' + '\n'.join(notes) + '\n' + (f"\nFigures: {', '.join(figs)}\n" if figs else ''))
     elapsed = time.time() - t0
-    label_counts = (lambda y: y.sum(0)) if task == 'multilabel' else (lambda y: np.bincount(y, minlength=K))
+    label_counts = (lambda y: y.sum(0)) if task == 'multilabel' else (lambda y: np.bincount(y[y >= 0], minlength=K))
     report = {
         'dataset': data['name'], 'data_dir': ddir, 'task': task, 'classes': data['meta'].get('classes'), 'counts': n,
         'class_counts': {s: label_counts(data['labels'][s]) for s in SPLITS}, 'report_split': 'test',

@@ -163,11 +163,13 @@ def configure(argv, defaults=None):
     return cfg
 
 
+def need(ok, msg):
+    if not ok:
+        raise ConfigError(msg)
+
+
 def validate(c):
     """Reject values that cannot work, naming the key and the fix (the 2-D model's rules)."""
-    def need(ok, msg):
-        if not ok:
-            raise ConfigError(msg)
     need(c['image_size'] % c['patch_size'] == 0,
          f"image_size={c['image_size']} is not a multiple of patch_size={c['patch_size']}: change one of them")
     need(c['local_size'] % c['patch_size'] == 0,
@@ -176,24 +178,31 @@ def validate(c):
          f"image_size / patch_size = {c['image_size'] // c['patch_size']}: a JEPA needs a grid of at least 2x2 patches")
     need(c['n_embd'] % 4 == 0 and c['pred_n_embd'] % 4 == 0,
          f"n_embd={c['n_embd']} and pred_n_embd={c['pred_n_embd']} must be multiples of 4 (2-D sin-cos positions)")
+    need(c['objective'] in ('mask', 'views'), f"objective must be 'mask' or 'views', got '{c['objective']}'")
+    need(c['color_jitter'] >= 0 and 0 <= c['gray_prob'] <= 1,
+         f"color_jitter={c['color_jitter']} must be >= 0 and gray_prob={c['gray_prob']} in [0, 1]")
+    for k in ('crop_scale', 'local_scale', 'target_scale', 'context_scale'):
+        lo, hi = c[k]
+        need(0 < lo <= hi <= 1, f"{k}={c[k]} must satisfy 0 < low <= high <= 1")
+    for k in ('num_targets', 'proj_dim'):
+        need(c[k] >= 1, f"{k}={c[k]} must be at least 1")
+    return validate_shared(c)
+
+
+def validate_shared(c):
+    """The rules of the keys that medjepa.py and medjepa3d.py share (model widths, SIGReg, schedule)."""
     need(c['n_embd'] % c['n_head'] == 0, f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
     need(c['pred_n_embd'] % c['pred_n_head'] == 0,
          f"pred_n_embd={c['pred_n_embd']} must be divisible by pred_n_head={c['pred_n_head']}")
-    need(c['objective'] in ('mask', 'views'), f"objective must be 'mask' or 'views', got '{c['objective']}'")
     need(c['sigreg_on'] in ('pooled_std', 'pooled', 'tokens'),
          f"sigreg_on must be 'pooled_std', 'pooled' or 'tokens', got '{c['sigreg_on']}'")
     need(c['init_from'] in ('scratch', 'resume'), f"init_from must be 'scratch' or 'resume', got '{c['init_from']}'")
     need(c['dtype'] in ('auto', 'float32', 'bfloat16', 'float16'), f"dtype '{c['dtype']}' is not one of auto/float32/bfloat16/float16")
-    need(c['color_jitter'] >= 0 and 0 <= c['gray_prob'] <= 1,
-         f"color_jitter={c['color_jitter']} must be >= 0 and gray_prob={c['gray_prob']} in [0, 1]")
     need(0.0 <= c['sigreg_lambda'] <= 1.0, f"sigreg_lambda={c['sigreg_lambda']} must lie in [0, 1]")
-    for k in ('crop_scale', 'target_scale', 'context_scale', 'local_scale'):
-        lo, hi = c[k]
-        need(0 < lo <= hi <= 1, f"{k}={c[k]} must satisfy 0 < low <= high <= 1")
     lo, hi = c['target_aspect']
     need(0 < lo <= hi, f"target_aspect={c['target_aspect']} must satisfy 0 < low <= high")
-    for k in ('batch_size', 'gradient_accumulation_steps', 'max_iters', 'num_slices', 'num_targets',
-              'log_interval', 'eval_interval', 'n_layer', 'n_embd', 'pred_n_layer', 'proj_dim'):
+    for k in ('batch_size', 'gradient_accumulation_steps', 'max_iters', 'num_slices',
+              'log_interval', 'eval_interval', 'n_layer', 'n_embd', 'pred_n_layer'):
         need(c[k] >= 1, f"{k}={c[k]} must be at least 1")
     need(c['learning_rate'] > 0 and c['min_lr'] >= 0, "learning_rate must be > 0 and min_lr >= 0")
     return c
@@ -221,8 +230,9 @@ def load_split(data_dir, split):
     if out['images'] is None:
         raise FileNotFoundError(f"'{data_dir}' has no {split}_images.npy: the data set is incomplete, "
                                 f"delete the folder and run prepare.py again")
-    if out['images'].dtype != np.uint8 or out['images'].ndim != 4:
-        raise ValueError(f"{split}_images.npy must be uint8 (N, H, W, C), got {out['images'].dtype} {out['images'].shape}")
+    if out['images'].dtype != np.uint8 or out['images'].ndim not in (4, 5):
+        raise ValueError(f"{split}_images.npy must be uint8 (N, H, W, C) or volumes (N, D, H, W, C), "
+                         f"got {out['images'].dtype} {out['images'].shape}")
     return out
 
 
@@ -245,7 +255,8 @@ def batch_indices(step, micro, n, batch, world, rank, accum, seed):
 
 
 def to_float(images_uint8, mean, std, device):
-    """(B, H, W, C) uint8 numpy -> (B, C, H, W) float tensor, normalised per channel on the device.
+    """(B, H, W, C) uint8 numpy -> (B, C, H, W) float tensor, normalised per channel on the device
+    (volumes: (B, D, H, W, C) -> (B, C, D, H, W)).
 
     uint8 travels (4x fewer bytes than float32). Host-to-device copies here and in the model are
     non_blocking: a blocking copy waits for the GPU to drain its queue, leaving it idle while the
@@ -253,9 +264,10 @@ def to_float(images_uint8, mean, std, device):
     x = torch.from_numpy(np.array(images_uint8, copy=True))  # own writable memory (memmaps are read-only)
     if str(device).startswith('cuda'):
         x = x.pin_memory()
-    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-    m = torch.tensor(mean).view(1, -1, 1, 1).to(device, non_blocking=True)
-    s = torch.tensor(std).view(1, -1, 1, 1).to(device, non_blocking=True)
+    x = x.to(device, non_blocking=True).movedim(-1, 1).float().div_(255)
+    shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcast over the spatial axes
+    m = torch.tensor(mean).view(shape).to(device, non_blocking=True)
+    s = torch.tensor(std).view(shape).to(device, non_blocking=True)
     return (x - m) / s
 
 
@@ -301,16 +313,19 @@ def color_jitter(x, gen, strength, gray_prob=0.0):
 # ImageNet ViT layout (patch_embed.proj, blocks.i.attn.qkv, blocks.i.mlp.fc1, norm, ...).
 
 
+def sincos_1d(pos, d):
+    """(P,) integer positions -> (P, d) codes: d/2 sines and d/2 cosines at geometric frequencies."""
+    omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d // 2))
+    ang = pos.double()[:, None] * omega[None]
+    return torch.cat([ang.sin(), ang.cos()], 1)
+
+
 @functools.lru_cache(maxsize=16)
 def sincos_2d(gh, gw, dim):
     """Fixed 2-D sin-cos positions (gh*gw, dim): half the channels encode the row, half the column."""
     assert dim % 4 == 0, 'embedding width must be a multiple of 4 for 2-D sin-cos positions'
-    def axis(pos, d):  # (P,) -> (P, d)
-        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d // 2))
-        ang = pos.double()[:, None] * omega[None]
-        return torch.cat([ang.sin(), ang.cos()], 1)
     rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing='ij')
-    return torch.cat([axis(rows.flatten(), dim // 2), axis(cols.flatten(), dim // 2)], 1).float()
+    return torch.cat([sincos_1d(rows.flatten(), dim // 2), sincos_1d(cols.flatten(), dim // 2)], 1).float()
 
 
 class Attention(nn.Module):
@@ -373,12 +388,16 @@ class ViT(nn.Module):
 
     forward(x, keep) with keep = (B, K) patch indices runs the encoder on those patches only:
     positions are added *before* gathering, so each kept patch still knows where it came from.
+    The only 2-D parts are `conv` and `positions`: medjepa3d.py swaps in Conv3d and 3-D sin-cos.
     """
+    conv = nn.Conv2d  # patch embedding: kernel = stride = patch_size
+    positions = staticmethod(sincos_2d)  # (*grid, dim) -> (prod(grid), dim)
+
     def __init__(self, in_chans, patch_size, n_embd, n_layer, n_head):
         super().__init__()
         self.patch_size = patch_size
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(in_chans, n_embd, patch_size, patch_size)
+        self.patch_embed.proj = self.conv(in_chans, n_embd, patch_size, patch_size)
         self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
         self.norm = nn.LayerNorm(n_embd, eps=1e-6)
         init_weights(self)
@@ -388,10 +407,14 @@ class ViT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
     def pos_embed(self, grid, device):
-        return sincos_2d(*grid, self.norm.normalized_shape[0]).to(device, non_blocking=True)
+        return self.positions(*grid, self.norm.normalized_shape[0]).to(device, non_blocking=True)
+
+    def grid(self, x):
+        """The patch grid of an input batch: (gh, gw), or (gd, gh, gw) for volumes."""
+        return tuple(s // k for s, k in zip(x.shape[2:], self.patch_embed.proj.kernel_size))
 
     def forward(self, x, keep=None):
-        x = self.patch_embed.proj(x)  # (B, D, gh, gw)
+        x = self.patch_embed.proj(x)  # (B, D, gh, gw) or (B, D, gd, gh, gw)
         grid = x.shape[2:]
         x = x.flatten(2).transpose(1, 2) + self.pos_embed(grid, x.device)  # (B, N, D)
         if keep is not None:
@@ -409,6 +432,8 @@ class Predictor(nn.Module):
     nothing read another block: the M predictions stay independent, as if run one by one, at the
     cost of one pass (SPEC.md section 8: four separate passes were ~1.9x slower).
     """
+    positions = staticmethod(sincos_2d)  # medjepa3d.py: sincos_3d
+
     def __init__(self, enc_dim, dim, n_layer, n_head):
         super().__init__()
         self.embed = nn.Linear(enc_dim, dim)
@@ -422,7 +447,7 @@ class Predictor(nn.Module):
     def forward(self, ctx, ctx_idx, tgt_idx, grid):
         B, M, K = tgt_idx.shape
         Nc = ctx_idx.shape[1]
-        pos = sincos_2d(*grid, self.mask_token.shape[0]).to(ctx.device, non_blocking=True)  # (N, dim)
+        pos = self.positions(*grid, self.mask_token.shape[0]).to(ctx.device, non_blocking=True)  # (N, dim)
         x = self.embed(ctx) + pos[ctx_idx]  # (B, Nc, dim)
         t = self.mask_token + pos[tgt_idx.view(B, M * K)]  # (B, M*K, dim)
         x = torch.cat([x, t], 1)
@@ -605,12 +630,14 @@ def transformer_flops(T, D, n_layer, mlp_ratio=4.0):
 
 
 class JEPA(nn.Module):
+    Encoder, Predictor = ViT, Predictor  # medjepa3d.py: their 3-D subclasses
+
     def __init__(self, cfg, in_chans=3):
         super().__init__()
         self.cfg = cfg
-        self.encoder = ViT(in_chans, cfg['patch_size'], cfg['n_embd'], cfg['n_layer'], cfg['n_head'])
+        self.encoder = self.Encoder(in_chans, cfg['patch_size'], cfg['n_embd'], cfg['n_layer'], cfg['n_head'])
         if cfg['objective'] == 'mask':
-            self.predictor = Predictor(cfg['n_embd'], cfg['pred_n_embd'], cfg['pred_n_layer'], cfg['pred_n_head'])
+            self.predictor = self.Predictor(cfg['n_embd'], cfg['pred_n_embd'], cfg['pred_n_layer'], cfg['pred_n_head'])
         else:
             self.projector = Projector(cfg['n_embd'], 4 * cfg['proj_dim'], cfg['proj_dim'])
 
@@ -619,15 +646,21 @@ class JEPA(nn.Module):
             return self.mask_loss(batch['x'], batch['x_tgt'], batch['ctx_idx'], batch['tgt_idx'], step)
         return self.views_loss(batch['globals'], batch['locals'], step)
 
-    def mask_loss(self, x, x_tgt, ctx_idx, tgt_idx, step):
+    @torch.no_grad()
+    def targets(self, x_tgt):
+        """Targets: the same encoder on the full image, layer-normed, no gradient. (B, N, D)"""
+        h = self.encoder(x_tgt)
+        return F.layer_norm(h, h.shape[-1:])
+
+    def mask_loss(self, x, x_tgt, ctx_idx, tgt_idx, step, h=None):
         """MedJEPA objective: predict the (stop-gradient, layer-normed) full-image representation
-        of each target block from the context, plus SIGReg against collapse. No EMA teacher."""
+        of each target block from the context, plus SIGReg against collapse. No EMA teacher.
+        h: self.targets(x_tgt) when the caller already has it (several mask sets per image)."""
         c, lam = self.cfg, self.cfg['sigreg_lambda']
         B, M, K = tgt_idx.shape
-        grid = (x.shape[2] // c['patch_size'], x.shape[3] // c['patch_size'])
-        with torch.no_grad():  # targets: the same encoder on the full image, no gradient
-            h = self.encoder(x_tgt)  # (B, N, D); x_tgt = x up to photometric jitter
-            h = F.layer_norm(h, h.shape[-1:])
+        grid = self.encoder.grid(x)
+        h = self.targets(x_tgt) if h is None else h  # (B, N, D); x_tgt = x up to photometric jitter
+        with torch.no_grad():
             target = h.gather(1, tgt_idx.view(B, M * K, 1).expand(-1, -1, h.shape[-1]))  # (B, M*K, D)
         z = self.encoder(x, ctx_idx)  # (B, Nc, D) context tokens only
         pred = self.predictor(z, ctx_idx, tgt_idx, grid)  # (B, M*K, D)
@@ -639,10 +672,10 @@ class JEPA(nn.Module):
             reg_in = standardise(pooled) if c['sigreg_on'] == 'pooled_std' else pooled
         reg = sigreg(reg_in, step, c['num_slices'], c['seed'])
         loss = (1 - lam) * pred_loss + lam * reg
-        N, Nc, D, L = grid[0] * grid[1], ctx_idx.shape[1], c['n_embd'], c['n_layer']
+        N, Nc, D, L = math.prod(grid), ctx_idx.shape[1], c['n_embd'], c['n_layer']
         flops = B * (transformer_flops(N, D, L) + 3 * transformer_flops(Nc, D, L)
                      + 3 * transformer_flops(Nc + M * K, c['pred_n_embd'], c['pred_n_layer'])
-                     + 4 * N * D * x.shape[1] * c['patch_size'] ** 2)
+                     + 4 * N * D * x.shape[1] * math.prod(self.encoder.patch_embed.proj.kernel_size))
         return loss, dict(pred=pred_loss.detach(), sigreg=reg.detach(), emb=pooled.detach(), flops=flops)
 
     def views_loss(self, g, l, step):
@@ -666,6 +699,7 @@ class JEPA(nn.Module):
         return loss, dict(pred=pred_loss.detach(), sigreg=reg.detach(), emb=emb[:B].detach(), flops=flops)
 
 
+SPATIAL_DIMS = 2  # images; checkpoints record it, so a 3-D one is never loaded into this model
 MODEL_KEYS = ('patch_size', 'n_embd', 'n_layer', 'n_head', 'pred_n_embd', 'pred_n_layer', 'pred_n_head',
               'objective', 'proj_dim', 'sigreg_lambda', 'num_slices', 'sigreg_on', 'seed')
 
@@ -674,9 +708,15 @@ def build_model(cfg, in_chans=3):
     return JEPA({k: cfg[k] for k in MODEL_KEYS}, in_chans)
 
 
+def batch_generator(cfg, step, micro, rank):
+    """The random generator of one micro-batch (crops, masks), a function of the step alone: resuming
+    reproduces the same batches, and every rank and micro-step draws its own."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([cfg['seed'], step, micro, rank]).generate_state(1)[0]))
+
+
 def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
     """Augment one micro-batch on the device and draw its masks, from seeds derived from the step."""
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg['seed'], step, micro, rank]).generate_state(1)[0]))
+    gen = batch_generator(cfg, step, micro, rank)
     x = to_float(images, mean, std, device)
     jitter = lambda v: color_jitter(v, gen, cfg['color_jitter'], cfg['gray_prob'])
     if cfg['objective'] == 'mask':
@@ -767,14 +807,26 @@ def save_checkpoint(path, obj):
     os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
 
 
-def load_checkpoint(path, map_location='cpu'):
+def load_checkpoint(path, map_location='cpu', spatial_dims=None):
+    """The checkpoint dict; with spatial_dims, refuse one written for the other kind of model
+    (a 3-D checkpoint's Conv3d weights do not fit a 2-D model, and vice versa)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint '{path}' not found: train one with 'python medjepa.py'")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise RuntimeError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {e}); it may be "
                            f"truncated or not a MedJEPA checkpoint") from e
+    if spatial_dims is not None and checkpoint_dims(ckpt) != spatial_dims:
+        raise ConfigError(f"checkpoint '{path}' is a {checkpoint_dims(ckpt)}-D model "
+                          f"({'medjepa3d.py' if checkpoint_dims(ckpt) == 3 else 'medjepa.py'}); this is the "
+                          f"{spatial_dims}-D one: use {'medjepa3d.py' if spatial_dims == 2 else 'medjepa.py'}"
+                          f" for it, or another out_dir")
+    return ckpt
+
+
+def checkpoint_dims(ckpt):
+    return ckpt.get('spatial_dims', 2)  # checkpoints from before medjepa3d.py are all 2-D
 
 
 def lr_at(it, c):
@@ -788,13 +840,14 @@ def lr_at(it, c):
 # Training
 
 
-def main(argv=None):
+def main(argv=None, impl=None):
+    impl = impl or sys.modules[__name__]
     try:
-        cfg = validate(configure(sys.argv[1:] if argv is None else argv))
+        cfg = impl.validate(configure(sys.argv[1:] if argv is None else argv, impl.DEFAULTS))
     except ConfigError as e:
-        print(f'medjepa: {e}', file=sys.stderr)
+        print(f'{os.path.basename(impl.__file__)}: {e}', file=sys.stderr)
         sys.exit(2)
-    return train(cfg)
+    return train(cfg, impl)
 
 
 def setup_distributed(cfg):
@@ -860,7 +913,11 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
     return loss_sum / accum, stats, flops
 
 
-def train(cfg):
+def train(cfg, impl=None):
+    """The training loop. impl: the module with the pieces that depend on the kind of data:
+    build_model, make_batch, extract_features, MODEL_KEYS and SPATIAL_DIMS (this module by default;
+    medjepa3d.py passes itself, so images and volumes share this loop, its logs and checkpoints)."""
+    impl = impl or sys.modules[__name__]
     ddp, rank, world, dev = setup_distributed(cfg)
     master = rank == 0
     if cfg['num_threads'] > 0:
@@ -877,14 +934,17 @@ def train(cfg):
         torch.backends.cudnn.allow_tf32 = True
 
     # data: generate the demo if it is missing, then memory-map the train split
-    if master and not os.path.isfile(os.path.join(cfg['data_dir'], 'meta.json')) \
-            and os.path.basename(os.path.normpath(cfg['data_dir'])) == 'demo':
-        from prepare import prepare_demo
-        print(f"{cfg['data_dir']} is missing: generating the demo data set (python prepare.py demo)")
-        prepare_demo(cfg['data_dir'])
+    demo = os.path.basename(os.path.normpath(cfg['data_dir']))
+    if master and not os.path.isfile(os.path.join(cfg['data_dir'], 'meta.json')) and demo in ('demo', 'demo3d'):
+        import prepare
+        print(f"{cfg['data_dir']} is missing: generating the demo data set (python prepare.py {demo})")
+        prepare.DATASETS[demo](cfg['data_dir'])
     if ddp:  # (naming the GPU: NCCL would otherwise guess it from the global rank)
         dist.barrier(**({'device_ids': [torch.cuda.current_device()]} if dev.startswith('cuda') else {}))
     meta = read_meta(cfg['data_dir'])
+    if meta.get('spatial_dims', 2) != impl.SPATIAL_DIMS:
+        raise ConfigError(f"{cfg['data_dir']} holds {'volumes' if meta.get('spatial_dims', 2) == 3 else '2-D images'}: "
+                          f"train on it with {'medjepa3d.py' if meta.get('spatial_dims', 2) == 3 else 'medjepa.py'}")
     train_split, val_split = load_split(cfg['data_dir'], 'train'), load_split(cfg['data_dir'], 'val')
     images, (mean, std) = train_split['images'], (meta['mean'], meta['std'])
     n_train, in_chans = len(images), images.shape[-1]
@@ -893,14 +953,14 @@ def train(cfg):
 
     # model, optimiser, resume
     torch.manual_seed(cfg['seed'])
-    model = build_model(cfg, in_chans).to(dev)
+    model = impl.build_model(cfg, in_chans).to(dev)
     optimizer = make_optimizer(model, cfg, dev)
     scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))
     iter_num, best_knn = 0, 0.0
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
     if cfg['init_from'] == 'resume':
-        ckpt = load_checkpoint(ckpt_path, map_location=dev)
-        changed = [k for k in MODEL_KEYS if ckpt['config'].get(k) != cfg[k]]
+        ckpt = load_checkpoint(ckpt_path, map_location=dev, spatial_dims=impl.SPATIAL_DIMS)
+        changed = [k for k in impl.MODEL_KEYS if ckpt['config'].get(k) != cfg[k]]
         if changed:
             raise ConfigError(f"cannot resume {ckpt_path}: model settings differ from the checkpoint's: "
                               + ', '.join(f"{k}={cfg[k]!r} (checkpoint: {ckpt['config'].get(k)!r})" for k in changed))
@@ -910,10 +970,10 @@ def train(cfg):
         if master:
             print(f'resumed from {ckpt_path} at step {iter_num}')
     raw_model = model
-    if ddp and cfg['objective'] == 'views' and dev.startswith('cuda'):
+    if ddp and cfg.get('objective') == 'views' and dev.startswith('cuda'):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the projector's BatchNorm over all ranks
         raw_model = model
-    elif ddp and cfg['objective'] == 'views' and master:  # torch's SyncBatchNorm runs on GPUs only
+    elif ddp and cfg.get('objective') == 'views' and master:  # torch's SyncBatchNorm runs on GPUs only
         print('note: on CPU the projector BatchNorm normalises each rank\'s shard on its own (no SyncBatchNorm)')
     if cfg['compile']:
         model = torch.compile(model)
@@ -924,7 +984,7 @@ def train(cfg):
         os.makedirs(cfg['out_dir'], exist_ok=True)
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{meta.get('name', cfg['data_dir'])}: {n_train} train images {tuple(images.shape[1:])}; "
-              f"model {n_params / 1e6:.2f}M params; objective={cfg['objective']}; device={dev} dtype={dtype} "
+              f"model {n_params / 1e6:.2f}M params; objective={cfg.get('objective', 'mask')}; device={dev} dtype={dtype} "
               f"world={world} batch={cfg['batch_size']}x{accum}x{world}")
         peak = measure_matmul_flops(dev, ptdtype if dtype != 'float32' else torch.float32)
         print(f'measured {dtype} matmul throughput (MFU denominator): {peak / 1e9:.0f} GFLOP/s')
@@ -934,26 +994,28 @@ def train(cfg):
 
     def online_knn():
         enc = raw_model.encoder
-        f_tr = extract_features(enc, images[knn_idx], mean, std, dev)
-        f_va = extract_features(enc, val_split['images'], mean, std, dev)
+        f_tr = impl.extract_features(enc, images[knn_idx], mean, std, dev)
+        f_va = impl.extract_features(enc, val_split['images'], mean, std, dev)
         scores = knn_predict(f_tr, train_split['labels'][knn_idx], f_va, meta['num_classes'])
         return float((scores.argmax(1) == val_split['labels']).mean())
 
     def checkpoint():
         save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                         iter_num=iter_num, best_metric=best_knn, config=cfg,
-                                        model_args={k: cfg[k] for k in MODEL_KEYS}))
+                                        model_args={k: cfg[k] for k in impl.MODEL_KEYS},
+                                        spatial_dims=impl.SPATIAL_DIMS))
 
     # pre-emption (SIGTERM from a scheduler, SIGUSR1 as a warning): finish the step, save, exit
     stop = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    # (restored on return: train() may run inside a bigger program, whose forked workers inherit handlers)
+    old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def get_batch(micro):  # this rank's micro-batch of step iter_num, augmented on the device
         nonlocal tdata
         td = time.time()
         idx = np.sort(batch_indices(iter_num, micro, n_train, cfg['batch_size'], world, rank, accum, cfg['seed']))
-        batch = make_batch(cfg, images[idx], mean, std, iter_num, micro, dev, rank)
+        batch = impl.make_batch(cfg, images[idx], mean, std, iter_num, micro, dev, rank)
         tdata += time.time() - td
         return batch
 
@@ -1012,6 +1074,8 @@ def train(cfg):
         print(f'saved {ckpt_path}')
     if ddp:
         dist.destroy_process_group()
+    for sig, handler in old_handlers.items():
+        signal.signal(sig, handler)
     return raw_model
 
 

@@ -873,6 +873,126 @@ def prepare_demo(out_dir='data/demo', size: int = 64, seed: int = 0, n_train: in
     return out_dir
 
 # -----------------------------------------------------------------------------
+# demo3d: synthetic abdominal CT-like volumes with labelled organs, for medjepa3d.py
+
+
+DEMO3D_LABELS = ['background', 'liver', 'kidney', 'spine', 'lesion']  # mask values 0..4
+DEMO3D_CLASSES = ['no lesion', 'cyst', 'tumour']  # volume label: what sits in the liver
+DEMO3D_VERSION = 1       # bump whenever the volumes change
+SCANS_PER_SUBJECT = 2    # two scans of each subject (fresh pose, noise, bias field); splits by subject
+
+
+def demo3d_subject(rng, label):
+    """One subject's anatomy: (name, centre (z, y, x), radii, in-plane angle, intensity, wobble) per organ."""
+    u = rng.uniform
+    wobble = lambda: (u(0.05, 0.2), rng.normal(0, 3, (3, 3)), u(0, 2 * np.pi, 3))  # amplitude, frequencies, phases
+    liver_c, liver_r = np.array([u(-0.1, 0.2), u(-0.2, 0.0), u(-0.4, -0.25)]), np.array([0.65, 0.5, 0.48]) * u(0.85, 1.15, 3)
+    organs = [('liver', liver_c, liver_r, u(-0.4, 0.4), u(0.48, 0.62), wobble())]
+    kz, ky, kr = u(-0.35, -0.05), u(0.2, 0.35), np.array([0.36, 0.2, 0.17]) * u(0.85, 1.15, 3)
+    for side in (-1, 1):
+        organs.append(('kidney', np.array([kz + u(-0.05, 0.05), ky, side * u(0.38, 0.5)]), kr * u(0.9, 1.1, 3),
+                       side * u(0.2, 0.5), u(0.66, 0.78), wobble()))
+    spine = (np.array([0, u(0.45, 0.55), u(-0.04, 0.04)]), u(0.12, 0.16), u(0.88, 0.98), u(6, 9))
+    lesion = None
+    if label > 0:  # a round lesion well inside the liver: dark (cyst) or bright (tumour)
+        lesion = (liver_c + rng.uniform(-0.35, 0.35, 3) * liver_r, u(0.1, 0.18), 0.28 if label == 1 else 0.82)
+    body = (u(0.8, 0.92), u(0.6, 0.72), u(0.3, 0.4))  # x and y radii of the trunk, soft-tissue intensity
+    return organs, spine, lesion, body
+
+
+def render_demo3d(subject, rng, size):
+    """One scan of a subject -> (uint8 (S, S, S, 1) volume, uint8 (S, S, S) label map). Axes (z, y, x)."""
+    organs, spine, lesion, body = subject
+    u = rng.uniform
+    ang, shift = u(-0.15, 0.15), rng.uniform(-0.08, 0.08, 3)  # pose of this scan
+    g = (np.arange(size) + 0.5) / size * 2 - 1
+    z, y, x = np.meshgrid(g, g, g, indexing='ij')
+    ca, sa = np.cos(ang), np.sin(ang)
+    z, y, x = z - shift[0], ca * (y - shift[1]) - sa * (x - shift[2]), sa * (y - shift[1]) + ca * (x - shift[2])
+    soft = lambda f: 1 / (1 + np.exp(np.clip(f / 0.06, -50, 50)))  # partial-volume edge, f < 0 inside
+    image = 0.03 + np.zeros_like(x)  # air
+    labels = np.zeros(x.shape, np.uint8)
+    def paint(f, value, label):
+        nonlocal image
+        a = soft(f)
+        image = image * (1 - a) + value * a
+        if label:
+            labels[f < 0] = label
+    paint((x / body[0]) ** 2 + (y / body[1]) ** 2 - 1, body[2], 0)
+    for name, c, r, theta, value, (amp, freq, phase) in organs:
+        dz, dy, dx = z - c[0], y - c[1], x - c[2]
+        ct, st = np.cos(theta), np.sin(theta)
+        q = np.stack([dz / r[0], (ct * dy - st * dx) / r[1], (st * dy + ct * dx) / r[2]])
+        bumps = sum(np.sin(np.tensordot(freq[i], q, 1) + phase[i]) for i in range(3)) / 3
+        paint((q ** 2).sum(0) - 1 + amp * bumps, value, DEMO3D_LABELS.index(name))
+    (sc, sr, sv, sf) = spine  # a column along z whose radius swells at every vertebra
+    paint(((y - sc[1]) ** 2 + (x - sc[2]) ** 2) / (sr * (1 + 0.25 * np.cos(sf * np.pi * z))) ** 2 - 1, sv, 3)
+    if lesion is not None:
+        lc, lr, lv = lesion
+        paint(((z - lc[0]) ** 2 + (y - lc[1]) ** 2 + (x - lc[2]) ** 2) / lr ** 2 - 1, lv, 4)
+    # the scanner: a smooth multiplicative bias field, gain and offset, noise
+    coef = rng.normal(0, 0.12, 4)
+    image = image * np.exp(coef[0] * z + coef[1] * y + coef[2] * x + coef[3] * (x * x + y * y)) * u(0.9, 1.1) + u(-0.03, 0.03)
+    image = image + rng.normal(0, u(0.02, 0.06), image.shape)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)[..., None], labels
+
+
+def prepare_demo3d(out_dir='data/demo3d', size: int = 32, seed: int = 0, n_train: int = 600,
+                   n_val: int = 100, n_test: int = 200):
+    """
+    Synthetic abdominal CT-like volumes for the 3-D model, size^3 voxels, deterministic from the seed.
+
+    Each subject has a trunk, a liver, two kidneys and a spine, with their own shape (ellipsoids with
+    random radii, in-plane rotation and a low-frequency surface wobble), position and intensity; a
+    third of the subjects have a dark cyst in the liver, a third a bright tumour. Every subject is
+    scanned SCANS_PER_SUBJECT times, each with a fresh pose, gain, multiplicative bias field and
+    noise. Voxel labels: 0 background, 1 liver, 2 kidney, 3 spine, 4 lesion (masks); volume label:
+    no lesion / cyst / tumour (labels, balanced in each split). Splits are by subject (groups).
+    The 600 / 100 / 200 default takes a few seconds and 30 MB.
+    """
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    args = {'size': size, 'seed': seed, 'n_train': n_train, 'n_val': n_val, 'n_test': n_test,
+            'generator_version': DEMO3D_VERSION}
+    n_subjects = {s: round(n / SCANS_PER_SUBJECT) for s, n in zip(SPLITS, (n_train, n_val, n_test))}
+    if size < 16 or min(n_subjects.values()) < 1:
+        raise ValueError(f"need --size >= 16 and at least {SCANS_PER_SUBJECT} volumes per split, got size {size}, "
+                         f"{n_train}/{n_val}/{n_test}")
+    if is_up_to_date(out_dir, args):
+        print(f"{out_dir} is up to date (same arguments), nothing to do")
+        return out_dir
+    print(f"generating demo3d volumes: {size}^3 voxels, seed {seed} -> {out_dir}")
+    rng = np.random.default_rng(seed)
+    next_id = 0
+    with staging_dir(out_dir) as tmp:
+        for split in SPLITS:
+            n = n_subjects[split]
+            ids = np.arange(next_id, next_id + n)
+            next_id += n
+            labels = rng.permutation(np.arange(n) % len(DEMO3D_CLASSES))  # balanced within each split
+            images = np.empty((n * SCANS_PER_SUBJECT, size, size, size, 1), np.uint8)
+            masks = np.empty((n * SCANS_PER_SUBJECT, size, size, size), np.uint8)
+            for k, (i, label) in enumerate(zip(ids, labels)):
+                sub_rng = np.random.default_rng([seed, int(i)])  # a subject's volumes do not depend on the others
+                subject = demo3d_subject(sub_rng, label)
+                for j in range(SCANS_PER_SUBJECT):
+                    images[k * SCANS_PER_SUBJECT + j], masks[k * SCANS_PER_SUBJECT + j] = render_demo3d(subject, sub_rng, size)
+            order = rng.permutation(len(images))  # scans of a subject are not neighbours in the file
+            write_split(tmp, split, images=images[order], labels=np.repeat(labels, SCANS_PER_SUBJECT)[order],
+                        masks=masks[order], groups=np.repeat(ids, SCANS_PER_SUBJECT)[order],
+                        mask_max=len(DEMO3D_LABELS) - 1)
+            print(f"  {split:5s}: {len(images)} volumes of {n} subjects")
+        write_meta(tmp, 'demo3d', DEMO3D_CLASSES,
+                   split_rule=f"by subject: the {SCANS_PER_SUBJECT} scans of a subject are in one split; "
+                              f"classes balanced within each split",
+                   source="synthetic, generated by prepare.py demo3d",
+                   licence="CC0-1.0 (generated data, no rights reserved)", citation=None, args=args,
+                   mask_labels=DEMO3D_LABELS, mask_classes=DEMO3D_LABELS, seed=seed,
+                   generator_version=DEMO3D_VERSION, scans_per_subject=SCANS_PER_SUBJECT,
+                   axes='(N, D, H, W, C) = (volume, z, y, x, channel), synthetic isotropic voxels')
+    return finish(out_dir, t0)
+
+# -----------------------------------------------------------------------------
 # The real data sets: one function each. They share the steps above:
 #   args -> is_up_to_date -> get_raw -> split_by_group -> staging_dir { convert_split / write_split
 #   per split, write_meta } -> finish
@@ -1204,15 +1324,24 @@ def resize_volume(v, shape, nearest=False):
     return np.asarray(Image.fromarray(v.reshape(len(v), H * W)).resize((H * W, D), f)).reshape(D, H, W)
 
 
-def read_nifti(path):
-    """A NIfTI file as float32 (Z, Y, X, C), RAS-oriented. Raises on a damaged file or header."""
+def read_nifti(path, spacing=False):
+    """A NIfTI file as float32 (Z, Y, X, C), RAS-oriented. Raises on a damaged file or header.
+    spacing=True: also the voxel size in mm along (Z, Y, X), read from the reoriented header."""
     img = nib.as_closest_canonical(nib.load(str(path)))
     a = np.asarray(img.dataobj, np.float32)
     if a.ndim == 3:
         a = a[..., None]
     if a.ndim != 4 or min(a.shape) < 1:
         raise ValueError(f"expected a 3-D or 4-D volume, got shape {a.shape}")
-    return a.transpose(2, 1, 0, 3)
+    a = a.transpose(2, 1, 0, 3)
+    return (a, tuple(float(z) for z in img.header.get_zooms()[:3][::-1])) if spacing else a
+
+
+def resample_spacing(v, spacing, target, nearest=False):
+    """(Z, Y, X) volume with voxel size `spacing` (mm) -> the same field of view at voxel size `target`:
+    shape round(shape * spacing / target), so the physical extent is kept (to half a voxel per axis)."""
+    shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(v.shape, spacing, target))
+    return resize_volume(v, shape, nearest)
 
 
 def load_volume(channel_paths, label_path, shape, label_values):
@@ -1684,6 +1813,7 @@ def prepare_dicom(out_dir='data/dicom', source: str = '', size: int = 224, windo
 
 DATASETS = {
     'demo': prepare_demo,
+    'demo3d': prepare_demo3d,
     'ham10000': prepare_ham10000,
     **{flag: functools.partial(prepare_medmnist, flag) for flag in MEDMNIST['flags']},
     'aptos2019': prepare_aptos2019,

@@ -1,0 +1,261 @@
+"""medjepa3d.py: tubelets, 3-D positions and masks, the shared 2-D machinery, training on volumes, the
+3-D data path (demo3d, NIfTI reading, resampling) and the 3-D rows of eval.py. Tiny models throughout."""
+import inspect
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import eval as ev
+import medjepa as mj
+import medjepa3d as m3
+import prepare
+
+NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), 'tests', 'data')
+TINY = ['--volume_size=(16,16,16)', '--patch_size=(4,4,4)', '--n_layer=2', '--n_embd=24', '--n_head=2',
+        '--pred_n_layer=1', '--pred_n_embd=12', '--pred_n_head=2', '--batch_size=16', '--num_slices=32',
+        '--knn_train_size=64', '--device=cpu', '--dtype=float32', '--num_threads=1', '--warmup_iters=5']
+
+
+def _cfg(**kw):
+    return m3.validate(dict(m3.DEFAULTS, volume_size=(16, 16, 16), patch_size=(4, 4, 4), n_layer=2, n_embd=24,
+                            n_head=2, pred_n_layer=1, pred_n_embd=12, pred_n_head=2, num_slices=16, **kw))
+
+
+@pytest.fixture(scope='module')
+def demo3d(tmp_path_factory):
+    """A small demo3d: 16^3 voxels, 48 / 8 / 12 volumes."""
+    return prepare.prepare_demo3d(tmp_path_factory.mktemp('d') / 'demo3d', size=16, n_train=48, n_val=8, n_test=12)
+
+# ----------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize('patch,shape', [((4, 4, 4), (16, 16, 16)), ((2, 8, 8), (8, 16, 32)), ((2, 16, 16), (4, 32, 32))])
+def test_tubelet_embedding_gives_one_token_per_box_in_depth_major_order(patch, shape):
+    enc = m3.ViT3D(2, patch, 24, 1, 2)
+    x = torch.randn(3, 2, *shape)
+    grid = tuple(s // p for s, p in zip(shape, patch))
+    assert enc.grid(x) == grid and enc(x).shape == (3, int(np.prod(grid)), 24)
+    assert isinstance(enc.patch_embed.proj, torch.nn.Conv3d) and enc.patch_embed.proj.kernel_size == patch
+    # token t reads only its own box: changing one voxel changes one token's patch embedding
+    x2 = x.clone()
+    x2[0, 0, -1, -1, -1] += 10
+    diff = (enc.patch_embed.proj(x2) - enc.patch_embed.proj(x)).abs().flatten(2).sum(1)[0]  # (N,)
+    assert diff.nonzero().flatten().tolist() == [int(np.prod(grid)) - 1]
+
+
+def test_3d_positions_split_the_width_over_depth_rows_and_columns_on_non_cubic_grids():
+    p = m3.sincos_3d(2, 3, 5, 12)
+    assert p.shape == (30, 12)
+    d = torch.cdist(p, p) + torch.eye(30) * 10
+    assert d.min() > 0.1  # every token has its own code
+    g = p.view(2, 3, 5, 12)
+    assert torch.equal(g[0, :, :, :4], g[0, :1, :1, :4].expand(3, 5, 4))  # first third: depth only
+    assert torch.equal(g[:, 0, :, 4:8], g[:1, 0, :1, 4:8].expand(2, 5, 4))  # second third: row only
+    assert torch.equal(g[:, :, 0, 8:], g[:1, :1, 0, 8:].expand(2, 3, 4))  # last third: column only
+
+
+def test_3d_model_is_the_2d_code_with_3d_parts():
+    """SIGReg, the objective, blocks and predictor are medjepa's objects, not copies."""
+    assert m3.mj.sigreg is mj.sigreg and m3.mj.standardise is mj.standardise
+    assert m3.JEPA3D.mask_loss is mj.JEPA.mask_loss and m3.JEPA3D.targets is mj.JEPA.targets
+    assert m3.ViT3D.forward is mj.ViT.forward and m3.Predictor3D.forward is mj.Predictor.forward
+    src = inspect.getsource(m3)
+    for name in ('def sigreg', 'def standardise', 'class Block', 'class Attention', 'def train(', 'def configure',
+                 'def train_step', 'def make_optimizer', 'def save_checkpoint'):
+        assert name not in src
+
+
+def test_3d_sigreg_runs_through_medjepa_sigreg(monkeypatch):
+    calls = []
+    real = mj.sigreg
+    monkeypatch.setattr(mj, 'sigreg', lambda z, *a: calls.append(z.shape) or real(z, *a))
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model = m3.build_model(cfg, 1)
+    vols = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 16, 1), dtype=np.uint8)
+    loss, stats = model(m3.make_batch(cfg, vols, [0.5], [0.2], 0, 0, 'cpu'), 0)
+    assert calls == [(6, 24), (6, 24)]  # once per mask set (short- and long-range), per-volume vectors
+    assert torch.isfinite(loss) and stats['flops'] > 0
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _sets(seed, B=8, grid=(4, 4, 4), video=False, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    return [m3.sample_masks_3d(B, grid, gen, n, s, video=video, **kw) for n, s in ((8, (0.15, 0.15)), (2, (0.7, 0.7)))]
+
+
+def test_3d_masks_hide_cuboids_and_the_context_is_the_exact_complement():
+    for seed in range(10):
+        for ctx, tgt in _sets(seed, grid=(6, 4, 5)):
+            B, Nc = ctx.shape
+            assert tgt.shape[:2] == (B, 1) and Nc >= 4
+            for b in range(B):
+                c, t = set(ctx[b].tolist()), set(tgt[b, 0].tolist())
+                assert len(c) == Nc and not c & t and c | t == set(range(120))  # disjoint, together everything
+
+
+def test_video_masks_span_every_frame():
+    for ctx, tgt in _sets(0, grid=(4, 4, 4), video=True):
+        hidden = torch.zeros(8, 64, dtype=torch.bool).scatter_(1, tgt[:, 0], True).view(8, 4, 16)
+        assert (hidden == hidden[:, :1]).all()  # a hidden (row, column) is hidden in all 4 frames
+
+
+def test_every_token_can_be_hidden_and_coverage_is_symmetric():
+    counts = torch.zeros(4 * 4 * 4)
+    for seed in range(150):
+        for _, tgt in _sets(seed):
+            counts += torch.bincount(tgt.flatten(), minlength=64).float()
+    g = counts.view(4, 4, 4)
+    assert (g > 0).all()  # the last slice, row and column are reachable
+    for axis in range(3):  # first and last slice / row / column hidden equally often
+        first, last = g.select(axis, 0).sum(), g.select(axis, -1).sum()
+        assert first == pytest.approx(last, rel=0.1)
+
+
+def test_volume_blocks_are_cuboids_thinner_than_the_volume():
+    gen = torch.Generator().manual_seed(0)
+    depths = []
+    for _ in range(40):
+        _, tgt = m3.sample_masks_3d(1, (8, 8, 8), gen, 1, (0.15, 0.15), depth_scale=(0.5, 0.75))
+        z = tgt[0, 0] // 64
+        depths.append(int(z.max() - z.min() + 1))
+    assert 4 <= min(depths) and max(depths) <= 6  # depth scale < 1: never the whole depth
+
+
+@pytest.mark.parametrize('grid', [(1, 2, 2), (2, 2, 3), (3, 2, 2)])
+def test_tiny_grids_terminate_with_a_nonempty_context(grid):
+    for ctx, tgt in _sets(0, B=4, grid=grid, min_keep=100):
+        assert ctx.shape[1] >= 1 and tgt.shape[2] >= 1
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_random_crop_full_scale_is_identity_or_mirror():
+    x = torch.randn(4, 1, 8, 8, 8)
+    y = m3.random_crop_3d(x, (8, 8, 8), (1.0, 1.0), torch.Generator().manual_seed(0))
+    for b in range(4):
+        assert torch.allclose(y[b], x[b], atol=1e-5) or torch.allclose(y[b], x[b].flip(-1), atol=1e-5)
+
+
+def test_demo3d_is_deterministic_split_by_subject_and_labelled(demo3d, tmp_path):
+    m = json.loads((demo3d / 'meta.json').read_text())
+    assert m['spatial_dims'] == 3 and m['image_size'] == [16, 16, 16] and m['mask_labels'][0] == 'background'
+    groups = {s: set(np.load(demo3d / f'{s}_groups.npy').tolist()) for s in prepare.SPLITS}
+    assert not groups['train'] & groups['val'] and not groups['train'] & groups['test'] and not groups['val'] & groups['test']
+    masks = np.load(demo3d / 'train_masks.npy')
+    assert set(np.unique(masks)) == set(range(len(prepare.DEMO3D_LABELS)))  # every organ is there
+    again = prepare.prepare_demo3d(tmp_path / 'again', size=16, n_train=48, n_val=8, n_test=12)
+    for key in ('images', 'masks', 'labels', 'groups'):
+        assert np.array_equal(np.load(demo3d / f'test_{key}.npy'), np.load(again / f'test_{key}.npy'))
+
+
+def test_nifti_round_trip_on_nibabels_real_files_keeps_orientation_spacing_and_values(tmp_path):
+    for name in ('anatomical.nii', 'example4d.nii.gz'):
+        src = nib.load(os.path.join(NIBABEL_DATA, name))
+        a, spacing = prepare.read_nifti(os.path.join(NIBABEL_DATA, name), spacing=True)
+        # store the same image in another orientation (axes swapped and flipped, affine adjusted): reading it
+        # back in canonical order must give the same array and the same spacing
+        flipped = src.as_reoriented(np.array([[1, -1], [0, 1], [2, -1]]))  # x and y swapped, two axes flipped
+        assert not np.allclose(flipped.affine, src.affine)
+        path = tmp_path / f'flipped_{name}'
+        nib.save(flipped, str(path))
+        b, spacing_b = prepare.read_nifti(path, spacing=True)
+        assert a.shape == b.shape and spacing == pytest.approx(spacing_b)
+        assert np.allclose(a, b, atol=1e-3 * max(1.0, float(np.abs(a).max())))
+        zooms = src.header.get_zooms()[:3]
+        assert sorted(spacing) == pytest.approx(sorted(zooms))  # spacing read from the header
+
+
+def test_resampling_to_a_target_spacing_keeps_the_physical_size():
+    a, spacing = prepare.read_nifti(os.path.join(NIBABEL_DATA, 'anatomical.nii'), spacing=True)
+    v = a[..., 0]
+    for target in ((2.0, 2.0, 2.0), (spacing[0] * 0.5, 3.0, 1.5)):
+        r = prepare.resample_spacing(v, spacing, target)
+        for n, s, m, t in zip(v.shape, spacing, r.shape, target):
+            assert abs(n * s - m * t) <= t / 2 + 1e-6  # the same extent in mm, to half a voxel
+        # the brightness centroid stays at the same place in mm
+        def centroid(x, sp):
+            idx = np.indices(x.shape).reshape(3, -1) + 0.5
+            w = np.clip(x, 0, None).reshape(-1)
+            return (idx * w).sum(1) / w.sum() * np.array(sp)
+        assert np.allclose(centroid(v, spacing), centroid(r, target), atol=max(target) * 1.0)
+
+# ----------------------------------------------------------------------------- training and checkpoints
+
+
+def test_short_training_run_lowers_the_loss_and_checkpoints_say_3d(demo3d, tmp_path):
+    out = str(tmp_path / 'out')
+    m3.main(TINY + [f'--data_dir={demo3d}', f'--out_dir={out}', '--max_iters=30', '--log_interval=1',
+                    '--eval_interval=1000', '--learning_rate=2e-3'])
+    recs = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    losses = [r['loss'] for r in recs if 'loss' in r]
+    assert len(losses) == 30 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.95 * np.mean(losses[:5])
+    assert any('knn_val' in r for r in recs)  # demo3d is labelled: the online kNN monitor ran
+    ckpt = mj.load_checkpoint(os.path.join(out, 'ckpt.pt'), spatial_dims=3)
+    assert ckpt['spatial_dims'] == 3 and ckpt['iter_num'] == 30
+    fresh = m3.build_model(ckpt['config'], 1)
+    fresh.load_state_dict(ckpt['model'])  # strict
+
+
+def test_2d_and_3d_checkpoints_and_data_are_not_mixed_up(demo3d, tmp_path):
+    out3 = str(tmp_path / 'o3')
+    m3.main(TINY + [f'--data_dir={demo3d}', f'--out_dir={out3}', '--max_iters=1'])
+    with pytest.raises(mj.ConfigError, match='3-D model.*medjepa3d.py'):  # 2-D trainer resuming a 3-D run
+        mj.main([f'--out_dir={out3}', '--init_from=resume', '--device=cpu', f'--data_dir={_tiny_2d(tmp_path)}',
+                 '--image_size=16', '--patch_size=8', '--n_layer=1', '--n_embd=16', '--n_head=2', '--pred_n_embd=8',
+                 '--pred_n_head=2', '--batch_size=4', '--local_size=8'])
+    with pytest.raises(mj.ConfigError, match='is a 3-D model'):
+        mj.load_checkpoint(os.path.join(out3, 'ckpt.pt'), spatial_dims=2)
+    old = str(tmp_path / 'old2d.pt')  # a 2-D checkpoint (older ones carry no spatial_dims) given to the 3-D code
+    torch.save(dict(model={}, config={}, iter_num=0), old)
+    with pytest.raises(mj.ConfigError, match='is a 2-D model.*use medjepa.py'):
+        mj.load_checkpoint(old, spatial_dims=3)
+    with pytest.raises(mj.ConfigError, match='volumes.*medjepa3d.py'):  # 2-D trainer on volumes
+        mj.main([f'--data_dir={demo3d}', f'--out_dir={tmp_path}/x', '--device=cpu', '--max_iters=1'])
+    with pytest.raises(mj.ConfigError, match='2-D images.*medjepa.py'):  # 3-D trainer on 2-D images
+        m3.main(TINY + [f'--data_dir={_tiny_2d(tmp_path)}', f'--out_dir={tmp_path}/y', '--max_iters=1'])
+    with pytest.raises(SystemExit, match='3-D model'):  # eval: a 3-D checkpoint on 2-D data
+        ev.main([f'--ckpt={out3}/ckpt.pt', f'--data_dir={_tiny_2d(tmp_path)}', '--figures=false'])
+
+
+def _tiny_2d(tmp_path):
+    d = tmp_path / 'tiny2d'
+    if not d.exists():
+        d.mkdir()
+        rng = np.random.default_rng(0)
+        for split in prepare.SPLITS:
+            np.save(d / f'{split}_images.npy', rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
+            np.save(d / f'{split}_labels.npy', np.arange(8) % 2)
+        (d / 'meta.json').write_text(json.dumps(dict(name='t', task='multiclass', num_classes=2, classes=['a', 'b'],
+                                                     mean=[0.5] * 3, std=[0.3] * 3)))
+    return str(d)
+
+
+def test_eval_on_volumes_segments_every_organ_against_random_init(demo3d, tmp_path):
+    out = str(tmp_path / 'o')
+    m3.main(TINY + [f'--data_dir={demo3d}', f'--out_dir={out}', '--max_iters=2'])
+    report = ev.main([f'--ckpt={out}/ckpt.pt', '--tasks=knn,linear,seg', '--seg_epochs=2', '--knn_ks=5',
+                      '--figures=true'])
+    res = report['results']
+    assert set(res) == {'pretrained', 'random-init', 'raw pixels'}
+    for row in res.values():
+        assert len(row['seg']['dice']) == len(prepare.DEMO3D_LABELS) - 1 and 0 <= row['seg']['mean_dice'] <= 1
+        assert 0 <= row['knn']['k=5']['acc'] <= 1 and 0 <= row['linear']['acc'] <= 1
+    assert 'figures/segmentation.png' in report['figures']
+    md = open(os.path.join(out, 'eval.md')).read()
+    assert 'Dice liver' in md and 'mean Dice' in md
+
+
+def test_brats_regions_are_unions_of_labels():
+    target = np.zeros((1, 4, 4, 4), np.uint8)
+    target[0, 0], target[0, 1], target[0, 2] = 1, 2, 3  # necrotic, edema, enhancing slices
+    pred = target.copy()
+    pred[0, 1] = 3  # edema called enhancing: WT still right, ET and TC wrong
+    d = ev.region_dice(pred, target, ev.BRATS_REGIONS)
+    assert d['WT'] == 1.0 and d['ET'] == pytest.approx(2 * 16 / (32 + 16)) and d['TC'] == pytest.approx(2 * 32 / (48 + 32))
