@@ -140,7 +140,7 @@ def write_meta(tmp_dir, name, classes, split_rule, source, licence, citation, ar
 
 
 def is_up_to_date(out_dir, args):
-    """True if out_dir already holds this data set made with these args; False if it is absent.
+    """True (and says so) if out_dir already holds this data set made with these args; False if absent.
     Anything else there is refused: we never overwrite a folder someone may still need."""
     out_dir = Path(out_dir)
     if not out_dir.exists():
@@ -159,6 +159,7 @@ def is_up_to_date(out_dir, args):
                          for k in sorted(set(old or {}) | set(args)) if (old or {}).get(k) != args.get(k))
         raise FileExistsError(f"{out_dir} was prepared with different arguments ({diff}). "
                               f"Delete it (rm -r {out_dir}) or pick another --out.")
+    print(f"{out_dir} is up to date (same arguments), nothing to do")
     return True
 
 
@@ -821,7 +822,6 @@ def prepare_demo(out_dir='data/demo', size: int = 64, seed: int = 0, n_train: in
                          f"train) and n_val, n_test >= {IMAGES_PER_LESION} (one lesion); got "
                          f"{n_train}/{n_val}/{n_test}")
     if is_up_to_date(out_dir, args):
-        print(f"{out_dir} is up to date (same arguments), nothing to do")
         return out_dir
     if not workers:  # the cores this process may use (can be fewer than the machine has)
         workers = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
@@ -959,7 +959,6 @@ def prepare_demo3d(out_dir='data/demo3d', size: int = 32, seed: int = 0, n_train
         raise ValueError(f"need --size >= 16 and at least {SCANS_PER_SUBJECT} volumes per split, got size {size}, "
                          f"{n_train}/{n_val}/{n_test}")
     if is_up_to_date(out_dir, args):
-        print(f"{out_dir} is up to date (same arguments), nothing to do")
         return out_dir
     print(f"generating demo3d volumes: {size}^3 voxels, seed {seed} -> {out_dir}")
     rng = np.random.default_rng(seed)
@@ -1057,7 +1056,6 @@ def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224,
     args = {'source': source, 'size': size, 'isic_test': isic_test, 'val_fraction': val_fraction,
             'test_fraction': test_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
-        print(f"{out_dir} is up to date (same arguments), nothing to do")
         return Path(out_dir)
     info = announce('ham10000')
     roots = get_raw('ham10000', out_dir, source, HAM_FILES)
@@ -1125,7 +1123,6 @@ def prepare_medmnist(flag, out_dir=None, size: int = 28, source: str = ''):
     out_dir = out_dir or f'data/{flag}' + (f'_{size}' if size != 28 else '')
     args = {'source': source, 'size': size}
     if is_up_to_date(out_dir, args):
-        print(f"{out_dir} is up to date (same arguments), nothing to do")
         return Path(out_dir)
     info = announce('medmnist')
     file_name = f'{flag}.npz' if size == 28 else f'{flag}_{size}.npz'
@@ -1176,7 +1173,6 @@ def prepare_aptos2019(out_dir='data/aptos2019', source: str = '', size: int = 22
     t0 = time.time()
     args = {'source': source, 'size': size, 'val_fraction': val_fraction, 'test_fraction': test_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
-        print(f"{out_dir} is up to date (same arguments), nothing to do")
         return Path(out_dir)
     info = announce('aptos2019')
     roots = get_raw('aptos2019', out_dir, source, how_to_get=APTOS_HOW)
@@ -1219,7 +1215,6 @@ def prepare_pcam(out_dir='data/pcam', source: str = ''):
     t0 = time.time()
     args = {'source': source}
     if is_up_to_date(out_dir, args):
-        print(f"{out_dir} is up to date (same arguments), nothing to do")
         return Path(out_dir)
     try:
         import h5py  # checked before downloading 7 GB that could not be read
@@ -1279,7 +1274,6 @@ def prepare_chestxray14(out_dir='data/chestxray14', source: str = '', size: int 
     t0 = time.time()
     args = {'source': source, 'size': size, 'val_fraction': val_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
-        print(f"{out_dir} is up to date (same arguments), nothing to do")
         return Path(out_dir)
     info = announce('chestxray14')
     roots = get_raw('chestxray14', out_dir, source, CXR14_FILES)
@@ -1419,7 +1413,6 @@ def prepare_msd(name, out_dir=None, source: str = '', size: int = 64, folds: int
     if not 0 <= fold < folds:
         raise ValueError(f"--fold must be in 0..{folds - 1}, got {fold}")
     if is_up_to_date(out_dir, args):
-        print(f"{out_dir} is up to date (same arguments), nothing to do")
         return Path(out_dir)
     info = announce('msd')
     roots = get_raw(name, out_dir, source,
@@ -1460,7 +1453,6 @@ def prepare_brats2021(out_dir='data/brats2021', source: str = '', size: int = 64
     t0 = time.time()
     args = {'source': source, 'size': size, 'val_fraction': val_fraction, 'test_fraction': test_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
-        print(f"{out_dir} is up to date (same arguments), nothing to do")
         return Path(out_dir)
     info = announce('brats2021')
     roots = get_raw('brats2021', out_dir, source, how_to_get=BRATS_HOW)
@@ -1492,7 +1484,6 @@ def prepare_nifti(out_dir='data/nifti', source: str = '', labels: str = '', size
     args = {'source': source, 'labels': labels, 'size': size, 'val_fraction': val_fraction,
             'test_fraction': test_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
-        print(f"{out_dir} is up to date (same arguments), nothing to do")
         return Path(out_dir)
     info = SOURCES['local']
     roots = get_raw('nifti', out_dir, source, how_to_get="Give the folder with --source.")
@@ -1547,7 +1538,6 @@ def prepare_folder(out_dir='data/folder', source: str = '', csv: str = '', size:
     if channels not in (1, 3):
         raise ValueError(f"--channels must be 1 or 3, got {channels}")
     if is_up_to_date(out_dir, args):
-        print(f"{out_dir} is up to date (same arguments), nothing to do")
         return Path(out_dir)
     if csv:
         rows = read_table(csv)
@@ -1763,7 +1753,6 @@ def prepare_dicom(out_dir='data/dicom', source: str = '', size: int = 224, windo
     args = {'source': source, 'size': size, 'window': window, 'burned_in': burned_in,
             'val_fraction': val_fraction, 'test_fraction': test_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
-        print(f"{out_dir} is up to date (same arguments), nothing to do")
         return Path(out_dir)
     roots = get_raw('dicom', out_dir, source, how_to_get="Give the folder with --source.")
     deid, skipped, images, headers, patients = Deidentifier(), [], [], [], []
