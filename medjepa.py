@@ -589,14 +589,10 @@ def standardise(z, eps=1e-6):
     """Each dimension to zero mean and unit variance over the global batch (BatchNorm without the
     affine part; the statistics are averaged over ranks, so DDP equals one process). (N, K) -> (N, K).
 
-    Why the 'mask' objective applies SIGReg to standardise(pooled) and not to the raw vectors: a
-    fresh encoder maps every image to nearly the same pooled vector (a common component plus small
-    image-specific parts: per-dimension std ~0.07, effective rank ~10 on the demo). Raw SIGReg then
-    spends its gradient on moving that mean to 0 and growing the scale to 1, which the final
-    LayerNorm makes slow, and the representation stays low-rank. After standardising, mean and
-    scale are taken care of and all of SIGReg's pressure goes into the shape of the distribution:
-    random projections of a standardised batch are N(0, 1) only if the dimensions are decorrelated,
-    i.e. only if the encoder spreads images along many independent directions (docs/design.md)."""
+    The 'mask' objective applies SIGReg to standardise(pooled): a fresh encoder maps every image to
+    nearly the same pooled vector, and raw SIGReg spends its pull on that vector's mean and scale.
+    Standardised, a batch passes the test only if its dimensions are decorrelated, so all of SIGReg's
+    gradient pushes the encoder to spread images along many directions (docs/design.md)."""
     z = z.float()
     mu = global_mean(z.mean(0))  # (K,)
     var = global_mean((z - mu).pow(2).mean(0))  # (K,) biased, as BatchNorm's
@@ -881,19 +877,9 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
     """One optimiser step: `accum` micro-batches (get_batch(micro) -> batch) forward and backward with
     their gradients summed, then clipping and AdamW. Returns the loss averaged over the micro-steps
     (a detached tensor: no device sync here), the last micro-step's stats and the summed FLOPs.
-
-    What equals what (tests/test_ddp.py checks both):
-    - W ranks (DDP) == 1 process on the W shards concatenated, loss and updated weights, SIGReg
-      included: each rank's loss is a mean over its shard, DDP averages the gradients, and SIGReg's
-      characteristic-function means are all-reduced (global_mean), so every rank sees the global
-      statistic of all W * batch_size embeddings.
-    - K accumulation micro-steps == one batch K times larger for the prediction term only. SIGReg
-      is a nonlinear statistic of a batch: each micro-step scores its own batch_size * W embeddings
-      and the K scores are averaged: the SIGReg of a K-times smaller batch. As EP grows with N for
-      non-Gaussian embeddings, that pulls about K times more weakly than the big batch's SIGReg
-      (measured in docs/scaling.md). Making it exact would need every micro-batch's embeddings
-      before any backward (a second forward pass, or keeping all K graphs).
-    """
+    W ranks under DDP equal one process on the concatenated batch, SIGReg included (global_mean);
+    K micro-steps equal one K-times bigger batch for the prediction term only: each micro-step
+    scores SIGReg on its own batch, which pulls about K times more weakly (docs/scaling.md)."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     loss_sum, flops = 0.0, 0
     for micro in range(accum):
