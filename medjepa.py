@@ -1052,10 +1052,10 @@ def train(cfg, impl=None):
         return batch
 
     t0 = time.time()
-    tdata, stopping, bad, n_bad = 0.0, False, 0, 0
+    tdata, stopping, bad, n_bad, first = 0.0, False, 0, 0, iter_num
     flops_acc, imgs_acc, mfu = 0.0, 0, -1.0
     while iter_num < cfg['max_iters']:
-        if master and iter_num > 0 and iter_num % cfg['eval_interval'] == 0:
+        if master and iter_num > first and iter_num % cfg['eval_interval'] == 0:  # (not again on resume)
             if meta.get('task') == 'multiclass':
                 acc = online_knn()
                 best_knn = max(best_knn, acc)
@@ -1067,6 +1067,9 @@ def train(cfg, impl=None):
         for group in optimizer.param_groups:
             group['lr'] = lr
         loss, stats, flops = train_step(model, optimizer, scaler, get_batch, accum, iter_num, autocast, cfg['grad_clip'])
+        flops_acc += flops * world
+        imgs_acc += cfg['batch_size'] * accum * world
+        iter_num += 1
         bad, n_bad = (bad + 1, n_bad + 1) if stats['skipped'] else (0, n_bad)
         if master and stats['skipped']:
             print(f'step {iter_num}: non-finite loss or gradients, update skipped ({bad} in a row, {n_bad} in all)')
@@ -1074,9 +1077,6 @@ def train(cfg, impl=None):
             raise FloatingPointError(f"{bad} non-finite steps in a row at step {iter_num}: training diverged. Lower "
                                      f"learning_rate (now {cfg['learning_rate']}), or use dtype=float32 (now {dtype}); "
                                      f"then resume from the last good checkpoint ({ckpt_path})")
-        flops_acc += flops * world
-        imgs_acc += cfg['batch_size'] * accum * world
-        iter_num += 1
         if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
             if dev.startswith('cuda'):
                 torch.cuda.synchronize()

@@ -34,6 +34,7 @@ write_split() + write_meta(), plus one line in DATASETS at the bottom of this fi
 import argparse
 import csv
 import difflib
+import errno
 import functools
 import gzip
 import hashlib
@@ -176,6 +177,12 @@ def staging_dir(out_dir):
     try:
         yield tmp
         os.rename(tmp, out_dir)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(e.errno, f"disk full while writing {out_dir} ({e.filename or e}): free space on that disk "
+                               f"(or use another --out) and run the same command again; nothing was written "
+                               f"to {out_dir}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing left to remove after a successful rename
 
