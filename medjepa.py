@@ -193,20 +193,21 @@ def validate(c):
 
 def validate_shared(c):
     """The rules of the keys that medjepa.py and medjepa3d.py share (model widths, SIGReg, schedule)."""
-    vals = lambda v: v if isinstance(v, tuple) else (v,)  # (ranges before the rules below divide by them)
+    vals = lambda v: v if isinstance(v, tuple) else (v,)  # (ranges first: the rules below divide by these values)
     for rule, ok, keys in [('at least 1', lambda v: v >= 1, 'batch_size gradient_accumulation_steps max_iters num_slices '
-                            'log_interval eval_interval knn_train_size n_layer n_head n_embd pred_n_layer pred_n_head pred_n_embd '
-                            'patch_size image_size local_size volume_size num_targets proj_dim min_keep max_bad_steps'),
-                           ('>= 0', lambda v: v >= 0, 'seed warmup_iters weight_decay grad_clip num_threads min_lr n_local_views'),
-                           ('in [0, 1)', lambda v: 0 <= v < 1, 'beta1 beta2'), ('non-empty', bool, 'out_dir data_dir')]:
+                            'log_interval eval_interval knn_train_size n_layer n_head n_embd pred_n_layer pred_n_head '
+                            'pred_n_embd patch_size image_size local_size volume_size num_targets proj_dim min_keep '
+                            'max_bad_steps'), ('in [0, 1)', lambda v: 0 <= v < 1, 'beta1 beta2'),
+                           ('>= 0', lambda v: v >= 0, 'seed warmup_iters weight_decay grad_clip num_threads min_lr '
+                            'n_local_views'), ('non-empty', bool, 'out_dir data_dir')]:
         for k in (k for k in keys.split() if k in c):
             need(all(ok(v) for v in vals(c[k])), f"{k}={c[k]!r} must be {rule}")
-    need(all(math.isfinite(x) for v in c.values() for x in vals(v) if isinstance(x, float)), 'values must be finite (no inf/nan)')
+    need(all(math.isfinite(x) for v in c.values() for x in vals(v) if isinstance(x, float)), 'values must be finite, not inf')
     need(c['device'] in ('auto', 'cpu', 'mps', 'cuda') or c['device'][:5] == 'cuda:' and c['device'][5:].isdigit(),
          f"device '{c['device']}' is not one of auto, cpu, cuda, cuda:N, mps")
-    world = int(os.environ.get('WORLD_SIZE', 1))  # torchrun's process count
-    need(c['gradient_accumulation_steps'] % world == 0, f"gradient_accumulation_steps={c['gradient_accumulation_steps']} "
-         f"must be a multiple of the number of processes ({world}): it counts micro-steps over all of them")
+    world = int(os.environ.get('WORLD_SIZE', 1))  # torchrun's processes: accumulation counts micro-steps over all of them
+    need(c['gradient_accumulation_steps'] % world == 0,
+         f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be a multiple of the number of processes ({world})")
     need(c['n_embd'] % c['n_head'] == 0, f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
     need(c['pred_n_embd'] % c['pred_n_head'] == 0,
          f"pred_n_embd={c['pred_n_embd']} must be divisible by pred_n_head={c['pred_n_head']}")
@@ -232,11 +233,7 @@ def read_meta(data_dir):
         raise FileNotFoundError(f"no data set in '{data_dir}' (missing meta.json): run "
                                 f"'python prepare.py demo' or 'python prepare.py <dataset>' first")
     with open(path) as f:
-        meta = json.load(f)
-    missing = [k for k in ('mean', 'std') + (('num_classes',) if meta.get('task') == 'multiclass' else ()) if k not in meta]
-    if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}: it was not written by prepare.py; run prepare.py again")
-    return meta
+        return json.load(f)
 
 
 def load_split(data_dir, split):
@@ -249,16 +246,15 @@ def load_split(data_dir, split):
     if out['images'] is None:
         raise FileNotFoundError(f"'{data_dir}' has no {split}_images.npy: the data set is incomplete, "
                                 f"delete the folder and run prepare.py again")
-    x, y, n = out['images'], out['labels'], len(out['images'])
-    problems = [f"{split}_images.npy must be non-empty uint8 (N, H, W, C) or volumes (N, D, H, W, C), got {x.dtype} "
-                f"{x.shape}"] if x.dtype != np.uint8 or x.ndim not in (4, 5) or n == 0 else []
-    problems += [f"{split}_{k}.npy has {len(out[k])} rows, {split}_images.npy {n}" for k in ('labels', 'masks', 'groups', 'sites')
-                 if out[k] is not None and len(out[k]) != n]
-    if y is not None and meta.get('task') == 'multiclass' and (y.dtype.kind not in 'iu' or ((y < 0) | (y >= meta['num_classes'])).any()):
-        problems.append(f"{split}_labels.npy must hold integers in [0, num_classes={meta['num_classes']}), got {y.dtype} "
-                        f"from {y.min(initial=0)} to {y.max(initial=0)}")
-    if problems:
-        raise ValueError(f"'{data_dir}' breaks the data format (docs/data_format.md): {'; '.join(problems)}. Run prepare.py again")
+    x, y, n, k = out['images'], out['labels'], len(out['images']), meta.get('num_classes', 0)
+    bad = [f"meta.json lacks '{key}'" for key in ('mean', 'std', 'num_classes') if key not in meta]  # prepare.py writes all
+    if x.dtype != np.uint8 or x.ndim not in (4, 5) or n == 0:
+        bad.append(f"{split}_images.npy is {x.dtype} {x.shape}, not non-empty uint8 (N, H, W, C) or (N, D, H, W, C)")
+    bad += [f"{split}_{key}.npy has {len(a)} rows, images {n}" for key, a in out.items() if a is not None and len(a) != n]
+    if y is not None and meta.get('task') == 'multiclass' and (y.dtype.kind not in 'iu' or ((y < 0) | (y >= k)).any()):
+        bad.append(f"{split}_labels.npy holds {y.dtype} {y.min(initial=0)}..{y.max(initial=0)}, not classes 0..{k - 1}")
+    if bad:
+        raise ValueError(f"'{data_dir}' breaks the format of docs/data_format.md: {'; '.join(bad)}. Run prepare.py again")
     return out
 
 
@@ -821,8 +817,7 @@ def resolve_dtype(dtype, dev):
 
 
 def save_checkpoint(path, obj):
-    """Write, fsync, then rename: readers see a whole file. The one it replaces stays as ckpt.prev.pt
-    and a failed write leaves both as they were (docs/reliability.md)."""
+    """tmp file, fsync, rename; the replaced one stays as ckpt.prev.pt (docs/reliability.md)."""
     for stale in glob.glob(glob.escape(path) + '.tmp-*'):  # left by a writer that was killed
         os.remove(stale)
     tmp = f'{path}.tmp-{os.getpid()}'
@@ -839,18 +834,15 @@ def save_checkpoint(path, obj):
                                         f"(or set out_dir elsewhere) and resume; the last checkpoint is intact") from e
         raise
     if os.path.exists(path):
-        os.replace(path, prev_path(path))
+        os.replace(path, os.path.splitext(path)[0] + '.prev.pt')
     os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
-
-
-def prev_path(path):
-    return os.path.splitext(path)[0] + '.prev.pt'
 
 
 def load_checkpoint(path, map_location='cpu', spatial_dims=None):
     """The checkpoint dict; with spatial_dims, refuse one written for the other kind of model
     (a 3-D checkpoint's Conv3d weights do not fit a 2-D model, and vice versa)."""
-    prev = f"; the previous one is {prev_path(path)}: mv it to {path} to resume from it" if os.path.isfile(prev_path(path)) else ''
+    prev = os.path.splitext(path)[0] + '.prev.pt'
+    prev = f"; the previous one is {prev}: mv it to {path} to resume from it" if os.path.isfile(prev) else ''
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint '{path}' not found: train one with 'python medjepa.py'{prev}")
     try:
@@ -955,6 +947,7 @@ def train(cfg, impl=None):
     if cfg['num_threads'] > 0:
         torch.set_num_threads(cfg['num_threads'])
     accum = cfg['gradient_accumulation_steps'] // world
+    advice = f"Lower learning_rate (now {cfg['learning_rate']}) or use dtype=float32, then resume from the last checkpoint"
     dtype = resolve_dtype(cfg['dtype'], dev)
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(dev.split(':')[0], dtype=ptdtype)
@@ -1030,8 +1023,8 @@ def train(cfg, impl=None):
 
     def checkpoint():
         if not all(v.isfinite().all() for v in raw_model.state_dict().values() if v.is_floating_point()):
-            raise FloatingPointError(f"the weights hold NaN/inf at step {iter_num}: not saving them over {ckpt_path}. Lower "
-                                     f"learning_rate (now {cfg['learning_rate']}) or use dtype=float32, then resume")
+            raise FloatingPointError(f"the weights hold NaN/inf at step {iter_num}: not saving them over {ckpt_path}. "
+                                     + advice)
         save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                         iter_num=iter_num, best_metric=best_knn, config=cfg,
                                         model_args={k: cfg[k] for k in impl.MODEL_KEYS},
@@ -1074,9 +1067,7 @@ def train(cfg, impl=None):
         if master and stats['skipped']:
             print(f'step {iter_num}: non-finite loss or gradients, update skipped ({bad} in a row, {n_bad} in all)')
         if bad >= cfg['max_bad_steps']:
-            raise FloatingPointError(f"{bad} non-finite steps in a row at step {iter_num}: training diverged. Lower "
-                                     f"learning_rate (now {cfg['learning_rate']}), or use dtype=float32 (now {dtype}); "
-                                     f"then resume from the last good checkpoint ({ckpt_path})")
+            raise FloatingPointError(f"{bad} non-finite steps in a row at step {iter_num}: training diverged. {advice}")
         if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
             if dev.startswith('cuda'):
                 torch.cuda.synchronize()
