@@ -22,6 +22,7 @@ import medjepa as mj
 import medjepa3d as m3
 import prepare
 
+pytestmark = pytest.mark.filterwarnings('ignore')  # damaged files make pydicom and nibabel warn, as they should
 SETTINGS = dict(derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ----------------------------------------------------------------------------- configurator
