@@ -241,7 +241,7 @@ def make_batch(cfg, volumes, mean, std, step, micro, device, rank=0):
         if num > 0:
             ctx, tgt = sample_masks_3d(x.shape[0], grid, gen, num, scale, cfg['target_aspect'], cfg['depth_scale'],
                                        cfg['min_keep'], cfg['video'])
-            masks.append((ctx.to(device, non_blocking=True), tgt.to(device, non_blocking=True)))
+            masks.append((mj.to_device(ctx, device), mj.to_device(tgt, device)))
     return dict(x=x, x_tgt=x, masks=masks)
 
 
