@@ -295,16 +295,15 @@ def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3)):
 
 def color_jitter(x, gen, strength, gray_prob=0.0):
     """Per-image brightness, contrast and saturation jitter, and random grayscale, on normalised
-    images. Without it an encoder can tell images apart by skin tone and lesion darkness alone, a
-    shortcut that satisfies both the prediction and SIGReg terms without learning any morphology."""
-    B = x.shape[0]
+    images or volumes. Without it an encoder can tell images apart by skin tone and lesion darkness
+    alone, a shortcut that satisfies both the prediction and SIGReg terms without learning morphology."""
     if strength <= 0 and gray_prob <= 0:
         return x
-    def factor():
-        return (1 + (torch.rand(B, 1, 1, 1, generator=gen) * 2 - 1) * strength).to(x.device, non_blocking=True)
-    x = x * factor() + (torch.rand(B, 1, 1, 1, generator=gen).to(x.device, non_blocking=True) - 0.5) * strength  # contrast, brightness
+    rand = lambda: torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), generator=gen).to(x.device, non_blocking=True)
+    factor = lambda: 1 + (rand() * 2 - 1) * strength
+    x = x * factor() + (rand() - 0.5) * strength  # contrast, brightness
     gray = x.mean(1, keepdim=True)
-    keep = (torch.rand(B, 1, 1, 1, generator=gen) >= gray_prob).float().to(x.device, non_blocking=True)
+    keep = (rand() >= gray_prob).float()
     return gray + (x - gray) * factor() * keep  # saturation; 0 = grayscale
 
 

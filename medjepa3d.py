@@ -51,6 +51,7 @@ seed = 0                   # everything random derives from this (data order, ma
 volume_size = (32, 32, 32) # (D, H, W) of the training crops in voxels; video: (T, H, W) frames
 crop_scale = (0.4, 1.0)    # volume fraction of the random crops (resized to volume_size)
 flip = True                # random left-right flips (the W axis)
+intensity_jitter = 0.0     # brightness/contrast jitter strength (0 = off); context and targets get independent draws
 video = False              # data are clips (N, T, H, W, C): blocks span all frames, no crops in time
 # model
 patch_size = (4, 8, 8)     # tubelet (d, h, w); volume_size must be a multiple of it on every axis
@@ -111,6 +112,7 @@ def validate(c):
         lo, hi = c[k]
         need(0 < lo <= hi <= 1, f"{k}={c[k]} must satisfy 0 < low <= high <= 1")
     need(c['min_keep'] >= 1, f"min_keep={c['min_keep']} must be at least 1")
+    need(c['intensity_jitter'] >= 0, f"intensity_jitter={c['intensity_jitter']} must be >= 0")
     return mj.validate_shared(c)
 
 # -----------------------------------------------------------------------------
@@ -242,7 +244,8 @@ def make_batch(cfg, volumes, mean, std, step, micro, device, rank=0):
             ctx, tgt = sample_masks_3d(x.shape[0], grid, gen, num, scale, cfg['target_aspect'], cfg['depth_scale'],
                                        cfg['min_keep'], cfg['video'])
             masks.append((mj.to_device(ctx, device), mj.to_device(tgt, device)))
-    return dict(x=x, x_tgt=x, masks=masks)
+    jitter = lambda v: mj.color_jitter(v, gen, cfg['intensity_jitter'])
+    return dict(x=jitter(x), x_tgt=jitter(x), masks=masks)
 
 
 extract_features = mj.extract_features  # mean-pooled tokens; to_float and the ViT take volumes as they are

@@ -259,3 +259,17 @@ def test_brats_regions_are_unions_of_labels():
     pred[0, 1] = 3  # edema called enhancing: WT still right, ET and TC wrong
     d = ev.region_dice(pred, target, ev.BRATS_REGIONS)
     assert d['WT'] == 1.0 and d['ET'] == pytest.approx(2 * 16 / (32 + 16)) and d['TC'] == pytest.approx(2 * 32 / (48 + 32))
+
+
+def test_intensity_jitter_changes_context_and_targets_independently_and_nothing_else():
+    vols = np.random.default_rng(0).integers(0, 256, (4, 16, 32, 32, 1), dtype=np.uint8)
+    plain = m3.make_batch(_cfg(), vols, [0.5], [0.2], 3, 0, 'cpu')
+    assert torch.equal(plain['x'], plain['x_tgt'])  # off by default: the same crop for both
+    jit = m3.make_batch(_cfg(intensity_jitter=0.5), vols, [0.5], [0.2], 3, 0, 'cpu')
+    assert not torch.allclose(jit['x'], jit['x_tgt'])
+    for (c0, t0), (c1, t1) in zip(plain['masks'], jit['masks']):  # same geometry and masks either way
+        assert torch.equal(c0, c1) and torch.equal(t0, t1)
+    # per volume an affine map of the intensities: brightness and contrast only, the crop is unchanged
+    a, b = plain['x'][0].flatten(), jit['x'][0].flatten()
+    slope = ((a - a.mean()) * (b - b.mean())).sum() / ((a - a.mean()) ** 2).sum()
+    assert torch.allclose(b, slope * (a - a.mean()) + b.mean(), atol=1e-4)
