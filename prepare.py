@@ -5,7 +5,7 @@ Prepare data sets for MedJEPA as flat numpy arrays that training memory-maps.
     python prepare.py demo --size=224       # the same photos at 224 px: 3-5 minutes, 1.8 GB
     python prepare.py ham10000              # downloads 3 GB from Harvard Dataverse, lesion-grouped splits
     python prepare.py dermamnist --size=64  # any MedMNIST v3 set, 2-D or 3-D, official splits, md5-checked
-    python prepare.py msd_hippocampus       # 27 MB of MRI volumes -> (N, 64, 64, 64, 1)
+    python prepare.py msd_hippocampus       # 27 MB of MRI volumes -> (N, 48, 48, 48, 1) at 1 mm, z-scored
     python prepare.py aptos2019 --source=aptos2019-blindness-detection.zip   # behind a login: bring the file
     python prepare.py dicom --source=my_scans/ --burned_in=flag              # de-identified on the way
     python prepare.py dicom --anonymize_only IN OUT                          # de-identify files, nothing else
@@ -1302,11 +1302,25 @@ def prepare_chestxray14(out_dir='data/chestxray14', source: str = '', size: int 
 
 # --- volumes: MSD, BraTS 2021, any NIfTI folder ---------------------------------------------------
 #
-# A volume is stored as uint8 (D, H, W, C): NIfTI's (x, y, z) array, turned to the closest canonical
-# (RAS) orientation and transposed to (z, y, x) = (slice, row, column), one channel per modality.
-# Intensities: each channel's 0.5-99.5 percentile range mapped onto 0..255. Shape: resampled to
-# size^3 (linear, antialiased; label maps: nearest), ignoring the voxel spacing, which meta.json
-# does not keep: a 3-D trainer that needs millimetres should read the originals.
+# Every 3-D data set goes through one pipeline, load_volume (docs/3d.md says why):
+#   1. read     nibabel, closest canonical (RAS+) orientation, transposed from NIfTI's (x, y, z) to
+#               (z, y, x) = (slice, row, column); the voxel size in mm from the reoriented header.
+#   2. resample to the target spacing (--spacing, mm): linear for images (antialiased when
+#               shrinking), nearest for label maps. The field of view in mm is kept.
+#   3. intensities, by modality, each channel on its own:
+#               CT   clip to a window (--window=level,width in Hounsfield units), scale to 0..255
+#               MRI  clip to the 0.5-99.5 percentiles, z-score over the foreground (the voxels above
+#                    the 0.5th percentile: the non-zero voxels of skull-stripped or masked scans),
+#                    map z in MRI_Z_RANGE onto 0..255; background voxels are 0
+#   4. crop/pad to size^3 voxels: a box centred on the bounding box of the foreground (CT: the body,
+#               voxels above CT_BODY_HU), kept inside the volume; an axis shorter than the box is
+#               centred and padded with 0 (label 0). Nothing is squashed: a voxel is `spacing` mm.
+# meta.json records the spacing, modality, intensity mapping (and its inverse) and the box in mm.
+
+SOFT_TISSUE_WINDOW = (40.0, 400.0)  # CT level, width in HU: -160..240 HU, the usual abdominal soft-tissue window
+CT_BODY_HU = -500.0                 # CT voxels above this are the body (air is -1000 HU, fat -100)
+MRI_PERCENTILES = (0.5, 99.5)       # MRI: clip to these percentiles of the volume before the z-score
+MRI_Z_RANGE = (-3.0, 3.0)           # MRI: z-scores in this range fill 0..255 (one grey level = 6/255 = 0.024 sd)
 
 
 def resize_volume(v, shape, nearest=False):
@@ -1338,78 +1352,204 @@ def resample_spacing(v, spacing, target, nearest=False):
     return resize_volume(v, shape, nearest)
 
 
-def load_volume(channel_paths, label_path, shape, label_values):
-    """One subject -> (uint8 (D, H, W, C), uint8 (D, H, W) label map or None)."""
-    D, H, W, C = shape
-    chans = np.concatenate([read_nifti(p) for p in channel_paths], axis=-1)
-    if chans.shape[-1] != C:
-        raise ValueError(f"{chans.shape[-1]} channels, the data set has {C}")
-    image = np.empty(shape, np.uint8)
-    for c in range(C):
-        lo, hi = np.percentile(chans[..., c], [0.5, 99.5])
-        image[..., c] = to_uint8(resize_volume(chans[..., c], (D, H, W)), lo, hi)
+def mri_zscore(v, percentiles=MRI_PERCENTILES):
+    """-> (float32 z-scores, bool foreground): clip to the percentiles, then subtract the mean and divide
+    by the standard deviation of the foreground, the voxels above the low percentile."""
+    lo, hi = np.percentile(v, percentiles)
+    v = np.clip(v, lo, hi)
+    fg = v > lo
+    if not fg.any():  # a constant volume: nothing to scale
+        return np.zeros(v.shape, np.float32), fg
+    mean, std = v[fg].mean(dtype=np.float64), v[fg].std(dtype=np.float64)
+    return ((v - mean) / max(std, 1e-6)).astype(np.float32), fg
+
+
+def normalise_intensity(v, recipe):
+    """One channel (Z, Y, X) in scanner units -> (uint8, bool foreground), by recipe['modality']."""
+    if recipe['modality'] == 'CT':
+        level, width = recipe['window']
+        return to_uint8(v, level - width / 2, level + width / 2), v > CT_BODY_HU
+    z, fg = mri_zscore(v)
+    return np.where(fg, to_uint8(z, *MRI_Z_RANGE), 0).astype(np.uint8), fg
+
+
+def box_starts(foreground, size):
+    """First index, per axis, of a size^3 box centred on the foreground's bounding box and kept inside
+    the volume; an axis shorter than size is centred instead (a negative start: padding)."""
+    starts = []
+    for axis, n in enumerate(foreground.shape):
+        if n <= size:
+            starts.append(-((size - n) // 2))
+            continue
+        hit = np.flatnonzero(foreground.any(axis=tuple(a for a in range(foreground.ndim) if a != axis)))
+        centre = (hit[0] + hit[-1] + 1) / 2 if len(hit) else n / 2
+        starts.append(int(np.clip(round(centre - size / 2), 0, n - size)))
+    return starts
+
+
+def take_box(a, starts, size):
+    """a[s:s + size] on each of the first three axes; 0 where the box leaves the array."""
+    out = np.zeros((size, size, size) + a.shape[3:], a.dtype)
+    src, dst = [], []
+    for s, n in zip(starts, a.shape[:3]):
+        lo, hi = max(s, 0), min(s + size, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
+def volume_recipe(modality, spacing, window=''):
+    """Check and parse the volume options: modality 'ct' / 'mri', --spacing '1.5' (isotropic) or 'z,y,x'
+    in mm, --window 'level,width' in HU (CT only; '' = SOFT_TISSUE_WINDOW)."""
+    modality = str(modality).upper()
+    if modality not in ('CT', 'MRI'):
+        raise ValueError(f"--modality must be ct (Hounsfield units, windowed) or mri (z-scored over the "
+                         f"foreground), got {modality.lower() or 'nothing'!r}")
+    try:
+        s = tuple(float(x) for x in str(spacing).split(','))
+        s = s * 3 if len(s) == 1 else s
+        assert len(s) == 3 and min(s) > 0
+    except (ValueError, AssertionError):
+        raise ValueError(f"--spacing must be one voxel size in mm (e.g. 1.5) or three, z,y,x (e.g. 3,1,1), "
+                         f"all > 0; got {spacing!r}") from None
+    if modality == 'MRI':
+        if window:
+            raise ValueError(f"--window={window} is a CT setting (Hounsfield units); MRI has no absolute unit "
+                             f"and is z-scored over the foreground instead: drop --window")
+        return {'modality': modality, 'spacing': s}
+    try:
+        w = tuple(float(x) for x in window.split(',')) if window else SOFT_TISSUE_WINDOW
+        assert len(w) == 2 and w[1] > 0
+    except (ValueError, AssertionError):
+        raise ValueError(f"--window must be level,width in Hounsfield units with width > 0, e.g. 40,400 (soft "
+                         f"tissue), 400,1800 (bone), -600,1500 (lung); got {window!r}") from None
+    return {'modality': modality, 'spacing': s, 'window': w}
+
+
+def intensity_meta(recipe):
+    """What meta.json says about the stored intensities: the mapping and how to undo it."""
+    if recipe['modality'] == 'CT':
+        level, width = recipe['window']
+        lo, hi = level - width / 2, level + width / 2
+        return {'modality': 'CT', 'window': {'level': level, 'width': width}, 'hu_range': [lo, hi],
+                'to_uint8': f"u = round(255 * clip((HU - ({lo:g})) / {width:g}, 0, 1))",
+                'from_uint8': f"HU = {lo:g} + u / 255 * {width:g} (values outside the window were clipped)"}
+    (p_lo, p_hi), (z_lo, z_hi) = MRI_PERCENTILES, MRI_Z_RANGE
+    return {'modality': 'MRI', 'percentiles': [p_lo, p_hi], 'z_range': [z_lo, z_hi],
+            'foreground': f"voxels above the {p_lo:g}th percentile of their volume, after resampling "
+                          f"(the non-zero voxels of skull-stripped or masked scans)",
+            'to_uint8': f"z = (clip(v, p{p_lo:g}, p{p_hi:g}) - foreground mean) / foreground std; "
+                        f"u = round(255 * clip((z - ({z_lo:g})) / {z_hi - z_lo:g}, 0, 1)) on the foreground, 0 elsewhere",
+            'from_uint8': f"z = {z_lo:g} + u / 255 * {z_hi - z_lo:g} (foreground voxels)"}
+
+
+def load_volume(channel_paths, label_path, size, recipe):
+    """One subject -> (uint8 (size, size, size, C), uint8 (size, size, size) label map or None), through
+    the four steps above. recipe: volume_recipe's dict plus 'channels' and 'label_values' (the label
+    file's values, in the order that numbers them 0..K)."""
+    chans, spacing = [], None
+    for p in channel_paths:
+        a, sp = read_nifti(p, spacing=True)
+        if chans and a.shape[:3] != chans[0].shape[:3]:
+            raise ValueError(f"{Path(p).name} is {a.shape[:3]} voxels but {Path(channel_paths[0]).name} is "
+                             f"{chans[0].shape[:3]}: the channels of a subject must share one grid")
+        chans.append(a)
+        spacing = spacing or sp
+    chans = np.concatenate(chans, axis=-1)
+    if chans.shape[-1] != recipe['channels']:
+        raise ValueError(f"{chans.shape[-1]} channels, the data set has {recipe['channels']}")
+    channels, foreground = [], None
+    for c in range(chans.shape[-1]):
+        v = chans[..., c]
+        finite = np.isfinite(v)
+        if not finite.any():
+            raise ValueError("no finite voxel (all NaN or inf)")
+        v = np.where(finite, v, v[finite].min())  # NaN outside the brain (SPM) = background
+        u, fg = normalise_intensity(resample_spacing(v, spacing, recipe['spacing']), recipe)
+        channels.append(u)
+        foreground = fg if foreground is None else foreground | fg
+    starts = box_starts(foreground, size)
+    image = take_box(np.stack(channels, axis=-1), starts, size)
     if label_path is None:
         return image, None
-    seg = read_nifti(label_path)[..., 0]
+    seg = np.round(read_nifti(label_path)[..., 0])
     if seg.shape != chans.shape[:3]:
         raise ValueError(f"label volume {seg.shape} does not match the image {chans.shape[:3]}")
-    seg = np.searchsorted(label_values, np.round(seg))  # e.g. BraTS 0/1/2/4 -> 0/1/2/3
-    return image, resize_volume(seg, (D, H, W), nearest=True).astype(np.uint8)
+    values = np.asarray(recipe['label_values'])
+    if not np.isin(seg, values).all():
+        raise ValueError(f"label values {sorted(set(np.unique(seg).tolist()) - set(values.tolist()))} are not "
+                         f"among the data set's labels {values.tolist()}")
+    seg = np.searchsorted(values, seg).astype(np.float32)  # e.g. BraTS 0/1/2/4 -> 0/1/2/3
+    seg = resample_spacing(seg, spacing, recipe['spacing'], nearest=True)
+    return image, take_box(seg.astype(np.uint8), starts, size)
 
 
 def decode_volumes(job):
-    """Worker: [(i, (channel paths, label values), label path)] -> [(i, image, mask, error)]."""
-    shape, items = job
+    """Worker: [(i, (channel paths, recipe), label path)] -> [(i, image, mask, error)]."""
+    (size, *_), items = job
     out = []
-    for i, (channel_paths, label_values), label_path in items:
+    for i, (channel_paths, recipe), label_path in items:
         try:
-            out.append((i, *load_volume(channel_paths, label_path, shape, label_values), None))
+            out.append((i, *load_volume(channel_paths, label_path, size, recipe), None))
         except Exception as e:  # nibabel raises ImageFileError, ValueError, EOFError, zlib.error...
             out.append((i, None, None, f"{type(e).__name__}: {e}"))
     return out
 
 
 def write_volumes(tmp, name, subjects, split, size, channels, mask_labels, skipped, workers, args, info, rule,
-                  **extra):
+                  recipe, **extra):
     """Shared tail of the 3-D data sets. subjects: [(channel paths, label path or None)];
-    split: their split names. Every subject is its own group. Labels are -1: these are segmentation
-    (or unlabelled) sets, their targets are the masks."""
-    values = np.array([v for v, _ in mask_labels]) if mask_labels else None
+    split: their split names; recipe: volume_recipe(...). Every subject is its own group. Labels are -1:
+    these are segmentation (or unlabelled) sets, their targets are the masks."""
     has_masks = bool(mask_labels) and all(label is not None for _, label in subjects)
+    recipe = {**recipe, 'channels': channels, 'label_values': [v for v, _ in mask_labels or []]}
+    spacing = recipe['spacing']
+    print(f"  {recipe['modality']}, resampled to {'x'.join(f'{s:g}' for s in spacing)} mm (z, y, x), "
+          f"box {size}^3 voxels = {' x '.join(f'{size * s:g}' for s in spacing)} mm")
     for s in SPLITS:
         ids = [i for i, sp in enumerate(split) if sp == s]
         print(f"  {s}: {len(ids)} volumes")
-        convert_split(tmp, s, [(subjects[i][0], values) for i in ids], decode_volumes,
+        convert_split(tmp, s, [(subjects[i][0], recipe) for i in ids], decode_volumes,
                       (size, size, size, channels), skipped, workers, chunk=1,
                       mask_paths=[subjects[i][1] for i in ids] if has_masks else None,
                       mask_max=len(mask_labels or [0]) - 1, labels=np.full(len(ids), -1), groups=ids)
     write_meta(tmp, name, [], args=args, **info, task='segmentation' if has_masks else 'unlabeled',
                split_rule=rule, mask_labels=[n for _, n in mask_labels] if has_masks else None,
-               axes='(N, D, H, W, C) = (volume, z, y, x, channel), RAS orientation, resampled to size^3',
+               modality=recipe['modality'], spacing=list(spacing), field_of_view_mm=[size * s for s in spacing],
+               intensity=intensity_meta(recipe),
+               crop=f"a {size}^3-voxel box centred on the foreground's bounding box, inside the volume; "
+                    f"axes shorter than the box centred and padded with 0 (label 0)",
+               axes='(N, D, H, W, C) = (volume, z, y, x, channel), RAS orientation, voxels of `spacing` mm',
                skipped=report_skipped(skipped), **extra)
 
 
-MSD_TASKS = {  # the four smallest tasks; md5 = the one MONAI's DecathlonDataset checks
-    'msd_heart': ('Task02_Heart', '06ee59366e1e5124267b774dbd654057'),
-    'msd_hippocampus': ('Task04_Hippocampus', '9d24dba78a72977dbd1d2e110310f31b'),
-    'msd_prostate': ('Task05_Prostate', '35138f08b1efaef89d7424d2bcc928db'),
-    'msd_spleen': ('Task09_Spleen', '410d4a301da4e5b2f6f86ec3ddba524e'),
+MSD_TASKS = {  # the four smallest tasks; md5 = the one MONAI's DecathlonDataset checks; then the modality and
+    # the default spacing (mm) and box (voxels), chosen to hold the labelled organ (docs/datasets.md)
+    'msd_heart': ('Task02_Heart', '06ee59366e1e5124267b774dbd654057', 'MRI', 2.5, 64),  # 160 mm around the chest's centre
+    'msd_hippocampus': ('Task04_Hippocampus', '9d24dba78a72977dbd1d2e110310f31b', 'MRI', 1.0, 48),  # the whole ~35x50x35 mm crop
+    'msd_prostate': ('Task05_Prostate', '35138f08b1efaef89d7424d2bcc928db', 'MRI', 1.5, 64),  # 96 mm around the pelvis' centre
+    'msd_spleen': ('Task09_Spleen', '410d4a301da4e5b2f6f86ec3ddba524e', 'CT', 4.0, 96),  # 384 mm: the whole abdomen
 }
 
 
-def prepare_msd(name, out_dir=None, source: str = '', size: int = 64, folds: int = 5, fold: int = 0,
-                test_fraction: float = 0.2, seed: int = 0, workers: int = 0):
+def prepare_msd(name, out_dir=None, source: str = '', size: int = 0, spacing: str = '', window: str = '',
+                folds: int = 5, fold: int = 0, test_fraction: float = 0.2, seed: int = 0, workers: int = 0):
     """
     A Medical Segmentation Decathlon task: TaskXX_Name.tar with dataset.json, imagesTr/labelsTr (NIfTI)
     and imagesTs (no labels, not used). The labelled subjects are split once: test_fraction of them
     (seeded) is the test split, the rest is cut into `folds` folds by subject and fold `fold` is val
     (run folds 0..folds-1 into separate --out folders for cross-validation). The tars hold macOS '._*'
     files next to the real ones; they are never read. Masks: label maps 0..K named by dataset.json.
+    size / spacing (mm) / window (CT only): 0 or '' = the task's defaults in MSD_TASKS.
     """
     t0 = time.time()
-    task, md5 = MSD_TASKS[name]
+    task, md5, modality, default_spacing, default_size = MSD_TASKS[name]
+    size, spacing = size or default_size, spacing or str(default_spacing)
+    recipe = volume_recipe(modality, spacing, window)
     out_dir = out_dir or f'data/{name}' + (f'_fold{fold}' if fold else '')
-    args = {'source': source, 'size': size, 'folds': folds, 'fold': fold, 'test_fraction': test_fraction, 'seed': seed}
+    args = {'source': source, 'size': size, 'spacing': spacing, 'window': window, 'folds': folds, 'fold': fold,
+            'test_fraction': test_fraction, 'seed': seed}
     if not 0 <= fold < folds:
         raise ValueError(f"--fold must be in 0..{folds - 1}, got {fold}")
     if is_up_to_date(out_dir, args):
@@ -1433,7 +1573,7 @@ def prepare_msd(name, out_dir=None, source: str = '', size: int = 64, folds: int
         write_volumes(tmp, name, subjects, split, size, len(spec['modality']), mask_labels, [],
                       default_workers(workers), args, info,
                       rule=f"by subject: test = {test_fraction} of the labelled subjects, the rest in {folds} "
-                           f"folds, fold {fold} = val (seed {seed})",
+                           f"folds, fold {fold} = val (seed {seed})", recipe=recipe,
                       modalities=[spec['modality'][k] for k in sorted(spec['modality'], key=int)], task_name=task)
     return finish(out_dir, t0)
 
@@ -1443,15 +1583,18 @@ BRATS_HOW = ("BraTS 2021 needs a registration: https://www.synapse.org/#!Synapse
              "copy 'brats-2021-task1'); download the training data (BraTS2021_Training_Data.tar).")
 
 
-def prepare_brats2021(out_dir='data/brats2021', source: str = '', size: int = 64, val_fraction: float = 0.15,
-                      test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
+def prepare_brats2021(out_dir='data/brats2021', source: str = '', size: int = 96, spacing: str = '2',
+                      val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
     """
     BraTS 2021 (task 1): one folder per subject with BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz
-    (240x240x155). 4 channels in BRATS_MODALITIES order; the seg labels 0/1/2/4 become 0/1/2/3.
-    Split by subject.
+    (240x240x155 at 1 mm, skull-stripped). 4 MRI channels in BRATS_MODALITIES order, each z-scored over
+    its brain (non-zero) voxels; the seg labels 0/1/2/4 become 0/1/2/3. The default 96^3 box at 2 mm
+    (192 mm) holds the whole brain. Split by subject.
     """
     t0 = time.time()
-    args = {'source': source, 'size': size, 'val_fraction': val_fraction, 'test_fraction': test_fraction, 'seed': seed}
+    recipe = volume_recipe('MRI', spacing)
+    args = {'source': source, 'size': size, 'spacing': spacing, 'val_fraction': val_fraction,
+            'test_fraction': test_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
         return Path(out_dir)
     info = announce('brats2021')
@@ -1469,20 +1612,40 @@ def prepare_brats2021(out_dir='data/brats2021', source: str = '', size: int = 64
     with staging_dir(out_dir) as tmp:
         write_volumes(tmp, 'brats2021', subjects, split, size, 4, mask_labels, [], default_workers(workers), args,
                       info, rule=f"by subject, val/test fractions {val_fraction}/{test_fraction}, seed {seed}",
-                      modalities=BRATS_MODALITIES)
+                      recipe=recipe, modalities=BRATS_MODALITIES)
     return finish(out_dir, t0)
 
 
-def prepare_nifti(out_dir='data/nifti', source: str = '', labels: str = '', size: int = 64,
-                  val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
+def auto_spacing(files, size):
+    """The isotropic voxel size (mm) at which the median volume's longest side fits in `size` voxels,
+    from the headers alone (unreadable files are left to the converter, which reports them)."""
+    sides = []
+    for p in files:
+        try:
+            header = nib.load(str(p)).header
+            sides.append(max(n * float(z) for n, z in zip(header.get_data_shape()[:3], header.get_zooms()[:3])))
+        except Exception:
+            continue
+    if not sides:
+        raise ValueError("no readable NIfTI header to choose --spacing=auto from: give --spacing in mm")
+    return f"{float(np.median(sides)) / size:.3g}"
+
+
+def prepare_nifti(out_dir='data/nifti', source: str = '', labels: str = '', modality: str = '', size: int = 64,
+                  spacing: str = 'auto', window: str = '', val_fraction: float = 0.15, test_fraction: float = 0.15,
+                  seed: int = 0, workers: int = 0):
     """
     Any folder of NIfTI volumes (*.nii, *.nii.gz, searched recursively), each its own subject; a 4-D
-    file's 4th axis is the channels (all files need the same count). --labels=FOLDER: label volumes
-    with the same file names, saved as masks (values 0..K, any integers, mapped in sorted order).
+    file's 4th axis is the channels (all files need the same count). --modality=ct|mri (required: it
+    decides the intensity normalisation), --window=level,width for CT (default 40,400, soft tissue).
+    --spacing=auto: the isotropic voxel size at which the median volume's longest side fits the box.
+    --labels=FOLDER: label volumes with the same file names, saved as masks (values 0..K, any
+    integers, mapped in sorted order).
     """
     t0 = time.time()
-    args = {'source': source, 'labels': labels, 'size': size, 'val_fraction': val_fraction,
-            'test_fraction': test_fraction, 'seed': seed}
+    recipe = volume_recipe(modality, 1.0 if spacing == 'auto' else spacing, window)
+    args = {'source': source, 'labels': labels, 'modality': modality, 'size': size, 'spacing': spacing,
+            'window': window, 'val_fraction': val_fraction, 'test_fraction': test_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
         return Path(out_dir)
     info = SOURCES['local']
@@ -1490,6 +1653,8 @@ def prepare_nifti(out_dir='data/nifti', source: str = '', labels: str = '', size
     files = sorted(p for r in roots for p in r.rglob('*.nii*') if visible(p) and p.name.endswith(('.nii', '.nii.gz')))
     if not files:
         raise FileNotFoundError(f"no .nii / .nii.gz file under {source}")
+    if spacing == 'auto':
+        recipe = volume_recipe(modality, auto_spacing(files, size), window)
     skipped, channels = [], None
     for p in files:  # the channel count from the first readable header; a bad header is skipped later
         try:
@@ -1515,7 +1680,7 @@ def prepare_nifti(out_dir='data/nifti', source: str = '', labels: str = '', size
         write_volumes(tmp, 'nifti', [([p], label_of[p]) for p in files], split, size, channels or 1, mask_labels,
                       skipped, default_workers(workers), args, info,
                       rule=f"by file, val/test fractions {val_fraction}/{test_fraction}, seed {seed}",
-                      source_files=[str(p) for p in files])
+                      recipe=recipe, source_files=[str(p) for p in files])
     return finish(out_dir, t0)
 
 # --- any folder of pictures ----------------------------------------------------------------------
@@ -1808,7 +1973,9 @@ DATASETS = {
     'aptos2019': prepare_aptos2019,
     'pcam': prepare_pcam,
     'chestxray14': prepare_chestxray14,
-    **{name: functools.partial(prepare_msd, name) for name in MSD_TASKS},
+    **{name: functools.partial(prepare_msd, name, size=t[4], spacing=f'{t[3]:g}',  # the help shows the task's defaults
+                               **({'window': '{:g},{:g}'.format(*SOFT_TISSUE_WINDOW)} if t[2] == 'CT' else {}))
+       for name, t in MSD_TASKS.items()},
     'brats2021': prepare_brats2021,
     'folder': prepare_folder,
     'dicom': prepare_dicom,

@@ -1,10 +1,10 @@
-"""medjepa3d.py: tubelets, 3-D positions and masks, the shared 2-D machinery, training on volumes, the
-3-D data path (demo3d, NIfTI reading, resampling) and the 3-D rows of eval.py. Tiny models throughout."""
+"""medjepa3d.py: tubelets, 3-D positions and masks, the shared 2-D machinery, training on volumes and
+video, demo3d and the 3-D rows of eval.py. Tiny models throughout. The NIfTI pipeline (orientation,
+spacing, intensities, crop/pad) is tested in test_prepare_volumes.py."""
 import inspect
 import json
 import os
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -14,7 +14,6 @@ import medjepa as mj
 import medjepa3d as m3
 import prepare
 
-NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), 'tests', 'data')
 TINY = ['--volume_size=(16,16,16)', '--patch_size=(4,4,4)', '--n_layer=2', '--n_embd=24', '--n_head=2',
         '--pred_n_layer=1', '--pred_n_embd=12', '--pred_n_head=2', '--batch_size=16', '--num_slices=32',
         '--knn_train_size=64', '--device=cpu', '--dtype=float32', '--num_threads=1', '--warmup_iters=5']
@@ -153,37 +152,6 @@ def test_demo3d_is_deterministic_split_by_subject_and_labelled(demo3d, tmp_path)
     for key in ('images', 'masks', 'labels', 'groups'):
         assert np.array_equal(np.load(demo3d / f'test_{key}.npy'), np.load(again / f'test_{key}.npy'))
 
-
-def test_nifti_round_trip_on_nibabels_real_files_keeps_orientation_spacing_and_values(tmp_path):
-    for name in ('anatomical.nii', 'example4d.nii.gz'):
-        src = nib.load(os.path.join(NIBABEL_DATA, name))
-        a, spacing = prepare.read_nifti(os.path.join(NIBABEL_DATA, name), spacing=True)
-        # store the same image in another orientation (axes swapped and flipped, affine adjusted): reading it
-        # back in canonical order must give the same array and the same spacing
-        flipped = src.as_reoriented(np.array([[1, -1], [0, 1], [2, -1]]))  # x and y swapped, two axes flipped
-        assert not np.allclose(flipped.affine, src.affine)
-        path = tmp_path / f'flipped_{name}'
-        nib.save(flipped, str(path))
-        b, spacing_b = prepare.read_nifti(path, spacing=True)
-        assert a.shape == b.shape and spacing == pytest.approx(spacing_b)
-        assert np.allclose(a, b, atol=1e-3 * max(1.0, float(np.abs(a).max())))
-        zooms = src.header.get_zooms()[:3]
-        assert sorted(spacing) == pytest.approx(sorted(zooms))  # spacing read from the header
-
-
-def test_resampling_to_a_target_spacing_keeps_the_physical_size():
-    a, spacing = prepare.read_nifti(os.path.join(NIBABEL_DATA, 'anatomical.nii'), spacing=True)
-    v = a[..., 0]
-    for target in ((2.0, 2.0, 2.0), (spacing[0] * 0.5, 3.0, 1.5)):
-        r = prepare.resample_spacing(v, spacing, target)
-        for n, s, m, t in zip(v.shape, spacing, r.shape, target):
-            assert abs(n * s - m * t) <= t / 2 + 1e-6  # the same extent in mm, to half a voxel
-        # the brightness centroid stays at the same place in mm
-        def centroid(x, sp):
-            idx = np.indices(x.shape).reshape(3, -1) + 0.5
-            w = np.clip(x, 0, None).reshape(-1)
-            return (idx * w).sum(1) / w.sum() * np.array(sp)
-        assert np.allclose(centroid(v, spacing), centroid(r, target), atol=max(target) * 1.0)
 
 # ----------------------------------------------------------------------------- training and checkpoints
 
