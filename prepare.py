@@ -43,6 +43,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -438,17 +439,23 @@ def square_resize(im, size, resample=Image.BICUBIC):
     return im.resize((size, size), resample)
 
 
+def picture_array(im, size, channels, lo_hi=None):
+    """A decoded Pillow picture -> uint8 (size, size, channels). 16-bit / float pixels are stretched from
+    lo_hi = (lo, hi), by default the picture's own min..max."""
+    if im.mode.startswith('I') or im.mode == 'F':
+        a = np.asarray(im, np.float32)
+        lo, hi = lo_hi or (a.min(), a.max())
+        im = Image.fromarray(to_uint8(a, lo, hi))
+    a = np.asarray(square_resize(im.convert('RGB' if channels == 3 else 'L'), size), np.uint8)
+    return a if a.ndim == 3 else a[..., None]
+
+
 def load_picture(path, size, channels):
     """One photo or radiograph -> uint8 (size, size, channels). Raises if the file is damaged:
     load() decodes now, so a truncated JPEG fails here and not later."""
     with Image.open(path) as im:
         im.load()
-        if im.mode.startswith('I') or im.mode == 'F':  # 16-bit / float pixels: stretch min..max
-            a = np.asarray(im, np.float32)
-            im = Image.fromarray(to_uint8(a, a.min(), a.max()))
-        im = square_resize(im.convert('RGB' if channels == 3 else 'L'), size)
-    a = np.asarray(im, np.uint8)
-    return a if a.ndim == 3 else a[..., None]
+        return picture_array(im, size, channels)
 
 
 def load_mask(path, size):
@@ -992,6 +999,131 @@ def prepare_demo3d(out_dir='data/demo3d', size: int = 32, seed: int = 0, n_train
     return finish(out_dir, t0)
 
 # -----------------------------------------------------------------------------
+# demovideo: synthetic echocardiography-like clips whose class is in the motion, for medjepa3d.py
+
+
+DEMOVIDEO_CLASSES = ['normal', 'hypokinetic', 'irregular', 'fast']  # clip label: how the chamber beats
+DEMOVIDEO_LABELS = ['background', 'chamber', 'wall']  # mask values 0..2, one label map per frame
+DEMOVIDEO_VERSION = 1   # bump whenever the clips change
+CLIPS_PER_SUBJECT = 2   # two acquisitions of each subject (fresh probe pose, gain, speckle, start in the beat)
+
+
+def demovideo_subject(rng, label):
+    """One subject's heart (chamber size, shape, wall, echogenicity, tissue texture) and beat. Only the
+    beat depends on the class: normal and irregular lose 22-35 % of the chamber radius in systole,
+    hypokinetic 5-12 %; the period is 9-14 frames, 4.5-6.5 for fast, and irregular beats last
+    anywhere from 0.5 to 1.6 times it (regular ones within 3 %)."""
+    u = rng.uniform
+    heart = dict(r=u(0.13, 0.2), aspect=u(0.7, 1.0), tilt=u(-0.6, 0.6), wall=u(0.06, 0.09),
+                 blood=u(0.03, 0.1), muscle=u(0.55, 0.8), tissue=u(0.25, 0.4),
+                 texture=[rng.normal(0, 1, (2, 2)), u(0, 2 * np.pi, (2, 2)), u(2, 6, (2, 2))])
+    amp = u(0.05, 0.12) if label == 1 else u(0.22, 0.35)
+    period = u(4.5, 6.5) if label == 3 else u(9, 14)
+    spread = (0.5, 1.6) if label == 2 else (0.97, 1.03)
+    return heart, amp, period, spread
+
+
+def render_demovideo(subject, rng, frames, size):
+    """One clip of a subject -> (uint8 (T, S, S, 1) frames, uint8 (T, S, S) label maps). A fan-shaped
+    sector from a probe at the top, speckle (70 % a fixed pattern, 30 % renewed every frame), depth
+    attenuation, gain and log compression; the chamber (dark blood) and its wall (bright muscle of
+    constant area, so it thickens as the chamber shrinks) change with the beat."""
+    heart, amp, period, spread = subject
+    u = rng.uniform
+    # the beat: a systole (first 40 % of each beat) of sin^2 contraction, started at a random phase
+    lengths = period * u(*spread, size=frames + 2)
+    edges = np.concatenate([[0], np.cumsum(lengths)]) - u(0, lengths[0])
+    t = np.arange(frames)
+    k = np.searchsorted(edges, t, side='right') - 1
+    frac = (t - edges[k]) / lengths[k]
+    contraction = np.where(frac < 0.4, np.sin(np.pi * frac / 0.4) ** 2, 0.0)
+    r_in = heart['r'] * (1 - amp * contraction)  # (T,)
+    r_out = np.sqrt(r_in ** 2 + (heart['r'] + heart['wall']) ** 2 - heart['r'] ** 2)
+    # geometry: y = depth 0..1 from the top, x = -0.5..0.5; the probe's apex, tilt and fan this time
+    g = (np.arange(size) + 0.5) / size
+    y, x = np.meshgrid(g, g - 0.5, indexing='ij')
+    y0, x0, tilt, half, depth = u(-0.03, 0.03), u(-0.05, 0.05), u(-0.08, 0.08), u(0.6, 0.75), u(0.9, 1.0)
+    r, phi = np.hypot(y - y0, x - x0), np.arctan2(x - x0, y - y0)
+    sector = (r < depth) & (np.abs(phi - tilt) < half)
+    cy, cx = u(0.45, 0.6), x0 + u(-0.08, 0.08)
+    angle = heart['tilt'] + u(-0.15, 0.15)  # the probe sees the heart a little turned each time
+    ct, st = np.cos(angle), np.sin(angle)
+    dy, dx = ct * (y - cy) - st * (x - cx), st * (y - cy) + ct * (x - cx)
+    d = np.hypot(dx, dy / heart['aspect'])[None]  # (1, S, S) elliptic distance from the chamber's centre
+    edge = 1.5 / size
+    soft = lambda f: np.clip(f / edge + 0.5, 0, 1)
+    freq, phase, scale = heart['texture']
+    texture = 1 + 0.25 * sum(np.sin(freq[i, 0] * scale[i, 0] * y + freq[i, 1] * scale[i, 1] * x + phase[i, 0])
+                             for i in range(2)) / 2
+    image = heart['tissue'] * texture * np.ones((frames, 1, 1))
+    image = image + (heart['muscle'] - image) * soft(r_out[:, None, None] - d)
+    image = image + (heart['blood'] - image) * soft(r_in[:, None, None] - d)
+    # speckle, mean 1: 70 % a fixed pattern, 30 % renewed every frame
+    def grains(n):  # (size, size, n) fully developed speckle: |complex Gaussian| blurred to ~1 px grains
+        return np.abs(gaussian_blur(rng.normal(0, 1, (size, size, n)) + 1j * rng.normal(0, 1, (size, size, n)), 0.7))
+    still, moving = grains(1)[..., 0], grains(frames).transpose(2, 0, 1)
+    speckle = 0.7 * still / still.mean() + 0.3 * moving / moving.mean()
+    image = image * speckle * np.exp(-u(0.3, 1.2) * r) * u(0.8, 1.25)
+    image = np.log1p(10 * np.clip(image, 0, None)) / np.log1p(10) + rng.normal(0, 0.02, image.shape)
+    image = np.where(sector, np.clip(image, 0, 1), 0)
+    labels = np.where(d < r_in[:, None, None], 1, np.where(d < r_out[:, None, None], 2, 0)) * sector
+    return (image * 255).round().astype(np.uint8)[..., None], labels.astype(np.uint8)
+
+
+def prepare_demovideo(out_dir='data/demovideo', frames: int = 32, size: int = 32, seed: int = 0,
+                      n_train: int = 600, n_val: int = 100, n_test: int = 200):
+    """
+    Synthetic echocardiography-like clips for medjepa3d.py, (frames, size, size, 1), deterministic from
+    the seed. A heart chamber seen in an ultrasound sector beats; the 4 classes (DEMOVIDEO_CLASSES)
+    differ only in the beat (demovideo_subject), so one frame says next to nothing about the class.
+    Every subject is filmed CLIPS_PER_SUBJECT times (fresh probe pose, gain, speckle, start of the
+    beat). Masks: 0 background, 1 chamber, 2 wall, per frame. Splits by subject, classes balanced.
+    The 600 / 100 / 200 default takes about 10 s and 60 MB (half of it masks).
+    """
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    args = {'frames': frames, 'size': size, 'seed': seed, 'n_train': n_train, 'n_val': n_val, 'n_test': n_test,
+            'generator_version': DEMOVIDEO_VERSION}
+    n_subjects = {s: round(n / CLIPS_PER_SUBJECT) for s, n in zip(SPLITS, (n_train, n_val, n_test))}
+    if size < 16 or frames < 4 or min(n_subjects.values()) < 1:
+        raise ValueError(f"need --size >= 16, --frames >= 4 and at least {CLIPS_PER_SUBJECT} clips per split, got "
+                         f"size {size}, frames {frames}, {n_train}/{n_val}/{n_test}")
+    if is_up_to_date(out_dir, args):
+        return out_dir
+    print(f"generating demovideo clips: {frames} frames of {size}x{size}, seed {seed} -> {out_dir}")
+    rng = np.random.default_rng(seed)
+    next_id = 0
+    with staging_dir(out_dir) as tmp:
+        for split in SPLITS:
+            n = n_subjects[split]
+            ids = np.arange(next_id, next_id + n)
+            next_id += n
+            labels = rng.permutation(np.arange(n) % len(DEMOVIDEO_CLASSES))  # balanced within each split
+            clips = np.empty((n * CLIPS_PER_SUBJECT, frames, size, size, 1), np.uint8)
+            masks = np.empty((n * CLIPS_PER_SUBJECT, frames, size, size), np.uint8)
+            for j, (i, label) in enumerate(zip(ids, labels)):
+                sub_rng = np.random.default_rng([seed, int(i)])  # a subject's clips do not depend on the others
+                subject = demovideo_subject(sub_rng, label)
+                for c in range(CLIPS_PER_SUBJECT):
+                    clips[j * CLIPS_PER_SUBJECT + c], masks[j * CLIPS_PER_SUBJECT + c] = \
+                        render_demovideo(subject, sub_rng, frames, size)
+            order = rng.permutation(len(clips))  # clips of a subject are not neighbours in the file
+            write_split(tmp, split, images=clips[order], labels=np.repeat(labels, CLIPS_PER_SUBJECT)[order],
+                        masks=masks[order], groups=np.repeat(ids, CLIPS_PER_SUBJECT)[order],
+                        mask_max=len(DEMOVIDEO_LABELS) - 1)
+            print(f"  {split:5s}: {len(clips)} clips of {n} subjects")
+        write_meta(tmp, 'demovideo', DEMOVIDEO_CLASSES,
+                   split_rule=f"by subject: the {CLIPS_PER_SUBJECT} clips of a subject are in one split; "
+                              f"classes balanced within each split",
+                   source="synthetic, generated by prepare.py demovideo",
+                   licence="CC0-1.0 (generated data, no rights reserved)", citation=None, args=args,
+                   video=True, frames=frames, frame_stride=1, mask_labels=DEMOVIDEO_LABELS,
+                   mask_classes=DEMOVIDEO_LABELS, seed=seed, generator_version=DEMOVIDEO_VERSION,
+                   clips_per_subject=CLIPS_PER_SUBJECT,
+                   axes='(N, T, H, W, C) = (clip, frame, row = depth from the probe, column, channel)')
+    return finish(out_dir, t0)
+
+# -----------------------------------------------------------------------------
 # The real data sets: one function each. They share the steps above:
 #   args -> is_up_to_date -> get_raw -> split_by_group -> staging_dir { convert_split / write_split
 #   per split, write_meta } -> finish
@@ -1525,11 +1657,13 @@ def write_volumes(tmp, name, subjects, split, size, channels, mask_labels, skipp
 
 
 MSD_TASKS = {  # the four smallest tasks; md5 = the one MONAI's DecathlonDataset checks; then the modality and
-    # the default spacing (mm) and box (voxels), chosen to hold the labelled organ (docs/datasets.md)
-    'msd_heart': ('Task02_Heart', '06ee59366e1e5124267b774dbd654057', 'MRI', 2.5, 64),  # 160 mm around the chest's centre
-    'msd_hippocampus': ('Task04_Hippocampus', '9d24dba78a72977dbd1d2e110310f31b', 'MRI', 1.0, 48),  # the whole ~35x50x35 mm crop
-    'msd_prostate': ('Task05_Prostate', '35138f08b1efaef89d7424d2bcc928db', 'MRI', 1.5, 64),  # 96 mm around the pelvis' centre
-    'msd_spleen': ('Task09_Spleen', '410d4a301da4e5b2f6f86ec3ddba524e', 'CT', 4.0, 96),  # 384 mm: the whole abdomen
+    # the default spacing (mm) and box (voxels), chosen to hold the labelled organ (docs/datasets.md): heart
+    # 160 mm around the chest's centre, hippocampus the whole ~35x50x35 mm crop, prostate 96 mm around the
+    # pelvis' centre, spleen 384 mm (the whole abdomen)
+    'msd_heart': ('Task02_Heart', '06ee59366e1e5124267b774dbd654057', 'MRI', 2.5, 64),
+    'msd_hippocampus': ('Task04_Hippocampus', '9d24dba78a72977dbd1d2e110310f31b', 'MRI', 1.0, 48),
+    'msd_prostate': ('Task05_Prostate', '35138f08b1efaef89d7424d2bcc928db', 'MRI', 1.5, 64),
+    'msd_spleen': ('Task09_Spleen', '410d4a301da4e5b2f6f86ec3ddba524e', 'CT', 4.0, 96),
 }
 
 
@@ -1871,18 +2005,20 @@ def anonymize_folder(in_dir, out_dir, burned_in='refuse'):
     return out_dir
 
 
-def dicom_frames(ds, size, window):
-    """Pixel data -> list of uint8 (size, size, 1): modality rescale (slope, intercept) to real units
+def dicom_frames(ds, size, window, channels=1, keep=None):
+    """Pixel data -> list of uint8 (size, size, channels): modality rescale (slope, intercept) to real units
     (e.g. Hounsfield), then the window (--window=center,width, else the file's first window, else the
-    0.5-99.5 percentiles), MONOCHROME1 inverted so that dense is bright. Colour becomes luminance."""
+    0.5-99.5 percentiles of all frames), MONOCHROME1 inverted so that dense is bright. Colour becomes
+    luminance (channels=1) or stays RGB (channels=3, where grey is repeated). keep: the frame indices
+    to return (default all)."""
     a = ds.pixel_array.astype(np.float32)
     frames = int(ds.get('NumberOfFrames', 1) or 1)
     colour = int(ds.get('SamplesPerPixel', 1)) == 3
     if frames == 1:
         a = a[None]
-    if colour:
+    if colour and channels == 1:
         a = a @ np.array([0.299, 0.587, 0.114], np.float32)  # pixel_array gives RGB
-    else:
+    elif not colour:
         a = a * float(ds.get('RescaleSlope', 1) or 1) + float(ds.get('RescaleIntercept', 0) or 0)
     first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
     if colour:
@@ -1896,11 +2032,12 @@ def dicom_frames(ds, size, window):
     else:
         lo, hi = np.percentile(a, [0.5, 99.5])
     out = []
-    for f in a:
+    for f in (a if keep is None else a[list(keep)]):
         img = to_uint8(f, lo, hi)
         if ds.get('PhotometricInterpretation') == 'MONOCHROME1':
             img = 255 - img
-        out.append(np.asarray(square_resize(Image.fromarray(img), size))[..., None])
+        im = square_resize(Image.fromarray(img), size)
+        out.append(np.asarray(im.convert('RGB') if channels == 3 else im).reshape(size, size, channels))
     return out
 
 
@@ -1961,6 +2098,153 @@ def prepare_dicom(out_dir='data/dicom', source: str = '', size: int = 224, windo
                    metadata_files=[f'{s}_metadata.jsonl' for s in SPLITS], skipped=report_skipped(skipped))
     return finish(out_dir, t0)
 
+# --- video: clips from frame folders, GIF / multi-page TIFF, multi-frame DICOM ------------------
+#
+# A clip is stored as `frames` frames, (N, T, H, W, C), with "video": true in meta.json; medjepa3d.py
+# reads that flag and trains with --video=True (blocks span all frames, no crops in time). What the
+# dependencies can decode: a folder of frame pictures (PNG, JPEG, BMP; in natural name order, so
+# frame_2 comes before frame_10), an animated GIF or a multi-page TIFF (Pillow), a multi-frame DICOM
+# such as an ultrasound cine (pydicom). AVI / MP4 need a video decoder (ffmpeg), which is not a
+# dependency: such files are listed as skipped with the ffmpeg command that turns them into frames.
+
+FRAME_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp')  # a folder holding these is one clip, a picture per frame
+CLIP_SUFFIXES = ('.gif', '.tif', '.tiff', '.dcm')   # a file with one of these is one clip
+MOVIE_SUFFIXES = ('.avi', '.mp4', '.mov', '.mkv', '.webm', '.mpg', '.mpeg', '.wmv')  # need ffmpeg: reported
+
+
+def natural_key(path):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r'(\d+)', path.name)]
+
+
+def is_dicom(path):
+    """A .dcm file, or a file without suffix that starts like DICOM (128-byte preamble, then 'DICM')."""
+    if path.suffix:
+        return path.suffix.lower() == '.dcm'
+    with open(path, 'rb') as f:
+        return f.read(132)[128:] == b'DICM'
+
+
+def find_clips(roots):
+    """Every clip under roots: the folders that hold frame pictures, and the clip files (GIF, TIFF, DICOM,
+    and movies, which are reported) outside those folders."""
+    files = [p for r in roots for p in sorted(Path(r).rglob('*')) if p.is_file() and visible(p)]
+    frame_dirs = {p.parent for p in files if p.suffix.lower() in FRAME_SUFFIXES}
+    clips = [p for p in files if p.parent not in frame_dirs
+             and (p.suffix.lower() in CLIP_SUFFIXES + MOVIE_SUFFIXES or is_dicom(p))]
+    return sorted(frame_dirs) + clips
+
+
+def sample_frames(n, frames, stride):
+    """The indices of `frames` frames, `stride` apart, from the middle of an n-frame clip."""
+    span = (frames - 1) * stride + 1
+    if n < span:
+        raise ValueError(f"{n} frame(s); --frames={frames} --stride={stride} need {span}: lower --stride or --frames")
+    start = (n - span) // 2
+    return list(range(start, start + span, stride))
+
+
+def load_clip(path, frames, stride, size, channels, window='', burned_in='refuse'):
+    """One clip -> uint8 (frames, size, size, channels). Pictures with 16-bit or float pixels are
+    stretched from the clip's min..max (one scale for all its frames); DICOM as in dicom_frames."""
+    path = Path(path)
+    if path.suffix.lower() in MOVIE_SUFFIXES:
+        raise ValueError(f"{path.suffix} needs a video decoder (ffmpeg), not a dependency of prepare.py: turn it "
+                         f"into a folder of frames, e.g. mkdir {path.stem} && ffmpeg -i {path.name} {path.stem}/%05d.png")
+    if path.is_file() and is_dicom(path):
+        ds = pydicom.dcmread(path)
+        if 'PixelData' not in ds:
+            raise ValueError("no pixel data")
+        if not burned_in_ok(ds, burned_in):
+            raise ValueError("Burned In Annotation is not NO (refused; use --burned_in=flag after checking the pixels)")
+        keep = sample_frames(int(ds.get('NumberOfFrames', 1) or 1), frames, stride)
+        return np.stack(dicom_frames(ds, size, window, channels, keep))
+    pages = []
+    if path.is_dir():
+        files = sorted((p for p in path.iterdir() if p.is_file() and visible(p) and p.suffix.lower() in FRAME_SUFFIXES),
+                       key=natural_key)
+        for i in sample_frames(len(files), frames, stride):
+            try:
+                with Image.open(files[i]) as im:
+                    im.load()
+                    pages.append(im.copy())
+            except Exception as e:  # name the frame: the clip is the folder
+                raise ValueError(f"frame {files[i].name}: {type(e).__name__}: {e}") from e
+    else:
+        with Image.open(path) as im:  # an animated GIF or a multi-page TIFF
+            for i in sample_frames(getattr(im, 'n_frames', 1), frames, stride):
+                im.seek(i)
+                im.load()
+                pages.append(im.copy())
+    deep = [np.asarray(p, np.float32) for p in pages if p.mode.startswith('I') or p.mode == 'F']
+    lo_hi = (min(a.min() for a in deep), max(a.max() for a in deep)) if deep else None
+    return np.stack([picture_array(p, size, channels, lo_hi) for p in pages])
+
+
+def decode_clips(job, stride=1, window='', burned_in='refuse'):
+    """Worker: [(i, clip path, None)] -> [(i, clip, None, error)]; a clip that does not decode is reported."""
+    (frames, size, _, channels), items = job
+    out = []
+    for i, path, _ in items:
+        try:
+            out.append((i, load_clip(path, frames, stride, size, channels, window, burned_in), None, None))
+        except Exception as e:  # Pillow, pydicom and the checks above
+            out.append((i, None, None, f"{type(e).__name__}: {e}"))
+    return out
+
+
+def prepare_video(out_dir='data/video', source: str = '', frames: int = 16, stride: int = 2, size: int = 112,
+                  channels: int = 1, window: str = '', burned_in: str = 'refuse', val_fraction: float = 0.15,
+                  test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
+    """
+    Clips from a folder, labelled like `folder`: class sub-folders (source/<class>/<clip>) or a flat
+    folder (unlabelled). A clip is a folder of frame pictures, an animated GIF, a multi-page TIFF or a
+    multi-frame DICOM; `frames` frames `stride` apart are taken from its middle (shorter clips are
+    skipped and listed), each centre-cropped to a square and resized to size x size. DICOM: --window
+    and --burned_in as in `dicom` (only pixels are stored, no header); clips of one Patient ID stay in
+    one split. Split stratified by label. AVI / MP4: convert to frame folders with ffmpeg first.
+    """
+    t0 = time.time()
+    args = {'source': source, 'frames': frames, 'stride': stride, 'size': size, 'channels': channels,
+            'window': window, 'burned_in': burned_in, 'val_fraction': val_fraction,
+            'test_fraction': test_fraction, 'seed': seed}
+    if channels not in (1, 3) or frames < 1 or stride < 1:
+        raise ValueError(f"--channels must be 1 or 3 and --frames, --stride at least 1; got {channels}, {frames}, {stride}")
+    burned_in_ok(pydicom.Dataset(), burned_in)  # checks the policy's spelling before any work
+    if is_up_to_date(out_dir, args):
+        return Path(out_dir)
+    roots = get_raw('video', out_dir, source, how_to_get="Give the folder with --source.")
+    paths = find_clips(roots)
+    if not paths:
+        raise FileNotFoundError(f"no clips under {source}: folders of {', '.join(FRAME_SUFFIXES)} frames or "
+                                f"{', '.join(CLIP_SUFFIXES)} files (docs/datasets.md, video)")
+    flat = all(p.parent in roots for p in paths)
+    names = None if flat else [p.parent.name for p in paths]
+    classes = sorted(set(names)) if names else []
+    labels = np.array([classes.index(n) for n in names] if names else [-1] * len(paths))
+    patients = [str(p) for p in paths]  # DICOM clips of one patient share a group; any other clip is its own
+    for k, p in enumerate(paths):
+        if p.is_file() and is_dicom(p):
+            try:
+                patients[k] = 'patient ' + str(pydicom.dcmread(p, stop_before_pixels=True).get('PatientID', '') or p)
+            except Exception:
+                pass  # unreadable: reported when it is decoded
+    group_ids = np.unique(patients, return_inverse=True)[1]
+    split = split_by_group(group_ids, val_fraction, test_fraction, seed, strata=labels)
+    skipped = []
+    decode = functools.partial(decode_clips, stride=stride, window=window, burned_in=burned_in)
+    with staging_dir(out_dir) as tmp:
+        for s in SPLITS:
+            ids = np.flatnonzero(split == s)
+            convert_split(tmp, s, [paths[i] for i in ids], decode, (frames, size, size, channels), skipped,
+                          default_workers(workers), chunk=4, labels=labels[ids], groups=group_ids[ids])
+        write_meta(tmp, 'video', classes, args=args, **SOURCES['local'], task='multiclass' if names else 'unlabeled',
+                   split_rule=f"stratified by label, DICOM clips grouped by patient, val/test fractions "
+                              f"{val_fraction}/{test_fraction}, seed {seed}",
+                   video=True, frames=frames, frame_stride=stride,
+                   axes='(N, T, H, W, C) = (clip, frame, row, column, channel)',
+                   skipped=report_skipped(skipped))
+    return finish(out_dir, t0)
+
 # -----------------------------------------------------------------------------
 # command line: python prepare.py <dataset> [--key=value ...]
 
@@ -1968,6 +2252,7 @@ def prepare_dicom(out_dir='data/dicom', source: str = '', size: int = 224, windo
 DATASETS = {
     'demo': prepare_demo,
     'demo3d': prepare_demo3d,
+    'demovideo': prepare_demovideo,
     'ham10000': prepare_ham10000,
     **{flag: functools.partial(prepare_medmnist, flag) for flag in MEDMNIST['flags']},
     'aptos2019': prepare_aptos2019,
@@ -1980,6 +2265,7 @@ DATASETS = {
     'folder': prepare_folder,
     'dicom': prepare_dicom,
     'nifti': prepare_nifti,
+    'video': prepare_video,
 }
 
 

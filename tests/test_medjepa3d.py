@@ -220,6 +220,33 @@ def test_eval_on_volumes_segments_every_organ_against_random_init(demo3d, tmp_pa
     assert 'Dice liver' in md and 'mean Dice' in md
 
 
+
+def test_video_data_trains_as_video_from_meta_json_and_evaluates(tmp_path, monkeypatch):
+    """prepare.py demovideo says "video": true; medjepa3d.py then masks and crops as video by itself."""
+    data = prepare.prepare_demovideo(tmp_path / 'demovideo', frames=16, size=16, n_train=32, n_val=8, n_test=8)
+    assert m3.validate(dict(_cfg(), data_dir=str(data)))['video'] is True
+    assert m3.validate(_cfg(data_dir=str(tmp_path / 'none')))['video'] is False  # no meta.json: the default
+    seen = []
+    for name in ('sample_masks_3d', 'random_crop_3d'):  # record the video argument of every call
+        real = getattr(m3, name)
+        def spy(*a, real=real, **kw):
+            seen.append(inspect.signature(real).bind(*a, **kw).arguments.get('video'))
+            return real(*a, **kw)
+        monkeypatch.setattr(m3, name, spy)
+    out = str(tmp_path / 'out')
+    m3.main(TINY + [f'--data_dir={data}', f'--out_dir={out}', '--max_iters=4', '--log_interval=1',
+                    '--eval_interval=1000'])
+    assert len(seen) >= 12 and all(seen)  # 4 steps x (1 crop + 2 mask sets), all as video: full time extent
+    losses = [json.loads(line)['loss'] for line in open(os.path.join(out, 'log.jsonl')) if '"loss"' in line]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert mj.load_checkpoint(os.path.join(out, 'ckpt.pt'), spatial_dims=3)['config']['video'] is True
+    report = ev.main([f'--ckpt={out}/ckpt.pt', '--tasks=knn,linear,seg', '--seg_epochs=2', '--knn_ks=5',
+                      '--figures=false'])
+    for row in report['results'].values():
+        assert 0 <= row['knn']['k=5']['acc'] <= 1 and 0 <= row['linear']['acc'] <= 1
+        assert len(row['seg']['dice']) == len(prepare.DEMOVIDEO_LABELS) - 1
+
+
 def test_brats_regions_are_unions_of_labels():
     target = np.zeros((1, 4, 4, 4), np.uint8)
     target[0, 0], target[0, 1], target[0, 2] = 1, 2, 3  # necrotic, edema, enhancing slices
