@@ -21,6 +21,7 @@ Run it:
     python medjepa3d.py                                 # CPU demo on data/demo3d (~10 min on 2 cores)
     python medjepa3d.py --max_iters=30 --out_dir=out-x  # any global below can be overridden
     python medjepa3d.py --data_dir=data/msd_hippocampus --volume_size="(32,32,32)" --patch_size="(8,8,8)"
+    python medjepa3d.py --data_dir=data/demovideo --out_dir=out-demovideo   # clips: `python prepare.py demovideo`
     torchrun --nproc_per_node=8 medjepa3d.py config/x.py
 then evaluate the checkpoint (segmentation Dice against a random-init encoder, kNN / linear when labelled):
     python eval.py --ckpt=out-demo3d/ckpt.pt

@@ -5,7 +5,11 @@ Prepare data sets for MedJEPA as flat numpy arrays that training memory-maps.
     python prepare.py demo --size=224       # the same photos at 224 px: 3-5 minutes, 1.8 GB
     python prepare.py ham10000              # downloads 3 GB from Harvard Dataverse, lesion-grouped splits
     python prepare.py dermamnist --size=64  # any MedMNIST v3 set, 2-D or 3-D, official splits, md5-checked
+    python prepare.py demo3d                # synthetic CT-like volumes with organ masks, 32^3: about 10 s
+    python prepare.py demovideo             # synthetic echo-like clips, 32 frames of 32x32: about 10 s
     python prepare.py msd_hippocampus       # 27 MB of MRI volumes -> (N, 48, 48, 48, 1) at 1 mm, z-scored
+    python prepare.py nifti --source=scans/ --modality=ct                   # CT window, spacing, crop/pad
+    python prepare.py video --source=clips/ --frames=16 --stride=2          # frame folders, GIF, TIFF, DICOM cines
     python prepare.py aptos2019 --source=aptos2019-blindness-detection.zip   # behind a login: bring the file
     python prepare.py dicom --source=my_scans/ --burned_in=flag              # de-identified on the way
     python prepare.py dicom --anonymize_only IN OUT                          # de-identify files, nothing else
@@ -13,7 +17,7 @@ Prepare data sets for MedJEPA as flat numpy arrays that training memory-maps.
 
 Every data set lands in data/<name>/ in one format (docs/data_format.md has the details):
 
-    {train,val,test}_images.npy   uint8 (N, H, W, C), or (N, D, H, W, C) for volumes
+    {train,val,test}_images.npy   uint8 (N, H, W, C), or (N, D, H, W, C) for volumes, (N, T, H, W, C) for clips
     {train,val,test}_labels.npy   int64 (N,), or (N, L) 0/1 for multi-label sets, -1 when unlabelled
     {train,val,test}_masks.npy    uint8 (N, H, W) / (N, D, H, W) segmentation  (when the data set has them)
     {train,val,test}_groups.npy   int64 (N,), e.g. lesion or patient ids        (when it has them)
