@@ -21,6 +21,7 @@ Run it:
     python medjepa3d.py                                 # CPU demo on data/demo3d (~10 min on 2 cores)
     python medjepa3d.py --max_iters=30 --out_dir=out-x  # any global below can be overridden
     python medjepa3d.py --data_dir=data/msd_hippocampus --volume_size="(32,32,32)" --patch_size="(8,8,8)"
+    python medjepa3d.py --data_dir=data/demovideo --out_dir=out-demovideo   # clips: `python prepare.py demovideo`
     torchrun --nproc_per_node=8 medjepa3d.py config/x.py
 then evaluate the checkpoint (segmentation Dice against a random-init encoder, kNN / linear when labelled):
     python eval.py --ckpt=out-demo3d/ckpt.pt
@@ -29,6 +30,7 @@ docs/3d.md explains the choices.
 
 import functools
 import math
+import os
 import sys
 
 import torch
@@ -52,7 +54,7 @@ volume_size = (32, 32, 32) # (D, H, W) of the training crops in voxels; video: (
 crop_scale = (0.4, 1.0)    # volume fraction of the random crops (resized to volume_size)
 flip = True                # random left-right flips (the W axis)
 intensity_jitter = 0.0     # brightness/contrast jitter strength (0 = off); context and targets get independent draws
-video = False              # data are clips (N, T, H, W, C): blocks span all frames, no crops in time
+video = False              # clips (N, T, H, W, C): blocks span all frames, no time crops; on if meta.json says "video": true
 # model
 patch_size = (4, 8, 8)     # tubelet (d, h, w); volume_size must be a multiple of it on every axis
 n_layer = 4                # encoder depth
@@ -97,7 +99,10 @@ MODEL_KEYS = ('patch_size', 'n_embd', 'n_layer', 'n_head', 'pred_n_embd', 'pred_
 
 
 def validate(c):
-    """The 3-D rules, then the ones shared with medjepa.py (medjepa.validate_shared)."""
+    """The 3-D rules, then the ones shared with medjepa.py (medjepa.validate_shared). A data set whose
+    meta.json says "video": true (prepare.py demovideo, video) is trained as video."""
+    if not c['video'] and os.path.isfile(os.path.join(c['data_dir'], 'meta.json')):
+        c = {**c, 'video': bool(mj.read_meta(c['data_dir']).get('video'))}
     need = mj.need
     grid = [v // p for v, p in zip(c['volume_size'], c['patch_size'])]
     need(all(p >= 1 and v % p == 0 for v, p in zip(c['volume_size'], c['patch_size'])),
