@@ -276,17 +276,17 @@ def batch_indices(step, micro, n, batch, world, rank, accum, seed):
     return out
 
 
-def to_float(images_uint8, mean, std, device):
-    """(B, H, W, C) uint8 numpy -> (B, C, H, W) float tensor, normalised per channel on the device
-    (volumes: (B, D, H, W, C) -> (B, C, D, H, W)).
+def to_device(t, device):
+    """Host tensor -> device without stopping the CPU: pinned memory makes a CUDA copy asynchronous."""
+    return (t.pin_memory() if str(device).startswith('cuda') else t).to(device, non_blocking=True)
 
-    uint8 travels (4x fewer bytes than float32). Host-to-device copies here and in the model are
-    non_blocking: a blocking copy waits for the GPU to drain its queue, leaving it idle while the
-    CPU prepares the next work; from pinned (page-locked) memory the copy itself is asynchronous."""
+
+def to_float(images_uint8, mean, std, device):
+    """(B, H, W, C) uint8 numpy -> (B, C, H, W) float tensor normalised per channel on the device
+    (volumes: (B, D, H, W, C) -> (B, C, D, H, W)). uint8 travels (4x fewer bytes than float32), from
+    pinned memory and non_blocking: a blocking copy would leave the GPU idle (docs/scaling.md)."""
     x = torch.from_numpy(np.array(images_uint8, copy=True))  # own writable memory (memmaps are read-only)
-    if str(device).startswith('cuda'):
-        x = x.pin_memory()
-    x = x.to(device, non_blocking=True).movedim(-1, 1).float().div_(255)
+    x = to_device(x, device).movedim(-1, 1).float().div_(255)
     shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcast over the spatial axes
     m = torch.tensor(mean).view(shape).to(device, non_blocking=True)
     s = torch.tensor(std).view(shape).to(device, non_blocking=True)
@@ -317,16 +317,15 @@ def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3)):
 
 def color_jitter(x, gen, strength, gray_prob=0.0):
     """Per-image brightness, contrast and saturation jitter, and random grayscale, on normalised
-    images. Without it an encoder can tell images apart by skin tone and lesion darkness alone, a
-    shortcut that satisfies both the prediction and SIGReg terms without learning any morphology."""
-    B = x.shape[0]
+    images or volumes. Without it an encoder can tell images apart by skin tone and lesion darkness
+    alone, a shortcut that satisfies both the prediction and SIGReg terms without learning morphology."""
     if strength <= 0 and gray_prob <= 0:
         return x
-    def factor():
-        return (1 + (torch.rand(B, 1, 1, 1, generator=gen) * 2 - 1) * strength).to(x.device, non_blocking=True)
-    x = x * factor() + (torch.rand(B, 1, 1, 1, generator=gen).to(x.device, non_blocking=True) - 0.5) * strength  # contrast, brightness
+    rand = lambda: torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), generator=gen).to(x.device, non_blocking=True)
+    factor = lambda: 1 + (rand() * 2 - 1) * strength
+    x = x * factor() + (rand() - 0.5) * strength  # contrast, brightness
     gray = x.mean(1, keepdim=True)
-    keep = (torch.rand(B, 1, 1, 1, generator=gen) >= gray_prob).float().to(x.device, non_blocking=True)
+    keep = (rand() >= gray_prob).float()
     return gray + (x - gray) * factor() * keep  # saturation; 0 = grayscale
 
 
@@ -492,18 +491,13 @@ class Projector(nn.Module):
         return self.net(x)
 
 # -----------------------------------------------------------------------------
-# Multi-block masks (I-JEPA), drawn for a whole batch at once on a (gh, gw) patch grid.
-#
-# Per batch: one target block size (h, w) from scale ~ U(target_scale) and aspect ~ U(target_aspect),
-#   h = round(sqrt(scale * gh * gw * aspect)), w = round(sqrt(scale * gh * gw / aspect)),
-#   so every image has exactly M * h * w target patches and they stack without truncation.
-# Per image: M target blocks and one context block at uniform positions; top-left in
-#   [0, gh - h] INCLUSIVE (upstream's randint(0, gh - h) never reaches the last row);
-#   context = context block minus all targets, so no target patch is ever visible.
-# Images whose context keeps < min_keep patches are redrawn a bounded number of times; an image
-# still short after that falls back to "everything but the targets" (then to one target block),
-# so tiny grids never loop forever. Contexts are cut to the batch's shortest by keeping a
-# RANDOM subset (upstream drops the last indices, which biases context to the top of the image).
+# Multi-block masks (I-JEPA) for a whole batch on a (gh, gw) patch grid (docs/masking.md).
+# Per batch one target block size (h, w) from scale ~ U(target_scale), aspect ~ U(target_aspect), so all
+# images have M * h * w target patches. Per image M target blocks and one context block at uniform
+# positions (top-left in [0, gh - h] INCLUSIVE: upstream never reaches the last row); context = context
+# block minus all targets. Short contexts are redrawn a bounded number of times, then fall back (tiny
+# grids never hang). Contexts are cut to the batch's shortest by keeping a RANDOM subset (upstream drops
+# the last indices, biasing the context to the top of the image).
 
 
 def _uniform(lo, hi, gen):
@@ -558,22 +552,14 @@ def sample_masks(B, grid, gen, num_targets=4, target_scale=(0.15, 0.2), target_a
     return ctx_idx, tgt_idx
 
 # -----------------------------------------------------------------------------
-# SIGReg: Sketched Isotropic Gaussian Regularisation (LeJEPA), with the Epps-Pulley test.
-#
-# The key insight: a distribution is N(0, I) iff every 1-D projection of it is N(0, 1) (Cramer-Wold),
-# and a 1-D distribution is N(0, 1) iff its characteristic function E[exp(i t x)] equals exp(-t^2/2).
-# So, per step, draw M random unit directions a_m, project the N embeddings x_nm = a_m . z_n, and
-# measure how far the empirical characteristic function is from the Gaussian one:
-#
-#   EP_m = N * integral_R | mean_n exp(i t x_nm) - exp(-t^2/2) |^2 * exp(-t^2/2) dt
-#        = N * integral [ (c_m(t) - exp(-t^2/2))^2 + s_m(t)^2 ] exp(-t^2/2) dt,
-#   c_m(t) = mean_n cos(t x_nm),  s_m(t) = mean_n sin(t x_nm),   SIGReg = mean_m EP_m.
-#
-# The integrand is even in t, so we integrate t in [0, 3] with 17 trapezoid knots and double the
-# weights. A Gaussian batch scores ~1.06 per slice (a finite-N bias); a collapsed batch (all z equal
-# to 0) scores ~0.41 * N, so the gradient pushes hard away from collapse. Under DDP the means c, s
-# are averaged over ranks with an autograd-aware all-reduce, so every rank sees the global statistic
-# and its gradient; the directions come from a generator seeded by the step, identical on all ranks.
+# SIGReg: Sketched Isotropic Gaussian Regularisation (LeJEPA) with the Epps-Pulley test
+# (docs/sigreg.md derives it). z ~ N(0, I) iff every 1-D projection a.z is N(0, 1) (Cramer-Wold), and
+# a 1-D law is N(0, 1) iff its characteristic function is exp(-t^2/2). Per step: M random unit
+# directions a_m (seeded by the step: the same on every rank), projections x_nm = a_m . z_n, and
+#   EP_m = N * integral [ (c_m(t) - exp(-t^2/2))^2 + s_m(t)^2 ] exp(-t^2/2) dt,   SIGReg = mean_m EP_m
+#   c_m(t) = mean_n cos(t x_nm), s_m(t) = mean_n sin(t x_nm); trapezoid rule, 17 knots on [0, 3], doubled.
+# A Gaussian batch scores ~1.06 per slice, a collapsed one ~0.41 * N. Under DDP c and s are averaged over
+# ranks with an autograd-aware all-reduce: every rank sees the global statistic and its gradient.
 
 
 class AllReduceSum(torch.autograd.Function):
@@ -609,12 +595,9 @@ _EP_W = _EP_W * _EP_PHI  # times the Gaussian weighting exp(-t^2/2)
 
 def standardise(z, eps=1e-6):
     """Each dimension to zero mean and unit variance over the global batch (BatchNorm without the
-    affine part; the statistics are averaged over ranks, so DDP equals one process). (N, K) -> (N, K).
-
-    The 'mask' objective applies SIGReg to standardise(pooled): a fresh encoder maps every image to
-    nearly the same pooled vector, and raw SIGReg spends its pull on that vector's mean and scale.
-    Standardised, a batch passes the test only if its dimensions are decorrelated, so all of SIGReg's
-    gradient pushes the encoder to spread images along many directions (docs/design.md)."""
+    affine part; statistics averaged over ranks). (N, K) -> (N, K). The 'mask' objective applies SIGReg
+    to standardise(pooled): then a batch passes only if its dimensions are decorrelated, instead of
+    SIGReg spending its pull on the mean and scale of a near-constant vector (docs/design.md)."""
     z = z.float()
     mu = global_mean(z.mean(0))  # (K,)
     var = global_mean((z - mu).pow(2).mean(0))  # (K,) biased, as BatchNorm's
@@ -742,7 +725,7 @@ def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
         grid = (cfg['image_size'] // cfg['patch_size'],) * 2
         ctx_idx, tgt_idx = sample_masks(x.shape[0], grid, gen, cfg['num_targets'], cfg['target_scale'],
                                         cfg['target_aspect'], cfg['context_scale'], cfg['min_keep'])
-        return dict(x=jitter(x), x_tgt=jitter(x), ctx_idx=ctx_idx.to(device), tgt_idx=tgt_idx.to(device))
+        return dict(x=jitter(x), x_tgt=jitter(x), ctx_idx=to_device(ctx_idx, device), tgt_idx=to_device(tgt_idx, device))
     g = torch.stack([jitter(random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen)) for _ in range(2)])
     loc = [jitter(random_resized_crop(x, cfg['local_size'], cfg['local_scale'], gen))
            for _ in range(cfg['n_local_views'])]
