@@ -24,7 +24,9 @@ docs/ has one page per idea; this file keeps the code and the essential lessons.
 import ast
 import builtins
 import difflib
+import errno
 import functools
+import glob
 import json
 import math
 import os
@@ -87,6 +89,7 @@ weight_decay = 0.05        # AdamW decay on matrices only (not on biases, norms,
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0            # clip the global gradient norm to this (0 disables)
+max_bad_steps = 10         # steps with NaN/inf gradients are skipped; this many in a row stop the run
 # system
 device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'             # 'auto', 'float32', 'bfloat16' (autocast), 'float16' (autocast + GradScaler)
@@ -153,7 +156,7 @@ def configure(argv, defaults=None):
             k, v = arg[2:].split('=', 1)
             try:
                 v = ast.literal_eval(v)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
                 pass  # a bare string such as --device=cpu
             items, where = [(k, v)], ''
         for k, v in items:
@@ -170,6 +173,7 @@ def need(ok, msg):
 
 def validate(c):
     """Reject values that cannot work, naming the key and the fix (the 2-D model's rules)."""
+    validate_shared(c)
     need(c['image_size'] % c['patch_size'] == 0,
          f"image_size={c['image_size']} is not a multiple of patch_size={c['patch_size']}: change one of them")
     need(c['local_size'] % c['patch_size'] == 0,
@@ -184,13 +188,26 @@ def validate(c):
     for k in ('crop_scale', 'local_scale', 'target_scale', 'context_scale'):
         lo, hi = c[k]
         need(0 < lo <= hi <= 1, f"{k}={c[k]} must satisfy 0 < low <= high <= 1")
-    for k in ('num_targets', 'proj_dim'):
-        need(c[k] >= 1, f"{k}={c[k]} must be at least 1")
-    return validate_shared(c)
+    return c
 
 
 def validate_shared(c):
     """The rules of the keys that medjepa.py and medjepa3d.py share (model widths, SIGReg, schedule)."""
+    vals = lambda v: v if isinstance(v, tuple) else (v,)  # (ranges first: the rules below divide by these values)
+    for rule, ok, keys in [('at least 1', lambda v: v >= 1, 'batch_size gradient_accumulation_steps max_iters num_slices '
+                            'log_interval eval_interval knn_train_size n_layer n_head n_embd pred_n_layer pred_n_head '
+                            'pred_n_embd patch_size image_size local_size volume_size num_targets proj_dim min_keep '
+                            'max_bad_steps'), ('in [0, 1)', lambda v: 0 <= v < 1, 'beta1 beta2'),
+                           ('>= 0', lambda v: v >= 0, 'seed warmup_iters weight_decay grad_clip num_threads min_lr '
+                            'n_local_views'), ('non-empty', bool, 'out_dir data_dir')]:
+        for k in (k for k in keys.split() if k in c):
+            need(all(ok(v) for v in vals(c[k])), f"{k}={c[k]!r} must be {rule}")
+    need(all(math.isfinite(x) for v in c.values() for x in vals(v) if isinstance(x, float)), 'values must be finite, not inf')
+    need(c['device'] in ('auto', 'cpu', 'mps', 'cuda') or c['device'][:5] == 'cuda:' and c['device'][5:].isdigit(),
+         f"device '{c['device']}' is not one of auto, cpu, cuda, cuda:N, mps")
+    world = int(os.environ.get('WORLD_SIZE', 1))  # torchrun's processes: accumulation counts micro-steps over all of them
+    need(c['gradient_accumulation_steps'] % world == 0,
+         f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be a multiple of the number of processes ({world})")
     need(c['n_embd'] % c['n_head'] == 0, f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
     need(c['pred_n_embd'] % c['pred_n_head'] == 0,
          f"pred_n_embd={c['pred_n_embd']} must be divisible by pred_n_head={c['pred_n_head']}")
@@ -201,10 +218,8 @@ def validate_shared(c):
     need(0.0 <= c['sigreg_lambda'] <= 1.0, f"sigreg_lambda={c['sigreg_lambda']} must lie in [0, 1]")
     lo, hi = c['target_aspect']
     need(0 < lo <= hi, f"target_aspect={c['target_aspect']} must satisfy 0 < low <= high")
-    for k in ('batch_size', 'gradient_accumulation_steps', 'max_iters', 'num_slices',
-              'log_interval', 'eval_interval', 'n_layer', 'n_embd', 'pred_n_layer'):
-        need(c[k] >= 1, f"{k}={c[k]} must be at least 1")
-    need(c['learning_rate'] > 0 and c['min_lr'] >= 0, "learning_rate must be > 0 and min_lr >= 0")
+    need(0 < c['learning_rate'] and c['min_lr'] <= c['learning_rate'], f"learning_rate={c['learning_rate']} must be > 0 "
+         f"and min_lr={c['min_lr']} at most learning_rate (the cosine decays from one to the other)")
     return c
 
 # -----------------------------------------------------------------------------
@@ -222,17 +237,24 @@ def read_meta(data_dir):
 
 
 def load_split(data_dir, split):
-    """Open one split without reading it: images stay on disk until indexed."""
-    out = {}
+    """Open one split without reading it: images stay on disk until indexed. Checks the format
+    (docs/data_format.md): shapes, dtypes, equal counts, class labels in [0, num_classes)."""
+    out, meta = {}, read_meta(data_dir)
     for key in ('images', 'labels', 'masks', 'groups', 'sites'):
         path = os.path.join(data_dir, f'{split}_{key}.npy')
         out[key] = np.load(path, mmap_mode='r', allow_pickle=False) if os.path.isfile(path) else None
     if out['images'] is None:
         raise FileNotFoundError(f"'{data_dir}' has no {split}_images.npy: the data set is incomplete, "
                                 f"delete the folder and run prepare.py again")
-    if out['images'].dtype != np.uint8 or out['images'].ndim not in (4, 5):
-        raise ValueError(f"{split}_images.npy must be uint8 (N, H, W, C) or volumes (N, D, H, W, C), "
-                         f"got {out['images'].dtype} {out['images'].shape}")
+    x, y, n, k = out['images'], out['labels'], len(out['images']), meta.get('num_classes', 0)
+    bad = [f"meta.json lacks '{key}'" for key in ('mean', 'std', 'num_classes') if key not in meta]  # prepare.py writes all
+    if x.dtype != np.uint8 or x.ndim not in (4, 5) or n == 0:
+        bad.append(f"{split}_images.npy is {x.dtype} {x.shape}, not non-empty uint8 (N, H, W, C) or (N, D, H, W, C)")
+    bad += [f"{split}_{key}.npy has {len(a)} rows, images {n}" for key, a in out.items() if a is not None and len(a) != n]
+    if y is not None and meta.get('task') == 'multiclass' and (y.dtype.kind not in 'iu' or ((y < 0) | (y >= k)).any()):
+        bad.append(f"{split}_labels.npy holds {y.dtype} {y.min(initial=0)}..{y.max(initial=0)}, not classes 0..{k - 1}")
+    if bad:
+        raise ValueError(f"'{data_dir}' breaks the format of docs/data_format.md: {'; '.join(bad)}. Run prepare.py again")
     return out
 
 
@@ -778,24 +800,39 @@ def resolve_dtype(dtype, dev):
 
 
 def save_checkpoint(path, obj):
+    """tmp file, fsync, rename; the replaced one stays as ckpt.prev.pt (docs/reliability.md)."""
+    for stale in glob.glob(glob.escape(path) + '.tmp-*'):  # left by a writer that was killed
+        os.remove(stale)
     tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:  # torch.save reports a failed write as a RuntimeError whose context is the OSError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if errno.ENOSPC in (getattr(e, 'errno', 0), getattr(e.__context__, 'errno', 0)):
+            raise OSError(errno.ENOSPC, f"disk full while writing the checkpoint {path}: free space on that disk "
+                                        f"(or set out_dir elsewhere) and resume; the last checkpoint is intact") from e
+        raise
+    if os.path.exists(path):
+        os.replace(path, os.path.splitext(path)[0] + '.prev.pt')
     os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
 
 
 def load_checkpoint(path, map_location='cpu', spatial_dims=None):
     """The checkpoint dict; with spatial_dims, refuse one written for the other kind of model
     (a 3-D checkpoint's Conv3d weights do not fit a 2-D model, and vice versa)."""
+    prev = os.path.splitext(path)[0] + '.prev.pt'
+    prev = f"; the previous one is {prev}: mv it to {path} to resume from it" if os.path.isfile(prev) else ''
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' not found: train one with 'python medjepa.py'")
+        raise FileNotFoundError(f"checkpoint '{path}' not found: train one with 'python medjepa.py'{prev}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise RuntimeError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {e}); it may be "
-                           f"truncated or not a MedJEPA checkpoint") from e
+                           f"truncated or not a MedJEPA checkpoint{prev}") from e
     if spatial_dims is not None and checkpoint_dims(ckpt) != spatial_dims:
         raise ConfigError(f"checkpoint '{path}' is a {checkpoint_dims(ckpt)}-D model "
                           f"({'medjepa3d.py' if checkpoint_dims(ckpt) == 3 else 'medjepa.py'}); this is the "
@@ -873,13 +910,14 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
             loss, stats = model(batch, step)
         scaler.scale(loss / accum).backward()
         loss_sum, flops = loss_sum + loss.detach(), flops + stats['flops']
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
+    scaler.unscale_(optimizer)  # (a no-op without fp16's GradScaler)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    skipped = not torch.isfinite(norm).item()  # one sync per step; the same on every rank (all-reduced grads)
+    if not skipped:  # NaN/inf gradients would poison the weights and AdamW's moments: skip the update
+        scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum / accum, stats, flops
+    return loss_sum / accum, dict(stats, skipped=skipped), flops
 
 
 def train(cfg, impl=None):
@@ -891,10 +929,8 @@ def train(cfg, impl=None):
     master = rank == 0
     if cfg['num_threads'] > 0:
         torch.set_num_threads(cfg['num_threads'])
-    if cfg['gradient_accumulation_steps'] % world != 0:
-        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a "
-                          f"multiple of the number of processes ({world})")
     accum = cfg['gradient_accumulation_steps'] // world
+    advice = f"Lower learning_rate (now {cfg['learning_rate']}) or use dtype=float32, then resume from the last checkpoint"
     dtype = resolve_dtype(cfg['dtype'], dev)
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     autocast = nullcontext() if dtype == 'float32' else torch.autocast(dev.split(':')[0], dtype=ptdtype)
@@ -969,6 +1005,9 @@ def train(cfg, impl=None):
         return float((scores.argmax(1) == val_split['labels']).mean())
 
     def checkpoint():
+        if not all(v.isfinite().all() for v in raw_model.state_dict().values() if v.is_floating_point()):
+            raise FloatingPointError(f"the weights hold NaN/inf at step {iter_num}: not saving them over {ckpt_path}. "
+                                     + advice)
         save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                         iter_num=iter_num, best_metric=best_knn, config=cfg,
                                         model_args={k: cfg[k] for k in impl.MODEL_KEYS},
@@ -989,15 +1028,16 @@ def train(cfg, impl=None):
         return batch
 
     t0 = time.time()
-    tdata, stopping = 0.0, False
+    tdata, stopping, bad, n_bad, first = 0.0, False, 0, 0, iter_num
     flops_acc, imgs_acc, mfu = 0.0, 0, -1.0
     while iter_num < cfg['max_iters']:
-        if master and iter_num > 0 and iter_num % cfg['eval_interval'] == 0 and meta.get('task') == 'multiclass':
-            acc = online_knn()
-            best_knn = max(best_knn, acc)
-            print(f'step {iter_num}: online kNN val accuracy {acc:.4f}')
-            log.write(json.dumps(dict(iter=iter_num, knn_val=acc)) + '\n')
-            log.flush()
+        if master and iter_num > first and iter_num % cfg['eval_interval'] == 0:  # (not again on resume)
+            if meta.get('task') == 'multiclass':
+                acc = online_knn()
+                best_knn = max(best_knn, acc)
+                print(f'step {iter_num}: online kNN val accuracy {acc:.4f}')
+                log.write(json.dumps(dict(iter=iter_num, knn_val=acc)) + '\n')
+                log.flush()
             checkpoint()
         lr = lr_at(iter_num, cfg)
         for group in optimizer.param_groups:
@@ -1006,6 +1046,11 @@ def train(cfg, impl=None):
         flops_acc += flops * world
         imgs_acc += cfg['batch_size'] * accum * world
         iter_num += 1
+        bad, n_bad = (bad + 1, n_bad + 1) if stats['skipped'] else (0, n_bad)
+        if master and stats['skipped']:
+            print(f'step {iter_num}: non-finite loss or gradients, update skipped ({bad} in a row, {n_bad} in all)')
+        if bad >= cfg['max_bad_steps']:
+            raise FloatingPointError(f"{bad} non-finite steps in a row at step {iter_num}: training diverged. {advice}")
         if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
             if dev.startswith('cuda'):
                 torch.cuda.synchronize()
@@ -1014,9 +1059,7 @@ def train(cfg, impl=None):
             rec = dict(iter=iter_num, loss=loss.item(), pred=stats['pred'].item(), sigreg=stats['sigreg'].item(),
                        lr=lr, img_per_s=imgs_acc / dt, data_frac=tdata / dt,
                        mfu=flops_acc / dt / peak, emb_std=float(F.normalize(emb.float(), dim=1).std(0).mean()),
-                       erank=effective_rank(emb), time=time.time())
-            if not math.isfinite(rec['loss']):
-                raise FloatingPointError(f"loss is {rec['loss']} at step {iter_num}: lower learning_rate or use dtype=float32")
+                       erank=effective_rank(emb) if torch.isfinite(emb).all() else math.nan, skipped=n_bad, time=time.time())
             print(f"step {iter_num}: loss {rec['loss']:.4f} (pred {rec['pred']:.4f}, sigreg {rec['sigreg']:.3f}) "
                   f"lr {lr:.2e} | {rec['img_per_s']:.0f} img/s, mfu {100 * rec['mfu']:.1f}% | "
                   f"emb std {rec['emb_std']:.3f} erank {rec['erank']:.1f}")

@@ -85,6 +85,7 @@ weight_decay = 0.05        # AdamW decay on matrices only
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0            # clip the global gradient norm to this (0 disables)
+max_bad_steps = 10         # steps with NaN/inf gradients are skipped; this many in a row stop the run
 # system
 device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'             # 'auto', 'float32', 'bfloat16' (autocast), 'float16' (autocast + GradScaler)
@@ -104,6 +105,7 @@ def validate(c):
     if not c['video'] and os.path.isfile(os.path.join(c['data_dir'], 'meta.json')):
         c = {**c, 'video': bool(mj.read_meta(c['data_dir']).get('video'))}
     need = mj.need
+    mj.validate_shared(c)  # first: its range checks keep the rules below from dividing by zero
     grid = [v // p for v, p in zip(c['volume_size'], c['patch_size'])]
     need(all(p >= 1 and v % p == 0 for v, p in zip(c['volume_size'], c['patch_size'])),
          f"volume_size={c['volume_size']} is not a multiple of patch_size={c['patch_size']} on every axis")
@@ -116,9 +118,8 @@ def validate(c):
     for k in ('crop_scale', 'short_scale', 'long_scale', 'depth_scale'):
         lo, hi = c[k]
         need(0 < lo <= hi <= 1, f"{k}={c[k]} must satisfy 0 < low <= high <= 1")
-    need(c['min_keep'] >= 1, f"min_keep={c['min_keep']} must be at least 1")
     need(c['intensity_jitter'] >= 0, f"intensity_jitter={c['intensity_jitter']} must be >= 0")
-    return mj.validate_shared(c)
+    return c
 
 # -----------------------------------------------------------------------------
 # Model: medjepa's ViT, predictor and objective with a Conv3d tubelet embedding and 3-D positions

@@ -38,11 +38,13 @@ write_split() + write_meta(), plus one line in DATASETS at the bottom of this fi
 import argparse
 import csv
 import difflib
+import errno
 import functools
 import gzip
 import hashlib
 import hmac
 import inspect
+import io
 import json
 import math
 import multiprocessing as mp
@@ -58,6 +60,7 @@ import typing
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -181,6 +184,12 @@ def staging_dir(out_dir):
     try:
         yield tmp
         os.rename(tmp, out_dir)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(e.errno, f"disk full while writing {out_dir} ({e.filename or e}): free space on that disk "
+                               f"(or use another --out) and run the same command again; nothing was written "
+                               f"to {out_dir}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing left to remove after a successful rename
 
@@ -1468,17 +1477,29 @@ def resize_volume(v, shape, nearest=False):
     return np.asarray(Image.fromarray(v.reshape(len(v), H * W)).resize((H * W, D), f)).reshape(D, H, W)
 
 
+NIFTI_ERRORS = (OSError, EOFError, ValueError, OverflowError, zlib.error, nib.filebasedimages.ImageFileError,
+                nib.spatialimages.HeaderDataError, nib.orientations.OrientationError)  # nibabel on damaged files
+
+
 def read_nifti(path, spacing=False):
-    """A NIfTI file as float32 (Z, Y, X, C), RAS-oriented. Raises on a damaged file or header.
+    """A NIfTI file as float32 (Z, Y, X, C), RAS-oriented. A damaged file or header raises ValueError
+    naming the file, and nothing else (tests/test_properties.py feeds it truncated and bit-flipped files).
     spacing=True: also the voxel size in mm along (Z, Y, X), read from the reoriented header."""
-    img = nib.as_closest_canonical(nib.load(str(path)))
-    a = np.asarray(img.dataobj, np.float32)
-    if a.ndim == 3:
-        a = a[..., None]
-    if a.ndim != 4 or min(a.shape) < 1:
-        raise ValueError(f"expected a 3-D or 4-D volume, got shape {a.shape}")
-    a = a.transpose(2, 1, 0, 3)
-    return (a, tuple(float(z) for z in img.header.get_zooms()[:3][::-1])) if spacing else a
+    try:
+        img = nib.load(str(path))
+        shape, dtype = img.header.get_data_shape(), img.header.get_data_dtype()
+        # a flipped bit in the header can claim terabytes, which nibabel would allocate before reading:
+        # check the claim against what the file can hold (deflate expands at most 1032:1)
+        room = os.path.getsize(path) * (1032 if str(path).endswith('.gz') else 1)
+        if len(shape) not in (3, 4) or min(shape) < 1 or math.prod(shape) * dtype.itemsize > room:
+            raise ValueError(f"the header's shape {shape} of {dtype} is not a 3-D or 4-D volume that fits in the file")
+        img = nib.as_closest_canonical(img)
+        a = np.asarray(img.dataobj, np.float32)
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3][::-1])
+    except NIFTI_ERRORS as e:
+        raise ValueError(f"{path} is not a readable NIfTI volume ({type(e).__name__}: {e})") from e
+    a = (a[..., None] if a.ndim == 3 else a).transpose(2, 1, 0, 3)
+    return (a, zooms) if spacing else a
 
 
 def resample_spacing(v, spacing, target, nearest=False):
@@ -1628,7 +1649,7 @@ def decode_volumes(job):
     for i, (channel_paths, recipe), label_path in items:
         try:
             out.append((i, *load_volume(channel_paths, label_path, size, recipe), None))
-        except Exception as e:  # nibabel raises ImageFileError, ValueError, EOFError, zlib.error...
+        except Exception as e:  # read_nifti's ValueError; anything else is skipped too, with its name
             out.append((i, None, None, f"{type(e).__name__}: {e}"))
     return out
 
@@ -1990,19 +2011,22 @@ def anonymize_folder(in_dir, out_dir, burned_in='refuse'):
     deid, skipped, n = Deidentifier(), [], 0
     with staging_dir(out_dir) as tmp:
         for p in dicom_files(in_dir):
-            try:
+            try:  # pydicom decodes values lazily: a damaged file can fail in dcmread, de-identification or encoding
                 ds = pydicom.dcmread(p)
+                refused = not burned_in_ok(ds, burned_in)
+                if not refused:
+                    encoded = io.BytesIO()
+                    deid(ds).save_as(encoded, enforce_file_format=False)
             except Exception as e:
                 skipped.append({'file': str(p), 'reason': f"not a readable DICOM file ({type(e).__name__}: {e})"})
                 continue
-            if not burned_in_ok(ds, burned_in):
+            if refused:
                 skipped.append({'file': str(p), 'reason': 'Burned In Annotation is not NO (use --burned_in=flag '
                                                           'after checking the pixels)'})
                 continue
-            deid(ds)
             dest = tmp / str(ds.get('StudyInstanceUID', 'no-study')) / str(ds.get('SeriesInstanceUID', 'no-series'))
             dest.mkdir(parents=True, exist_ok=True)
-            ds.save_as(dest / f"{ds.get('SOPInstanceUID', n)}.dcm", enforce_file_format=False)
+            (dest / f"{ds.get('SOPInstanceUID', n)}.dcm").write_bytes(encoded.getvalue())  # (a full disk is not skipped)
             n += 1
     report_skipped(skipped)
     print(f"de-identified {n} file(s) into {out_dir}")
