@@ -535,15 +535,22 @@ def decode_2d(job):
     return decode_pictures((size, channels, items))
 
 
-def report_skipped(skipped):
-    """Print the inputs that were left out; returns what meta.json records about them."""
+def private_path(path):
+    """What meta.json keeps of a path that may name a patient (clinical folders often do): a hash."""
+    return 'sha256:' + hashlib.sha256(str(path).encode()).hexdigest()[:16] if path else ''
+
+
+def report_skipped(skipped, private=False):
+    """Print the inputs that were left out; returns what meta.json records about them (with
+    private=True, for DICOM and clinical video, hashes of their paths: the console has the names)."""
     if skipped:
         print(f"skipped {len(skipped)} unreadable input(s):")
         for s in skipped[:20]:
             print(f"  {s['file']}: {s['reason']}")
         if len(skipped) > 20:
-            print(f"  ... and {len(skipped) - 20} more (all listed in meta.json)")
-    return {'count': len(skipped), 'files': skipped[:10000]}
+            print(f"  ... and {len(skipped) - 20} more (all listed in meta.json{', as path hashes' if private else ''})")
+    files = [dict(s, file=private_path(s['file'])) for s in skipped[:10000]] if private else skipped[:10000]
+    return {'count': len(skipped), 'files': files}
 
 
 def finish(out_dir, t0):
@@ -2080,7 +2087,7 @@ def prepare_dicom(out_dir='data/dicom', source: str = '', size: int = 224, windo
     converting (see anonymize_folder).
     """
     t0 = time.time()
-    args = {'source': source, 'size': size, 'window': window, 'burned_in': burned_in,
+    args = {'source': private_path(source), 'size': size, 'window': window, 'burned_in': burned_in,
             'val_fraction': val_fraction, 'test_fraction': test_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
         return Path(out_dir)
@@ -2123,7 +2130,7 @@ def prepare_dicom(out_dir='data/dicom', source: str = '', size: int = 224, windo
         write_meta(tmp, 'dicom', [], args=args, **SOURCES['local'], task='unlabeled',
                    split_rule=f"grouped by patient, val/test fractions {val_fraction}/{test_fraction}, seed {seed}",
                    deidentification=deid.method, burned_in_flagged=n_flagged,
-                   metadata_files=[f'{s}_metadata.jsonl' for s in SPLITS], skipped=report_skipped(skipped))
+                   metadata_files=[f'{s}_metadata.jsonl' for s in SPLITS], skipped=report_skipped(skipped, private=True))
     return finish(out_dir, t0)
 
 # --- video: clips from frame folders, GIF / multi-page TIFF, multi-frame DICOM ------------------
@@ -2232,7 +2239,7 @@ def prepare_video(out_dir='data/video', source: str = '', frames: int = 16, stri
     one split. Split stratified by label. AVI / MP4: convert to frame folders with ffmpeg first.
     """
     t0 = time.time()
-    args = {'source': source, 'frames': frames, 'stride': stride, 'size': size, 'channels': channels,
+    args = {'source': private_path(source), 'frames': frames, 'stride': stride, 'size': size, 'channels': channels,
             'window': window, 'burned_in': burned_in, 'val_fraction': val_fraction,
             'test_fraction': test_fraction, 'seed': seed}
     if channels not in (1, 3) or frames < 1 or stride < 1:
@@ -2270,7 +2277,7 @@ def prepare_video(out_dir='data/video', source: str = '', frames: int = 16, stri
                               f"{val_fraction}/{test_fraction}, seed {seed}",
                    video=True, frames=frames, frame_stride=stride,
                    axes='(N, T, H, W, C) = (clip, frame, row, column, channel)',
-                   skipped=report_skipped(skipped))
+                   skipped=report_skipped(skipped, private=True))
     return finish(out_dir, t0)
 
 # -----------------------------------------------------------------------------

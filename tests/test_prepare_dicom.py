@@ -256,3 +256,22 @@ def test_no_identifying_string_of_the_input_is_anywhere_in_the_output(tmp_path):
     leaks = [(s, str(p)) for p in outputs for s in secrets if s.encode() in new_uid.sub(b'', bytes(p.relative_to(tmp_path)))
              or p.is_file() and s.encode() in new_uid.sub(b'', p.read_bytes())]
     assert not leaks, sorted({s for s, _ in leaks})
+
+
+def test_meta_json_keeps_no_input_path_when_folders_are_named_after_patients(tmp_path):
+    """Clinical exports often name folders and files after the patient: meta.json (args.source and the
+    skipped files) must keep hashes of such paths, never the text; a re-run still finds nothing to do."""
+    src = tmp_path / 'Doe^Jane_PAT777'
+    src.mkdir()
+    fabricate_series(src, patients=3, slices=1)
+    (src / 'Doe^Jane_scout.dcm').write_bytes(b'not a DICOM file')  # skipped, with its name
+    out = tmp_path / 'data'
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        prepare.prepare_dicom(out, source=str(src), size=32, val_fraction=0.34, test_fraction=0.34)
+    assert 'Doe^Jane_scout.dcm' in printed.getvalue()  # the operator is told which file, on the console
+    meta = (out / 'meta.json').read_text()
+    assert 'Jane' not in meta and 'PAT777' not in meta
+    assert json.loads(meta)['skipped']['count'] == 1
+    with contextlib.redirect_stdout(io.StringIO()) as again:
+        prepare.prepare_dicom(out, source=str(src), size=32, val_fraction=0.34, test_fraction=0.34)
+    assert 'nothing to do' in again.getvalue()
