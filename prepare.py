@@ -549,8 +549,17 @@ def report_skipped(skipped, private=False):
             print(f"  {s['file']}: {s['reason']}")
         if len(skipped) > 20:
             print(f"  ... and {len(skipped) - 20} more (all listed in meta.json{', as path hashes' if private else ''})")
-    files = [dict(s, file=private_path(s['file'])) for s in skipped[:10000]] if private else skipped[:10000]
+    files = [dict(file=private_path(s['file']), reason=private_reason(s['reason'], s['file'])) for s in skipped[:10000]] \
+        if private else skipped[:10000]
     return {'count': len(skipped), 'files': files}
+
+
+def private_reason(reason, path):
+    """A skip reason without the path's names: error messages quote file paths (docs/reliability.md)."""
+    reason = re.sub(r"""[^\s'"]*[/\\][^\s'"]*""", '<path>', reason)
+    for part in sorted((p for p in Path(path).parts if len(p) > 2), key=len, reverse=True):
+        reason = reason.replace(part, '<name>')
+    return reason
 
 
 def finish(out_dir, t0):
