@@ -795,6 +795,16 @@ def resolve_dtype(dtype, dev):
         return 'bfloat16' if fast else 'float32'
     return 'bfloat16' if dev.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
 
+
+
+def precision(dtype, dev):
+    """(dtype name with 'auto' resolved, torch dtype, autocast context); TF32 matmuls on GPUs."""
+    dtype = resolve_dtype(dtype, dev)
+    if dev.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    pt = getattr(torch, dtype)
+    return dtype, pt, nullcontext() if dtype == 'float32' else torch.autocast(dev.split(':')[0], dtype=pt)
+
 # -----------------------------------------------------------------------------
 # Checkpoints: one dict, written atomically, read without executing code
 
@@ -920,45 +930,43 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
     return loss_sum / accum, dict(stats, skipped=skipped), flops
 
 
+def open_data(cfg, impl, master, ddp, dev):
+    """meta.json and the memory-mapped train / val splits; the demo data set is generated if missing."""
+    name = os.path.basename(os.path.normpath(cfg['data_dir']))
+    if master and not os.path.isfile(os.path.join(cfg['data_dir'], 'meta.json')) and name in ('demo', 'demo3d'):
+        import prepare
+        print(f"{cfg['data_dir']} is missing: generating the demo data set (python prepare.py {name})")
+        prepare.DATASETS[name](cfg['data_dir'])
+    if ddp:  # the other ranks wait for it (naming the GPU: NCCL would otherwise guess it from the global rank)
+        dist.barrier(**({'device_ids': [torch.cuda.current_device()]} if dev.startswith('cuda') else {}))
+    meta = read_meta(cfg['data_dir'])
+    dims = meta.get('spatial_dims', 2)
+    need(dims == impl.SPATIAL_DIMS, f"{cfg['data_dir']} holds {'volumes' if dims == 3 else '2-D images'}: "
+         f"train on it with {'medjepa3d.py' if dims == 3 else 'medjepa.py'}")
+    train_split, val_split = load_split(cfg['data_dir'], 'train'), load_split(cfg['data_dir'], 'val')
+    need(len(train_split['images']) >= cfg['batch_size'],
+         f"batch_size={cfg['batch_size']} is larger than the train split ({len(train_split['images'])} images)")
+    return meta, train_split, val_split
+
+
 def train(cfg, impl=None):
     """The training loop. impl: the module with the pieces that depend on the kind of data:
     build_model, make_batch, extract_features, MODEL_KEYS and SPATIAL_DIMS (this module by default;
     medjepa3d.py passes itself, so images and volumes share this loop, its logs and checkpoints)."""
     impl = impl or sys.modules[__name__]
     ddp, rank, world, dev = setup_distributed(cfg)
-    master = rank == 0
+    master, accum = rank == 0, cfg['gradient_accumulation_steps'] // world
     if cfg['num_threads'] > 0:
         torch.set_num_threads(cfg['num_threads'])
-    accum = cfg['gradient_accumulation_steps'] // world
+    dtype, ptdtype, autocast = precision(cfg['dtype'], dev)
     advice = f"Lower learning_rate (now {cfg['learning_rate']}) or use dtype=float32, then resume from the last checkpoint"
-    dtype = resolve_dtype(cfg['dtype'], dev)
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    autocast = nullcontext() if dtype == 'float32' else torch.autocast(dev.split(':')[0], dtype=ptdtype)
-    if dev.startswith('cuda'):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    # data: generate the demo if it is missing, then memory-map the train split
-    demo = os.path.basename(os.path.normpath(cfg['data_dir']))
-    if master and not os.path.isfile(os.path.join(cfg['data_dir'], 'meta.json')) and demo in ('demo', 'demo3d'):
-        import prepare
-        print(f"{cfg['data_dir']} is missing: generating the demo data set (python prepare.py {demo})")
-        prepare.DATASETS[demo](cfg['data_dir'])
-    if ddp:  # (naming the GPU: NCCL would otherwise guess it from the global rank)
-        dist.barrier(**({'device_ids': [torch.cuda.current_device()]} if dev.startswith('cuda') else {}))
-    meta = read_meta(cfg['data_dir'])
-    if meta.get('spatial_dims', 2) != impl.SPATIAL_DIMS:
-        raise ConfigError(f"{cfg['data_dir']} holds {'volumes' if meta.get('spatial_dims', 2) == 3 else '2-D images'}: "
-                          f"train on it with {'medjepa3d.py' if meta.get('spatial_dims', 2) == 3 else 'medjepa.py'}")
-    train_split, val_split = load_split(cfg['data_dir'], 'train'), load_split(cfg['data_dir'], 'val')
+    meta, train_split, val_split = open_data(cfg, impl, master, ddp, dev)
     images, (mean, std) = train_split['images'], (meta['mean'], meta['std'])
-    n_train, in_chans = len(images), images.shape[-1]
-    if n_train < cfg['batch_size']:
-        raise ConfigError(f"batch_size={cfg['batch_size']} is larger than the train split ({n_train} images)")
+    n_train = len(images)
 
     # model, optimiser, resume
     torch.manual_seed(cfg['seed'])
-    model = impl.build_model(cfg, in_chans).to(dev)
+    model = raw_model = impl.build_model(cfg, images.shape[-1]).to(dev)
     optimizer = make_optimizer(model, cfg, dev)
     scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))
     iter_num, best_knn = 0, 0.0
@@ -966,20 +974,18 @@ def train(cfg, impl=None):
     if cfg['init_from'] == 'resume':
         ckpt = load_checkpoint(ckpt_path, map_location=dev, spatial_dims=impl.SPATIAL_DIMS)
         changed = [k for k in impl.MODEL_KEYS if ckpt['config'].get(k) != cfg[k]]
-        if changed:
-            raise ConfigError(f"cannot resume {ckpt_path}: model settings differ from the checkpoint's: "
-                              + ', '.join(f"{k}={cfg[k]!r} (checkpoint: {ckpt['config'].get(k)!r})" for k in changed))
+        need(not changed, f"cannot resume {ckpt_path}: model settings differ from the checkpoint's: "
+             + ', '.join(f"{k}={cfg[k]!r} (checkpoint: {ckpt['config'].get(k)!r})" for k in changed))
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         iter_num, best_knn = ckpt['iter_num'], ckpt['best_metric']
         if master:
             print(f'resumed from {ckpt_path} at step {iter_num}')
-    raw_model = model
-    if ddp and cfg.get('objective') == 'views' and dev.startswith('cuda'):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the projector's BatchNorm over all ranks
-        raw_model = model
-    elif ddp and cfg.get('objective') == 'views' and master:  # torch's SyncBatchNorm runs on GPUs only
-        print('note: on CPU the projector BatchNorm normalises each rank\'s shard on its own (no SyncBatchNorm)')
+    if ddp and cfg.get('objective') == 'views':  # the projector's BatchNorm over all ranks (torch: GPUs only)
+        if dev.startswith('cuda'):
+            model = raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif master:
+            print("note: on CPU the projector BatchNorm normalises each rank's shard on its own (no SyncBatchNorm)")
     if cfg['compile']:
         model = torch.compile(model)
     if ddp:
@@ -987,24 +993,28 @@ def train(cfg, impl=None):
 
     if master:
         os.makedirs(cfg['out_dir'], exist_ok=True)
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"{meta.get('name', cfg['data_dir'])}: {n_train} train images {tuple(images.shape[1:])}; "
-              f"model {n_params / 1e6:.2f}M params; objective={cfg.get('objective', 'mask')}; device={dev} dtype={dtype} "
-              f"world={world} batch={cfg['batch_size']}x{accum}x{world}")
-        peak = measure_matmul_flops(dev, ptdtype if dtype != 'float32' else torch.float32)
+        print(f"{meta.get('name', cfg['data_dir'])}: {n_train} train images {tuple(images.shape[1:])}; model "
+              f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params; objective={cfg.get('objective', 'mask')}; "
+              f"device={dev} dtype={dtype} world={world} batch={cfg['batch_size']}x{accum}x{world}")
+        peak = measure_matmul_flops(dev, ptdtype)
         print(f'measured {dtype} matmul throughput (MFU denominator): {peak / 1e9:.0f} GFLOP/s')
         log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a')
-        knn_idx = np.random.default_rng(cfg['seed']).permutation(n_train)[:cfg['knn_train_size']]
-        knn_idx.sort()
+        knn_idx = np.sort(np.random.default_rng(cfg['seed']).permutation(n_train)[:cfg['knn_train_size']])
 
-    def online_knn():
-        enc = raw_model.encoder
-        f_tr = impl.extract_features(enc, images[knn_idx], mean, std, dev)
-        f_va = impl.extract_features(enc, val_split['images'], mean, std, dev)
-        scores = knn_predict(f_tr, train_split['labels'][knn_idx], f_va, meta['num_classes'])
-        return float((scores.argmax(1) == val_split['labels']).mean())
+    def log_record(rec):
+        log.write(json.dumps(rec) + '\n')
+        log.flush()
 
-    def checkpoint():
+    def evaluate_and_save(knn=True):  # rank 0: online kNN on val (labelled data), then a checkpoint
+        nonlocal best_knn
+        if knn and meta.get('task') == 'multiclass':
+            f_tr = impl.extract_features(raw_model.encoder, images[knn_idx], mean, std, dev)
+            f_va = impl.extract_features(raw_model.encoder, val_split['images'], mean, std, dev)
+            scores = knn_predict(f_tr, train_split['labels'][knn_idx], f_va, meta['num_classes'])
+            acc = float((scores.argmax(1) == val_split['labels']).mean())
+            best_knn = max(best_knn, acc)
+            print(f'step {iter_num}: online kNN val accuracy {acc:.4f}')
+            log_record(dict(iter=iter_num, knn_val=acc))
         if not all(v.isfinite().all() for v in raw_model.state_dict().values() if v.is_floating_point()):
             raise FloatingPointError(f"the weights hold NaN/inf at step {iter_num}: not saving them over {ckpt_path}. "
                                      + advice)
@@ -1012,12 +1022,6 @@ def train(cfg, impl=None):
                                         iter_num=iter_num, best_metric=best_knn, config=cfg,
                                         model_args={k: cfg[k] for k in impl.MODEL_KEYS},
                                         spatial_dims=impl.SPATIAL_DIMS))
-
-    # pre-emption (SIGTERM from a scheduler, SIGUSR1 as a warning): finish the step, save, exit
-    stop = []
-    # (restored on return: train() may run inside a bigger program, whose forked workers inherit handlers)
-    old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def get_batch(micro):  # this rank's micro-batch of step iter_num, augmented on the device
         nonlocal tdata
@@ -1027,67 +1031,58 @@ def train(cfg, impl=None):
         tdata += time.time() - td
         return batch
 
-    t0 = time.time()
-    tdata, stopping, bad, n_bad, first = 0.0, False, 0, 0, iter_num
-    flops_acc, imgs_acc, mfu = 0.0, 0, -1.0
-    while iter_num < cfg['max_iters']:
-        if master and iter_num > first and iter_num % cfg['eval_interval'] == 0:  # (not again on resume)
-            if meta.get('task') == 'multiclass':
-                acc = online_knn()
-                best_knn = max(best_knn, acc)
-                print(f'step {iter_num}: online kNN val accuracy {acc:.4f}')
-                log.write(json.dumps(dict(iter=iter_num, knn_val=acc)) + '\n')
-                log.flush()
-            checkpoint()
-        lr = lr_at(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        loss, stats, flops = train_step(model, optimizer, scaler, get_batch, accum, iter_num, autocast, cfg['grad_clip'])
-        flops_acc += flops * world
-        imgs_acc += cfg['batch_size'] * accum * world
-        iter_num += 1
-        bad, n_bad = (bad + 1, n_bad + 1) if stats['skipped'] else (0, n_bad)
-        if master and stats['skipped']:
-            print(f'step {iter_num}: non-finite loss or gradients, update skipped ({bad} in a row, {n_bad} in all)')
-        if bad >= cfg['max_bad_steps']:
-            raise FloatingPointError(f"{bad} non-finite steps in a row at step {iter_num}: training diverged. {advice}")
-        if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
-            if dev.startswith('cuda'):
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            emb = stats['emb']
-            rec = dict(iter=iter_num, loss=loss.item(), pred=stats['pred'].item(), sigreg=stats['sigreg'].item(),
-                       lr=lr, img_per_s=imgs_acc / dt, data_frac=tdata / dt,
-                       mfu=flops_acc / dt / peak, emb_std=float(F.normalize(emb.float(), dim=1).std(0).mean()),
-                       erank=effective_rank(emb) if torch.isfinite(emb).all() else math.nan, skipped=n_bad, time=time.time())
-            print(f"step {iter_num}: loss {rec['loss']:.4f} (pred {rec['pred']:.4f}, sigreg {rec['sigreg']:.3f}) "
-                  f"lr {lr:.2e} | {rec['img_per_s']:.0f} img/s, mfu {100 * rec['mfu']:.1f}% | "
-                  f"emb std {rec['emb_std']:.3f} erank {rec['erank']:.1f}")
-            log.write(json.dumps(rec) + '\n')
-            log.flush()
-            t0, tdata, flops_acc, imgs_acc = time.time(), 0.0, 0.0, 0
-        stopping = len(stop) > 0
-        if ddp:  # every rank stops at the same step, even if only one got the signal
-            flag = torch.tensor(float(stopping), device=dev)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stopping = flag.item() > 0
-        if stopping:
-            break
-    if master:
-        if stopping:
-            print(f'stopped by a signal at step {iter_num} (resume with --init_from=resume)')
-        elif meta.get('task') == 'multiclass':
-            acc = online_knn()
-            best_knn = max(best_knn, acc)
-            print(f'step {iter_num}: online kNN val accuracy {acc:.4f}')
-            log.write(json.dumps(dict(iter=iter_num, knn_val=acc)) + '\n')
-        checkpoint()
-        log.close()
-        print(f'saved {ckpt_path}')
-    if ddp:
-        dist.destroy_process_group()
-    for sig, handler in old_handlers.items():
-        signal.signal(sig, handler)
+    # pre-emption (SIGTERM from a scheduler, SIGUSR1 as a warning): finish the step, save, exit. The
+    # handlers are restored on the way out: train() may run inside a bigger program.
+    stop = []
+    old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        t0, tdata, flops_acc, imgs_acc = time.time(), 0.0, 0.0, 0
+        stopping, bad, n_bad, first = False, 0, 0, iter_num
+        while iter_num < cfg['max_iters']:
+            if master and iter_num > first and iter_num % cfg['eval_interval'] == 0:  # (not again on resume)
+                evaluate_and_save()
+            lr = lr_at(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            loss, stats, flops = train_step(model, optimizer, scaler, get_batch, accum, iter_num, autocast, cfg['grad_clip'])
+            flops_acc, imgs_acc, iter_num = flops_acc + flops * world, imgs_acc + cfg['batch_size'] * accum * world, iter_num + 1
+            bad, n_bad = (bad + 1, n_bad + 1) if stats['skipped'] else (0, n_bad)
+            if master and stats['skipped']:
+                print(f'step {iter_num}: non-finite loss or gradients, update skipped ({bad} in a row, {n_bad} in all)')
+            if bad >= cfg['max_bad_steps']:
+                raise FloatingPointError(f"{bad} non-finite steps in a row at step {iter_num}: training diverged. {advice}")
+            if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
+                if dev.startswith('cuda'):
+                    torch.cuda.synchronize()
+                dt, emb = time.time() - t0, stats['emb']
+                rec = dict(iter=iter_num, loss=loss.item(), pred=stats['pred'].item(), sigreg=stats['sigreg'].item(),
+                           lr=lr, img_per_s=imgs_acc / dt, data_frac=tdata / dt, mfu=flops_acc / dt / peak,
+                           emb_std=float(F.normalize(emb.float(), dim=1).std(0).mean()),
+                           erank=effective_rank(emb) if torch.isfinite(emb).all() else math.nan, skipped=n_bad, time=time.time())
+                print(f"step {iter_num}: loss {rec['loss']:.4f} (pred {rec['pred']:.4f}, sigreg {rec['sigreg']:.3f}) "
+                      f"lr {lr:.2e} | {rec['img_per_s']:.0f} img/s, mfu {100 * rec['mfu']:.1f}% | "
+                      f"emb std {rec['emb_std']:.3f} erank {rec['erank']:.1f}")
+                log_record(rec)
+                t0, tdata, flops_acc, imgs_acc = time.time(), 0.0, 0.0, 0
+            stopping = len(stop) > 0
+            if ddp:  # every rank stops at the same step, even if only one got the signal
+                flag = torch.tensor(float(stopping), device=dev)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = flag.item() > 0
+            if stopping:
+                break
+        if master:
+            if stopping:
+                print(f'stopped by a signal at step {iter_num} (resume with --init_from=resume)')
+            evaluate_and_save(knn=not stopping)
+            log.close()
+            print(f'saved {ckpt_path}')
+        if ddp:
+            dist.destroy_process_group()
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     return raw_model
 
 
