@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -215,8 +216,10 @@ def test_repeated_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint
     seen = {}
     poison(monkeypatch, set(range(8, 100)), seen)  # the 9th step and all after it
     out = tmp_path / 'out'
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(FloatingPointError, match='4 non-finite steps in a row at step 12.*learning_rate.*dtype=float32'):
         mj.main(run_args(unlabeled, out, '--max_bad_steps=4'))
+    assert signal.getsignal(signal.SIGTERM) is before  # train()'s pre-emption handler is gone with it
     ckpt = mj.load_checkpoint(str(out / 'ckpt.pt'))  # written after 5 steps, then after 10 with the weights of 8
     assert ckpt['iter_num'] == 10
     for k, v in ckpt['model'].items():
