@@ -973,6 +973,29 @@ def render_demo3d(subject, rng, size):
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)[..., None], labels
 
 
+def write_subjects(tmp, seed, n_subjects, per_subject, shape, classes, mask_labels, make_subject, render, what):
+    """The synthetic 3-D demos' splits: subjects with classes balanced in each split, `per_subject`
+    renders of each (volumes or clips with masks) from the subject's own generator [seed, id], so a
+    subject does not depend on the others; shuffled so that a subject's renders are not neighbours."""
+    rng, next_id = np.random.default_rng(seed), 0
+    for split in SPLITS:
+        n = n_subjects[split]
+        ids = np.arange(next_id, next_id + n)
+        next_id += n
+        labels = rng.permutation(np.arange(n) % len(classes))
+        images = np.empty((n * per_subject, *shape, 1), np.uint8)
+        masks = np.empty((n * per_subject, *shape), np.uint8)
+        for k, (i, label) in enumerate(zip(ids, labels)):
+            sub_rng = np.random.default_rng([seed, int(i)])
+            subject = make_subject(sub_rng, label)
+            for j in range(per_subject):
+                images[k * per_subject + j], masks[k * per_subject + j] = render(subject, sub_rng)
+        order = rng.permutation(len(images))
+        write_split(tmp, split, images=images[order], labels=np.repeat(labels, per_subject)[order],
+                    masks=masks[order], groups=np.repeat(ids, per_subject)[order], mask_max=len(mask_labels) - 1)
+        print(f"  {split:5s}: {len(images)} {what} of {n} subjects")
+
+
 def prepare_demo3d(out_dir='data/demo3d', size: int = 32, seed: int = 0, n_train: int = 600,
                    n_val: int = 100, n_test: int = 200):
     """
@@ -997,26 +1020,9 @@ def prepare_demo3d(out_dir='data/demo3d', size: int = 32, seed: int = 0, n_train
     if is_up_to_date(out_dir, args):
         return out_dir
     print(f"generating demo3d volumes: {size}^3 voxels, seed {seed} -> {out_dir}")
-    rng = np.random.default_rng(seed)
-    next_id = 0
     with staging_dir(out_dir) as tmp:
-        for split in SPLITS:
-            n = n_subjects[split]
-            ids = np.arange(next_id, next_id + n)
-            next_id += n
-            labels = rng.permutation(np.arange(n) % len(DEMO3D_CLASSES))  # balanced within each split
-            images = np.empty((n * SCANS_PER_SUBJECT, size, size, size, 1), np.uint8)
-            masks = np.empty((n * SCANS_PER_SUBJECT, size, size, size), np.uint8)
-            for k, (i, label) in enumerate(zip(ids, labels)):
-                sub_rng = np.random.default_rng([seed, int(i)])  # a subject's volumes do not depend on the others
-                subject = demo3d_subject(sub_rng, label)
-                for j in range(SCANS_PER_SUBJECT):
-                    images[k * SCANS_PER_SUBJECT + j], masks[k * SCANS_PER_SUBJECT + j] = render_demo3d(subject, sub_rng, size)
-            order = rng.permutation(len(images))  # scans of a subject are not neighbours in the file
-            write_split(tmp, split, images=images[order], labels=np.repeat(labels, SCANS_PER_SUBJECT)[order],
-                        masks=masks[order], groups=np.repeat(ids, SCANS_PER_SUBJECT)[order],
-                        mask_max=len(DEMO3D_LABELS) - 1)
-            print(f"  {split:5s}: {len(images)} volumes of {n} subjects")
+        write_subjects(tmp, seed, n_subjects, SCANS_PER_SUBJECT, (size,) * 3, DEMO3D_CLASSES, DEMO3D_LABELS,
+                       demo3d_subject, lambda subject, rng: render_demo3d(subject, rng, size), 'volumes')
         write_meta(tmp, 'demo3d', DEMO3D_CLASSES,
                    split_rule=f"by subject: the {SCANS_PER_SUBJECT} scans of a subject are in one split; "
                               f"classes balanced within each split",
@@ -1120,27 +1126,10 @@ def prepare_demovideo(out_dir='data/demovideo', frames: int = 32, size: int = 32
     if is_up_to_date(out_dir, args):
         return out_dir
     print(f"generating demovideo clips: {frames} frames of {size}x{size}, seed {seed} -> {out_dir}")
-    rng = np.random.default_rng(seed)
-    next_id = 0
     with staging_dir(out_dir) as tmp:
-        for split in SPLITS:
-            n = n_subjects[split]
-            ids = np.arange(next_id, next_id + n)
-            next_id += n
-            labels = rng.permutation(np.arange(n) % len(DEMOVIDEO_CLASSES))  # balanced within each split
-            clips = np.empty((n * CLIPS_PER_SUBJECT, frames, size, size, 1), np.uint8)
-            masks = np.empty((n * CLIPS_PER_SUBJECT, frames, size, size), np.uint8)
-            for j, (i, label) in enumerate(zip(ids, labels)):
-                sub_rng = np.random.default_rng([seed, int(i)])  # a subject's clips do not depend on the others
-                subject = demovideo_subject(sub_rng, label)
-                for c in range(CLIPS_PER_SUBJECT):
-                    clips[j * CLIPS_PER_SUBJECT + c], masks[j * CLIPS_PER_SUBJECT + c] = \
-                        render_demovideo(subject, sub_rng, frames, size)
-            order = rng.permutation(len(clips))  # clips of a subject are not neighbours in the file
-            write_split(tmp, split, images=clips[order], labels=np.repeat(labels, CLIPS_PER_SUBJECT)[order],
-                        masks=masks[order], groups=np.repeat(ids, CLIPS_PER_SUBJECT)[order],
-                        mask_max=len(DEMOVIDEO_LABELS) - 1)
-            print(f"  {split:5s}: {len(clips)} clips of {n} subjects")
+        write_subjects(tmp, seed, n_subjects, CLIPS_PER_SUBJECT, (frames, size, size), DEMOVIDEO_CLASSES,
+                       DEMOVIDEO_LABELS, demovideo_subject, lambda subject, rng: render_demovideo(subject, rng, frames, size),
+                       'clips')
         write_meta(tmp, 'demovideo', DEMOVIDEO_CLASSES,
                    split_rule=f"by subject: the {CLIPS_PER_SUBJECT} clips of a subject are in one split; "
                               f"classes balanced within each split",
