@@ -20,7 +20,8 @@ question in its own way (SPEC.md section 4), in its own table with one row per e
     linear    a logistic regression on frozen features: is the label linearly there?
     fewshot   the same probe with 1/5/10/20 labels per class, and with 1 %/10 %/100 % of the labels
     finetune  the whole encoder trained on the labels (LP-FT, layer-wise lr decay): a good start?
-    seg       a per-token linear head on frozen patch tokens -> masks, Dice per foreground class
+    seg       a per-token linear head on frozen patch tokens -> masks, Dice per foreground class;
+              with --seg_finetune_iters=N also encoder + head fine-tuned end to end
     domain    kNN per hospital and across hospitals; can a linear probe tell the hospitals apart?
 
 Rows: the checkpoint; the same architecture untrained (random-init: what the architecture alone
@@ -86,6 +87,8 @@ finetune_eval_every = 25    # fine-tuning: score val at step 0 and every this ma
 seg_train = 1000            # segmentation: train images (random subset) the head is fitted on; 0 = all
 seg_epochs = 8              # segmentation: passes over those images; the best val epoch is tested
 seg_lr = 3e-3               # segmentation head learning rate (AdamW)
+seg_finetune_iters = 0      # segmentation: after the frozen fit, train encoder + head end to end this many steps (0 = off)
+seg_finetune_lr = 5e-4      # segmentation fine-tuning peak lr of head and last block (earlier: layer_decay; batch etc.: finetune_*)
 figures = True              # draw figures/*.png next to the checkpoint
 embedding = 'pca'           # 2-D embedding map: 'pca' (instant) or 'tsne' (slower, often clearer clusters)
 KEYS = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -463,26 +466,20 @@ def predict(encoder, head, prep, images, task, bs=256, amp=False):
     return torch.cat(out).numpy()
 
 
-def finetune(encoder, prep, train_feats, data, cfg):
-    """Fine-tune a copy of the encoder + a linear head on the train labels; pick the step on val; test once.
-
-    LP-FT (Kumar et al. 2022): the head first learns on frozen features, so that a random head's large
-    early gradients do not scramble the pretrained features. Then warmup + cosine lr, AdamW with
-    layer-wise decay, crops and flips. Val is scored at step 0 (probe head, encoder untouched) and every
-    finetune_eval_every steps; only the best step's weights see test. A chosen step 0 says: within this
-    budget, fine-tuning did not beat its own starting point."""
-    images, labels, task, K = data['images'], data['labels'], data['task'], data['num_classes']
-    dev, amp, iters = cfg['device'], cfg['dtype'] == 'bfloat16', cfg['finetune_iters']
-    head = fit_head(train_feats, labels['train'], task, K).to(dev)
-    model = copy.deepcopy(encoder).to(dev)
-    opt = torch.optim.AdamW(layerwise_param_groups(model, head, cfg['finetune_lr'], cfg['layer_decay']))
-    gen, rng = torch.Generator().manual_seed(cfg['seed']), np.random.default_rng(cfg['seed'])
-    n, warm = len(labels['train']), max(1, iters // 10)
+def end_to_end(model, head, loss_on, score_val, n, iters, lr, cfg):
+    """The fine-tuning loop of classification and segmentation (LP-FT, Kumar et al. 2022): the head
+    arrives trained on frozen features, so that a random head's large early gradients do not scramble
+    the pretrained ones. AdamW with layer-wise decay, warmup + cosine lr, loss_on(sorted batch of
+    finetune_batch of the n train items) -> loss. score_val() is read at step 0 (the frozen-feature
+    head, encoder untouched) and every finetune_eval_every steps; the best step's weights are loaded
+    back into model and head. A chosen step 0 says: within this budget, fine-tuning did not beat its
+    own starting point. -> (best step, {step: val score})."""
+    opt = torch.optim.AdamW(layerwise_param_groups(model, head, lr, cfg['layer_decay']))
+    rng, warm = np.random.default_rng(cfg['seed']), max(1, iters // 10)
     val, best = {}, (-np.inf, None, None)
     for step in range(iters + 1):
         if step % cfg['finetune_eval_every'] == 0 or step == iters:
-            val[step] = classification_metrics(labels['val'], predict(model, head, prep, images['val'], task, amp=amp),
-                                               task)[MAIN[task]]
+            val[step] = score_val()
             if val[step] > best[0]:  # strict: ties keep the earlier step
                 best = (val[step], step, copy.deepcopy((model.state_dict(), head.state_dict())))
         if step == iters:
@@ -491,20 +488,33 @@ def finetune(encoder, prep, train_feats, data, cfg):
         scale = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, iters - warm)))
         for g in opt.param_groups:
             g['lr'] = g['base_lr'] * scale
-        idx = np.sort(rng.choice(n, min(cfg['finetune_batch'], n), replace=False))
-        x = prep(images['train'][idx])  # (B, C, S, S)
-        x = medjepa.random_resized_crop(x, x.shape[-1], (0.5, 1.0), gen)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = head(model(x).mean(1)).float()  # (B, K)
-        loss = classifier_loss(logits, torch.as_tensor(labels['train'][idx], device=dev), task)
+        loss = loss_on(np.sort(rng.choice(n, min(cfg['finetune_batch'], n), replace=False)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
         opt.step()
     model.load_state_dict(best[2][0])
     head.load_state_dict(best[2][1])
-    test = classification_metrics(labels['test'], predict(model, head, prep, images['test'], task, amp=amp), task)
-    return {**test, 'best_step': best[1], 'val': val, 'select': MAIN[task]}
+    return best[1], val
+
+
+def finetune(encoder, prep, train_feats, data, cfg):
+    """Fine-tune a copy of the encoder + a linear head on the train labels (end_to_end, with crops and
+    flips); the step is picked on val; the best step's weights see test, once."""
+    images, labels, task, K = data['images'], data['labels'], data['task'], data['num_classes']
+    dev, amp = cfg['device'], cfg['dtype'] == 'bfloat16'
+    head = fit_head(train_feats, labels['train'], task, K).to(dev)
+    model, gen = copy.deepcopy(encoder).to(dev), torch.Generator().manual_seed(cfg['seed'])
+    def loss_on(idx):
+        x = prep(images['train'][idx])  # (B, C, S, S)
+        x = medjepa.random_resized_crop(x, x.shape[-1], (0.5, 1.0), gen)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = head(model(x).mean(1)).float()  # (B, K)
+        return classifier_loss(logits, torch.as_tensor(labels['train'][idx], device=dev), task)
+    score = lambda split: classification_metrics(labels[split], predict(model, head, prep, images[split], task, amp=amp), task)
+    step, val = end_to_end(model, head, loss_on, lambda: score('val')[MAIN[task]], len(labels['train']),
+                           cfg['finetune_iters'], cfg['finetune_lr'], cfg)
+    return {**score('test'), 'best_step': step, 'val': val, 'select': MAIN[task]}
 
 
 # -----------------------------------------------------------------------------
@@ -528,25 +538,37 @@ def seg_logits(head, tokens, patch, out_size):
     return x
 
 
+class SegHead(nn.Linear):
+    """Linear(D, K p^d) on tokens standardised with fixed train statistics mu, sd (buffers: they move
+    with .to() and stay fixed when fine-tuning changes the tokens)."""
+    def __init__(self, mu, sd, out_features):
+        super().__init__(len(mu), out_features)
+        self.register_buffer('mu', mu), self.register_buffer('sd', sd)
+
+    def forward(self, t):
+        return super().forward((t - self.mu) / self.sd)
+
+
+@torch.no_grad()
+def segment(logits, n, bs=64):
+    """logits(batch slice) -> (B, K, *spatial)  =>  predicted label maps (n, *spatial) uint8."""
+    return np.concatenate([logits(slice(i, i + bs)).argmax(1).cpu().numpy().astype(np.uint8) for i in range(0, n, bs)])
+
+
 def train_segmentation(tokens, masks, patch, num_classes, cfg):
     """Standardise tokens (train statistics) + Linear(D, K p^d), trained with cross-entropy; the epoch
     is chosen on val mean Dice, then test is scored once. tokens / masks: {split: array}.
-    -> (results, test predictions (N, *spatial) uint8)."""
+    -> (results, test predictions (N, *spatial) uint8, the chosen SegHead)."""
     torch.manual_seed(cfg['seed'])
     D, out_size = tokens['train'].shape[-1], masks['train'].shape[1:]
     flat = tokens['train'].reshape(-1, D).astype(np.float32)
-    mu, sd = torch.from_numpy(flat.mean(0)), torch.from_numpy(flat.std(0) + 1e-6)
-    linear = nn.Linear(D, num_classes * math.prod(as_tuple(patch, tokens['train'].ndim - 2)))
-    head = lambda t: linear((t - mu) / sd)
-    opt = torch.optim.AdamW(linear.parameters(), lr=cfg['seg_lr'], weight_decay=1e-4)
+    head = SegHead(torch.from_numpy(flat.mean(0)), torch.from_numpy(flat.std(0) + 1e-6),
+                   num_classes * math.prod(as_tuple(patch, tokens['train'].ndim - 2)))
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg['seg_lr'], weight_decay=1e-4)
     rng = np.random.default_rng(cfg['seed'])
     logits = lambda split, b: seg_logits(head, torch.from_numpy(tokens[split][b]).float(), patch, out_size)
-
-    @torch.no_grad()
-    def segment(split):  # -> predicted label maps (N, *spatial)
-        return np.concatenate([logits(split, slice(i, i + 64)).argmax(1).numpy().astype(np.uint8)
-                               for i in range(0, len(tokens[split]), 64)])
-
+    val_dice = lambda split: float(np.nanmean(dice_per_class(segment(lambda b: logits(split, b), len(tokens[split])),
+                                                             masks[split], num_classes)))
     val, best = {}, (-np.inf, None, None)
     for epoch in range(1, cfg['seg_epochs'] + 1):
         for b in np.array_split(rng.permutation(len(tokens['train'])), max(1, len(tokens['train']) // 32)):
@@ -555,14 +577,38 @@ def train_segmentation(tokens, masks, patch, num_classes, cfg):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        val[epoch] = float(np.nanmean(dice_per_class(segment('val'), masks['val'], num_classes)))
+        val[epoch] = val_dice('val')
         if val[epoch] > best[0]:
-            best = (val[epoch], epoch, copy.deepcopy(linear.state_dict()))
-    linear.load_state_dict(best[2])
-    pred = segment('test')  # the one look at test
+            best = (val[epoch], epoch, copy.deepcopy(head.state_dict()))
+    head.load_state_dict(best[2])
+    pred = segment(lambda b: logits('test', b), len(tokens['test']))  # the one look at test
     dice = dice_per_class(pred, masks['test'], num_classes)
     return {'dice': dice, 'mean_dice': float(np.nanmean(dice)), 'best_epoch': best[1], 'val_mean_dice': val,
-            'n_train': len(tokens['train']), 'n': len(pred)}, pred
+            'n_train': len(tokens['train']), 'n': len(pred)}, pred, head
+
+
+def finetune_segmentation(encoder, prep, head, images, idx, masks, cfg):
+    """A copy of the encoder and of the frozen-token head (train_segmentation's choice) trained end to
+    end (end_to_end) with per-pixel cross-entropy on the same train images, no augmentation (a crop
+    would have to move the masks too); step chosen on val mean Dice, test once. images: {split: array},
+    the rows idx[split] of which match masks[split]. -> (results, test predictions)."""
+    dev, amp, K = cfg['device'], cfg['dtype'] == 'bfloat16', cfg['seg_classes']
+    model, head = copy.deepcopy(encoder).to(dev), copy.deepcopy(head).to(dev)
+    def logits(split, b):  # -> (B, K, *spatial)
+        x = prep(images[split][idx[split][b]])  # (B, C, *spatial)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            t = model(x).float().view(len(x), *model.grid(x), -1)  # (B, *grid, D)
+        return seg_logits(head, t, model.patch_size, masks[split].shape[1:])  # the head in float32, as when frozen
+    def predict_split(split):
+        model.eval()
+        return segment(lambda b: logits(split, b), len(idx[split]))
+    loss_on = lambda b: F.cross_entropy(logits('train', b), torch.as_tensor(masks['train'][b], dtype=torch.long, device=dev))
+    score = lambda: float(np.nanmean(dice_per_class(predict_split('val'), masks['val'], K)))
+    step, val = end_to_end(model, head, loss_on, score, len(idx['train']), cfg['seg_finetune_iters'],
+                           cfg['seg_finetune_lr'], cfg)
+    pred = predict_split('test')  # the one look at test
+    dice = dice_per_class(pred, masks['test'], K)
+    return {'dice': dice, 'mean_dice': float(np.nanmean(dice)), 'best_step': step, 'val_mean_dice': val, 'n': len(pred)}, pred
 
 
 # -----------------------------------------------------------------------------
@@ -627,14 +673,22 @@ def region_dice(pred, target, regions):
 
 
 def task_seg(row, data, cfg):
+    """Frozen tokens; with seg_finetune_iters, also the encoder fine-tuned: a second table row."""
     masks = {s: data['masks'][s][row['token_idx'][s]] for s in SPLITS}
-    r, pred = train_segmentation(row['tokens'], masks, row['encoder'].patch_size, cfg['seg_classes'], cfg)
+    r, pred, head = train_segmentation(row['tokens'], masks, row['encoder'].patch_size, cfg['seg_classes'], cfg)
     row['seg_pred'] = pred[:8]  # for the overlay figure
-    cells = {f"Dice {cfg['seg_names'][c]}": 100 * d for c, d in enumerate(r['dice'], start=1)}
-    if list(cfg['seg_names']) == BRATS_LABELS:
-        r['brats_regions'] = region_dice(pred, masks['test'], BRATS_REGIONS)
-        cells.update({f'Dice {k}': 100 * v for k, v in r['brats_regions'].items()})
-    return r, {**cells, **({'mean Dice': 100 * r['mean_dice']} if len(r['dice']) > 1 else {}), 'epoch (val)': r['best_epoch']}
+    def cells(r, pred):
+        c = {f"Dice {cfg['seg_names'][k]}": 100 * d for k, d in enumerate(r['dice'], start=1)}
+        if list(cfg['seg_names']) == BRATS_LABELS:
+            r['brats_regions'] = region_dice(pred, masks['test'], BRATS_REGIONS)
+            c.update({f'Dice {k}': 100 * v for k, v in r['brats_regions'].items()})
+        return {**c, **({'mean Dice': 100 * r['mean_dice']} if len(r['dice']) > 1 else {}), 'epoch (val)': r['best_epoch']}
+    table = [cells(r, pred)]
+    if cfg['seg_finetune_iters'] > 0 and not isinstance(row['encoder'], PatchPixels):  # raw pixels: nothing to tune
+        ft, ft_pred = finetune_segmentation(row['encoder'], row['prep'], head, data['images'], row['token_idx'], masks, cfg)
+        r['finetuned'] = {**ft, 'best_epoch': r['best_epoch']}
+        table.append({'encoder': f"{row['name']}, fine-tuned", **cells(r['finetuned'], ft_pred), 'step (val)': ft['best_step']})
+    return r, table
 
 
 def task_domain(row, data, cfg):
@@ -684,7 +738,11 @@ def captions(data, c):
                         f"probe head, encoder untouched) and every {c['finetune_eval_every']}; {test}; seed {c['seed']}.",
             'seg': f"**Segmentation** from frozen patch tokens (standardised, one linear map to a logit per class per pixel) "
                    f"fitted on {c.get('seg_n_train')} train masks, epoch (of {c['seg_epochs']}) {sel} by mean Dice; "
-                   f"per-image Dice per foreground class, background excluded; {test}; seed {c['seed']}.",
+                   f"per-image Dice per foreground class, background excluded; {test}; seed {c['seed']}."
+                   + (f" Fine-tuned rows: encoder and that head trained end to end from there ({c['seg_finetune_iters']} "
+                      f"steps of {c['finetune_batch']} images, AdamW, lr {c['seg_finetune_lr']:g}, layer decay "
+                      f"{c['layer_decay']}, no augmentation), step {sel} at 0 (the frozen head) and every "
+                      f"{c['finetune_eval_every']}." if c.get('seg_finetune_iters', 0) > 0 else ''),
             'domain': f"**Domain shift** across sites (hospitals / devices): kNN (k=20) per test site with all train images; "
                       f"a→b = train images of site a, test images of site b; a linear probe predicting the site from the "
                       f"features, C {sel}; {test}."}
@@ -972,7 +1030,7 @@ def main(argv=None):
     n, task, K = data['counts'], data['task'], data['num_classes']
     why_not = {'seg': 'the data set has no masks'} if data['masks'] is None else {}
     if data['meta'].get('spatial_dims', 2) == 3:
-        why_not['finetune'] = 'fine-tuning is 2-D only for now (volumes: frozen-token segmentation and probes)'
+        why_not['finetune'] = 'classification fine-tuning is 2-D only for now (volumes: probes; segmentation fine-tunes)'
     if task == 'segmentation':
         why_not.update({t: 'the data set has no volume-level labels, only masks'
                         for t in ('knn', 'linear', 'fewshot', 'finetune', 'domain')})
@@ -1015,7 +1073,7 @@ def main(argv=None):
             r, cells = TASKS[t](row, data, cfg)
             if r is not None:
                 res[t], res[t + '_time_s'] = r, round(time.time() - t2, 2)
-                tables[t].append({'encoder': row['name'], **cells})
+                tables[t] += [{'encoder': row['name'], **c} for c in (cells if isinstance(cells, list) else [cells])]
         row['tokens'] = None  # the biggest arrays: free them before the next row
         results[row['name']] = res
         print(f"{row['name']}: {res['feature_dim']}-dim features in {res['feature_time_s']:.1f}s, "

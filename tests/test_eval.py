@@ -272,7 +272,7 @@ def tiny_run(tmp_path):
 
 # every task, shrunk to seconds on the tiny data
 FAST = ['--shots=1,5', '--fractions=0.5,1', '--fewshot_seeds=2', '--finetune_iters=4', '--finetune_eval_every=2',
-        '--finetune_batch=16', '--seg_epochs=20', '--seg_lr=0.03']
+        '--finetune_batch=16', '--seg_epochs=20', '--seg_lr=0.03', '--seg_finetune_iters=4']
 
 
 def test_end_to_end_writes_tables_json_and_figures_next_to_the_checkpoint(tiny_run, capsys):
@@ -282,6 +282,7 @@ def test_end_to_end_writes_tables_json_and_figures_next_to_the_checkpoint(tiny_r
     for name in ('pretrained', 'random-init', 'raw pixels'):
         assert f'| {name} |' in out
     assert '| raw pixels |' not in out.split('**Fine-tuning**')[1].split('**Segmentation**')[0]  # nothing to tune
+    assert '| pretrained, fine-tuned |' in out and '| raw pixels, fine-tuned |' not in out  # segmentation too
     for text in ('k=10 acc', '60 train / 30 val / 30 test', 'chosen on val', '1-shot', '50 %', 'Dice foreground',
                  'site probe acc', '0→1 acc', 'k=[100] skipped', 'over 2 draws'):
         assert text in out, text
@@ -297,6 +298,7 @@ def test_end_to_end_writes_tables_json_and_figures_next_to_the_checkpoint(tiny_r
     assert pre['fewshot']['fractions']['1.0']['mean'] == pre['linear']['acc']  # 100 % of the labels = the probe
     assert set(pre['finetune']['val']) == {'0', '2', '4'} and pre['finetune']['best_step'] in (0, 2, 4)
     assert pix['seg']['mean_dice'] > 0.8  # a bright square: pixels segment it
+    assert set(pre['seg']['finetuned']['val_mean_dice']) == {'0', '2', '4'} and 'finetuned' not in pix['seg']
     assert set(pre['domain']['cross_site']) == {'0->0', '0->1', '1->0', '1->1'}
     assert (tiny_run.parent / 'eval.md').read_text() in out
     assert report['results']['pretrained']['knn']['k=20']['k'] == 20

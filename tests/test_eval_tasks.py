@@ -170,13 +170,66 @@ def test_segmentation_head_learns_a_lesion_and_chooses_the_epoch_on_val():
     tokens, masks = zip(*(bright_square_split(n, s) for n, s in ((64, 0), (32, 1), (32, 2))))
     tokens, masks = dict(zip(ev.SPLITS, tokens)), dict(zip(ev.SPLITS, masks))
     cfg = dict(seed=0, seg_lr=0.03, seg_epochs=15)
-    r, pred = ev.train_segmentation(tokens, masks, 4, 2, cfg)
+    r, pred, _ = ev.train_segmentation(tokens, masks, 4, 2, cfg)
     assert r['mean_dice'] > 0.9 and pred.shape == (32, 16, 16)
     assert r['best_epoch'] == max(r['val_mean_dice'], key=r['val_mean_dice'].get)  # the best val epoch
     # the test split cannot move the choice: another test set, the same val curve and epoch
     tokens['test'], masks['test'] = bright_square_split(32, 9)
-    r2, _ = ev.train_segmentation(tokens, masks, 4, 2, cfg)
+    r2, _, _ = ev.train_segmentation(tokens, masks, 4, 2, cfg)
     assert r2['val_mean_dice'] == r['val_mean_dice'] and r2['best_epoch'] == r['best_epoch']
+
+
+def nested_boxes(n, shape, seed, frac):
+    """(n, 1, *shape) float images of noise with a box (frac of each side) at a random place: label 2
+    outside, label 1 inside, label 3 at its centre (BraTS' edema / core / enhancing), each at its own
+    brightness. -> images, masks (n, *shape) uint8."""
+    rng = np.random.default_rng(seed)
+    x, masks = rng.normal(0, 0.3, (n, 1, *shape)).astype(np.float32), np.zeros((n, *shape), np.uint8)
+    side = [int(frac * s) for s in shape]
+    for i in range(n):
+        lo = [rng.integers(0, s - b + 1) for s, b in zip(shape, side)]
+        for label, margin in ((2, 0), (1, 0.2), (3, 0.35)):  # fractions of the box side trimmed per edge
+            masks[(i, *(slice(a + int(margin * b), a + b - int(margin * b)) for a, b in zip(lo, side)))] = label
+    x[:, 0] += np.array([0, 1.5, 1, 2.5], np.float32)[masks]
+    return x, masks
+
+
+@pytest.mark.parametrize('dims', [2, 3])
+def test_segmentation_finetuning_trains_the_encoder_from_the_frozen_head_and_chooses_on_val(dims):
+    """An encoder with a zeroed patch embedding: its tokens carry only their position, the same for every
+    image, so the frozen head can only draw one fixed mask. Fine-tuning end to end must learn the patch
+    embedding (Dice far above frozen), start from the frozen solution (step 0 = its val Dice), keep the
+    caller's encoder untouched, and never look at test. 2-D: binary; 3-D: BraTS labels and regions."""
+    import medjepa3d
+    shape, patch, frac, names = ((16, 16), 4, 0.5, ['background', 'lesion']) if dims == 2 else \
+        ((8, 16, 16), (2, 4, 4), 0.75, ev.BRATS_LABELS)
+    torch.manual_seed(0)
+    enc = medjepa.ViT(1, patch, 24, 2, 2) if dims == 2 else medjepa3d.ViT3D(1, patch, 24, 2, 2)
+    nn.init.zeros_(enc.patch_embed.proj.weight), nn.init.zeros_(enc.patch_embed.proj.bias)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    images, masks = {}, {}
+    for split, n, seed in (('train', 64, 0), ('val', 24, 1), ('test', 24, 2)):
+        images[split], masks[split] = nested_boxes(n, shape, seed, frac)
+        masks[split] = masks[split] if dims == 3 else (masks[split] > 0).astype(np.uint8)
+    prep, idx = torch.from_numpy, {s: np.arange(len(masks[s])) for s in ev.SPLITS}
+    with torch.no_grad():  # float32 tokens (eval.encode stores float16): step 0 must then match exactly
+        tokens = {s: enc(prep(x)).view(len(x), *enc.grid(prep(x)), -1).numpy() for s, x in images.items()}
+    row = dict(name='enc', encoder=enc, prep=prep, token_idx=idx, tokens=tokens)
+    cfg = dict(seed=0, seg_lr=0.03, seg_epochs=5, seg_classes=len(names), seg_names=names, device='cpu',
+               dtype='float32', seg_finetune_iters=60, seg_finetune_lr=1e-2, layer_decay=0.75,
+               finetune_batch=16, finetune_eval_every=10)
+    r, table = ev.task_seg(row, dict(images=images, masks=masks), cfg)
+    ft = r['finetuned']
+    assert r['mean_dice'] < 0.6 and ft['mean_dice'] > r['mean_dice'] + 0.3  # only a trained encoder segments
+    assert ft['val_mean_dice'][0] == r['val_mean_dice'][r['best_epoch']]  # step 0 = the frozen head
+    assert ft['best_step'] == max(ft['val_mean_dice'], key=ft['val_mean_dice'].get) > 0
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # the caller's encoder: untouched
+    assert [t['encoder'] for t in table[1:]] == ['enc, fine-tuned'] and table[1]['step (val)'] == ft['best_step']
+    if dims == 3:
+        assert set(ft['brats_regions']) == {'ET', 'TC', 'WT'} and 'Dice WT' in table[1]
+    masks['test'] = masks['test'][::-1].copy()  # another test set: the same val curve and choice
+    r2, _ = ev.task_seg(row, dict(images=images, masks=masks), cfg)
+    assert r2['finetuned']['val_mean_dice'] == ft['val_mean_dice'] and r2['finetuned']['best_step'] == ft['best_step']
 
 
 # -----------------------------------------------------------------------------

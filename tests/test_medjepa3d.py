@@ -211,7 +211,7 @@ def test_eval_on_volumes_segments_every_organ_against_random_init(demo3d, tmp_pa
     out = str(tmp_path / 'o')
     m3.main(TINY + [f'--data_dir={demo3d}', f'--out_dir={out}', '--max_iters=2'])
     report = ev.main([f'--ckpt={out}/ckpt.pt', '--tasks=knn,linear,seg', '--seg_epochs=2', '--knn_ks=5',
-                      '--figures=true'])
+                      '--figures=true', '--seg_finetune_iters=2', '--finetune_eval_every=1'])
     res = report['results']
     assert set(res) == {'pretrained', 'random-init', 'raw pixels'}
     for row in res.values():
@@ -219,7 +219,9 @@ def test_eval_on_volumes_segments_every_organ_against_random_init(demo3d, tmp_pa
         assert 0 <= row['knn']['k=5']['acc'] <= 1 and 0 <= row['linear']['acc'] <= 1
     assert 'figures/segmentation.png' in report['figures']
     md = open(os.path.join(out, 'eval.md')).read()
-    assert 'Dice liver' in md and 'mean Dice' in md
+    assert 'Dice liver' in md and 'mean Dice' in md and '| random-init, fine-tuned |' in md
+    ft = res['pretrained']['seg']['finetuned']  # volumes fine-tune end to end too
+    assert len(ft['dice']) == len(prepare.DEMO3D_LABELS) - 1 and set(ft['val_mean_dice']) == {0, 1, 2}
 
 
 
