@@ -46,6 +46,7 @@ PAGES = ['README.md'] + sorted(f'docs/{f}' for f in os.listdir(os.path.join(ROOT
 PENDING = {'docs/3d.md', 'docs/datasets.md', 'docs/data_format.md', 'docs/scaling.md'}
 SHOWN = {'console', 'text', 'json', 'slurm'}
 PLACEHOLDERS = {'config/x.py',  # "your config file" in command examples
+                'tests/test_x.py',  # docs/README.md: the form of a test reference
                 'snippet.py',  # docs/data_format.md: the reader's own file
                 'batch_download_zips.py'}  # docs/datasets.md: NIH's download script, not ours
 
