@@ -6,6 +6,8 @@ docs/figures.py: the figures of docs/*.md, drawn by the project's own code and f
     python docs/figures.py --train      # first train the RUNS below that have no log yet (~3 min each
                                         # on 2 CPU cores), copying each log.jsonl to docs/figures/logs/
     python docs/figures.py --table      # print every run's command and final numbers as markdown
+    python docs/figures.py --probe      # collapse probe of the runs' checkpoints (out-docs/NAME/ckpt.pt) on val
+    (--out_root=DIR: where the runs' out_dirs are, default out-docs)
 
 Masks are drawn by medjepa.sample_masks and medjepa3d.sample_masks_3d exactly as training draws them;
 SIGReg values are computed by medjepa.sigreg; the training curves are read from the log.jsonl files
@@ -94,6 +96,29 @@ def table():
         knn = ' / '.join(f"{100 * r['knn_val']:.1f}" for r in read_log(name)[1])
         print(f"| {name} | `{' '.join(command(name))}` | {last['loss']:.4f} | {last['pred']:.4f} | "
               f"{last['sigreg']:.2f} | {last['emb_std']:.4f} | {last['erank']:.1f} | {knn} |")
+
+def probe(out_root='out-docs'):
+    """How collapsed is each run's final encoder? Frozen mean-pooled features of the demo val split
+    (medjepa.extract_features, as the kNN monitor): the mean cosine similarity between two different
+    images, the effective rank, and the share of the variance on the first 1 and 5 principal axes."""
+    import torch.nn.functional as F
+    meta, val = mj.read_meta(os.path.join(ROOT, 'data/demo')), mj.load_split(os.path.join(ROOT, 'data/demo'), 'val')
+    print('| run | mean cosine between images | effective rank | variance on PC 1 / PCs 1-5 |')
+    print('|---|---:|---:|---|')
+    for name in RUNS:
+        path = os.path.join(ROOT, out_root, name, 'ckpt.pt')
+        if not os.path.isfile(path):
+            continue
+        ckpt = mj.load_checkpoint(path)
+        model = mj.build_model(ckpt['config'])
+        model.load_state_dict(ckpt['model'])
+        f = torch.from_numpy(mj.extract_features(model.encoder, val['images'], meta['mean'], meta['std']))
+        u = F.normalize(f, dim=1)
+        n = len(u)
+        cos = ((u @ u.T).sum() - n) / (n * n - n)  # the diagonal is 1
+        s = torch.linalg.svdvals(f - f.mean(0)) ** 2
+        var = s / s.sum()
+        print(f'| {name} | {cos:.4f} | {mj.effective_rank(f):.1f} | {100 * var[0]:.1f} % / {100 * var[:5].sum():.1f} % |')
 
 # -----------------------------------------------------------------------------
 # Masks
@@ -347,10 +372,11 @@ GROUPS = {'masks': [fig_masks_2d, fig_masks_3d], 'sigreg': [fig_sigreg, fig_sigr
 if __name__ == '__main__':
     args = sys.argv[1:]
     torch.set_num_threads(1)
+    out_root = next((a.split('=', 1)[1] for a in args if a.startswith('--out_root=')), 'out-docs')
     if '--train' in args:
-        train_missing()
-    if '--table' in args:
-        table()
+        train_missing(out_root)
+    if '--table' in args or '--probe' in args:
+        table() if '--table' in args else probe(out_root)
         sys.exit(0)
     groups = [a for a in args if not a.startswith('--')] or list(GROUPS)
     for g in groups:
