@@ -324,7 +324,7 @@ def plot_runs(names, labels, fname, title):
         print(f'skipped {fname}: no logs in {LOGS} (python docs/figures.py --train)')
         return
     fig, axes = plt.subplots(1, 5, figsize=(19, 3.6))
-    keys = [('pred', 'prediction loss (MSE)', True), ('sigreg', 'SIGReg (its input: standardised)', True),
+    keys = [('pred', 'prediction loss (MSE)', True), ('sigreg', 'SIGReg statistic (logged even at lambda 0)', True),
             ('emb_std', 'emb_std: spread of unit-norm embeddings', True), ('erank', 'erank: effective rank (of 192)', False)]
     for i, n in enumerate(names):
         steps, knn = logs[n]
