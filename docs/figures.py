@@ -325,7 +325,7 @@ def plot_runs(names, labels, fname, title):
         return
     fig, axes = plt.subplots(1, 5, figsize=(19, 3.6))
     keys = [('pred', 'prediction loss (MSE)', True), ('sigreg', 'SIGReg statistic (logged even at lambda 0)', True),
-            ('emb_std', 'emb_std: spread of unit-norm embeddings', True), ('erank', 'erank: effective rank (of 192)', False)]
+            ('emb_std', 'emb_std: spread of unit-norm embeddings', True), ('erank', 'erank: effective rank (batch of 64: at most 64)', False)]
     for i, n in enumerate(names):
         steps, knn = logs[n]
         it = [r['iter'] for r in steps]
