@@ -57,7 +57,8 @@ RUNNABLE = {
     'medjepa.py': _TRAIN + ['--batch_size=8', '--knn_train_size=42'],
     'medjepa3d.py': _TRAIN + ['--batch_size=4', '--knn_train_size=12'],
     'eval.py': ['--fewshot_seeds=1', '--shots=1', '--fractions=1', '--finetune_iters=1', '--finetune_eval_every=1',
-                '--seg_train=8', '--seg_epochs=1', '--figures=False', '--dtype=float32'],
+                '--seg_train=8', '--seg_epochs=1', '--figures=False', '--dtype=float32',
+                '--baselines=none'],  # the baseline rows' code is tested in tests/test_eval.py
     'bench.py': ['--bench_warmup=0', '--bench_iters=1', '--breakdown_iters=1', '--loader_iters=1', '--batch_size=2',
                  '--num_threads=1'],
 }
