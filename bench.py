@@ -25,7 +25,6 @@ import os
 import resource
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -95,13 +94,8 @@ def main(argv):
     have_data = os.path.isfile(os.path.join(cfg['data_dir'], 'meta.json'))
     if cfg['bench_data'] == 'real' and not have_data:
         raise FileNotFoundError(f"bench_data='real' but '{cfg['data_dir']}' has no data set: run 'python prepare.py demo'")
-    dtype = mj.resolve_dtype(cfg['dtype'], dev)
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    autocast = nullcontext() if dtype == 'float32' else torch.autocast(dev.split(':')[0], dtype=ptdtype)
+    dtype, ptdtype, autocast = mj.precision(cfg['dtype'], dev)
     cuda = dev.startswith('cuda')
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     cuda_mallocs = (lambda: torch.cuda.memory_stats(dev).get('num_device_alloc', 0)) if cuda else (lambda: 0)
     accum = cfg['gradient_accumulation_steps']  # one process: all micro-steps are ours

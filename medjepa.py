@@ -24,7 +24,9 @@ docs/ has one page per idea; this file keeps the code and the essential lessons.
 import ast
 import builtins
 import difflib
+import errno
 import functools
+import glob
 import json
 import math
 import os
@@ -87,6 +89,7 @@ weight_decay = 0.05        # AdamW decay on matrices only (not on biases, norms,
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0            # clip the global gradient norm to this (0 disables)
+max_bad_steps = 10         # steps with NaN/inf gradients are skipped; this many in a row stop the run
 # system
 device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'             # 'auto', 'float32', 'bfloat16' (autocast), 'float16' (autocast + GradScaler)
@@ -153,7 +156,7 @@ def configure(argv, defaults=None):
             k, v = arg[2:].split('=', 1)
             try:
                 v = ast.literal_eval(v)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
                 pass  # a bare string such as --device=cpu
             items, where = [(k, v)], ''
         for k, v in items:
@@ -170,6 +173,7 @@ def need(ok, msg):
 
 def validate(c):
     """Reject values that cannot work, naming the key and the fix (the 2-D model's rules)."""
+    validate_shared(c)
     need(c['image_size'] % c['patch_size'] == 0,
          f"image_size={c['image_size']} is not a multiple of patch_size={c['patch_size']}: change one of them")
     need(c['local_size'] % c['patch_size'] == 0,
@@ -184,13 +188,26 @@ def validate(c):
     for k in ('crop_scale', 'local_scale', 'target_scale', 'context_scale'):
         lo, hi = c[k]
         need(0 < lo <= hi <= 1, f"{k}={c[k]} must satisfy 0 < low <= high <= 1")
-    for k in ('num_targets', 'proj_dim'):
-        need(c[k] >= 1, f"{k}={c[k]} must be at least 1")
-    return validate_shared(c)
+    return c
 
 
 def validate_shared(c):
     """The rules of the keys that medjepa.py and medjepa3d.py share (model widths, SIGReg, schedule)."""
+    vals = lambda v: v if isinstance(v, tuple) else (v,)  # (ranges first: the rules below divide by these values)
+    for rule, ok, keys in [('at least 1', lambda v: v >= 1, 'batch_size gradient_accumulation_steps max_iters num_slices '
+                            'log_interval eval_interval knn_train_size n_layer n_head n_embd pred_n_layer pred_n_head '
+                            'pred_n_embd patch_size image_size local_size volume_size num_targets proj_dim min_keep '
+                            'max_bad_steps'), ('in [0, 1)', lambda v: 0 <= v < 1, 'beta1 beta2'),
+                           ('>= 0', lambda v: v >= 0, 'seed warmup_iters weight_decay grad_clip num_threads min_lr '
+                            'n_local_views'), ('non-empty', bool, 'out_dir data_dir')]:
+        for k in (k for k in keys.split() if k in c):
+            need(all(ok(v) for v in vals(c[k])), f"{k}={c[k]!r} must be {rule}")
+    need(all(math.isfinite(x) for v in c.values() for x in vals(v) if isinstance(x, float)), 'values must be finite, not inf')
+    need(c['device'] in ('auto', 'cpu', 'mps', 'cuda') or c['device'][:5] == 'cuda:' and c['device'][5:].isdigit(),
+         f"device '{c['device']}' is not one of auto, cpu, cuda, cuda:N, mps")
+    world = int(os.environ.get('WORLD_SIZE', 1))  # torchrun's processes: accumulation counts micro-steps over all of them
+    need(c['gradient_accumulation_steps'] % world == 0,
+         f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be a multiple of the number of processes ({world})")
     need(c['n_embd'] % c['n_head'] == 0, f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
     need(c['pred_n_embd'] % c['pred_n_head'] == 0,
          f"pred_n_embd={c['pred_n_embd']} must be divisible by pred_n_head={c['pred_n_head']}")
@@ -201,10 +218,8 @@ def validate_shared(c):
     need(0.0 <= c['sigreg_lambda'] <= 1.0, f"sigreg_lambda={c['sigreg_lambda']} must lie in [0, 1]")
     lo, hi = c['target_aspect']
     need(0 < lo <= hi, f"target_aspect={c['target_aspect']} must satisfy 0 < low <= high")
-    for k in ('batch_size', 'gradient_accumulation_steps', 'max_iters', 'num_slices',
-              'log_interval', 'eval_interval', 'n_layer', 'n_embd', 'pred_n_layer'):
-        need(c[k] >= 1, f"{k}={c[k]} must be at least 1")
-    need(c['learning_rate'] > 0 and c['min_lr'] >= 0, "learning_rate must be > 0 and min_lr >= 0")
+    need(0 < c['learning_rate'] and c['min_lr'] <= c['learning_rate'], f"learning_rate={c['learning_rate']} must be > 0 "
+         f"and min_lr={c['min_lr']} at most learning_rate (the cosine decays from one to the other)")
     return c
 
 # -----------------------------------------------------------------------------
@@ -222,17 +237,24 @@ def read_meta(data_dir):
 
 
 def load_split(data_dir, split):
-    """Open one split without reading it: images stay on disk until indexed."""
-    out = {}
+    """Open one split without reading it: images stay on disk until indexed. Checks the format
+    (docs/data_format.md): shapes, dtypes, equal counts, class labels in [0, num_classes)."""
+    out, meta = {}, read_meta(data_dir)
     for key in ('images', 'labels', 'masks', 'groups', 'sites'):
         path = os.path.join(data_dir, f'{split}_{key}.npy')
         out[key] = np.load(path, mmap_mode='r', allow_pickle=False) if os.path.isfile(path) else None
     if out['images'] is None:
         raise FileNotFoundError(f"'{data_dir}' has no {split}_images.npy: the data set is incomplete, "
                                 f"delete the folder and run prepare.py again")
-    if out['images'].dtype != np.uint8 or out['images'].ndim not in (4, 5):
-        raise ValueError(f"{split}_images.npy must be uint8 (N, H, W, C) or volumes (N, D, H, W, C), "
-                         f"got {out['images'].dtype} {out['images'].shape}")
+    x, y, n, k = out['images'], out['labels'], len(out['images']), meta.get('num_classes', 0)
+    bad = [f"meta.json lacks '{key}'" for key in ('mean', 'std', 'num_classes') if key not in meta]  # prepare.py writes all
+    if x.dtype != np.uint8 or x.ndim not in (4, 5) or n == 0:
+        bad.append(f"{split}_images.npy is {x.dtype} {x.shape}, not non-empty uint8 (N, H, W, C) or (N, D, H, W, C)")
+    bad += [f"{split}_{key}.npy has {len(a)} rows, images {n}" for key, a in out.items() if a is not None and len(a) != n]
+    if y is not None and meta.get('task') == 'multiclass' and (y.dtype.kind not in 'iu' or ((y < 0) | (y >= k)).any()):
+        bad.append(f"{split}_labels.npy holds {y.dtype} {y.min(initial=0)}..{y.max(initial=0)}, not classes 0..{k - 1}")
+    if bad:
+        raise ValueError(f"'{data_dir}' breaks the format of docs/data_format.md: {'; '.join(bad)}. Run prepare.py again")
     return out
 
 
@@ -254,17 +276,17 @@ def batch_indices(step, micro, n, batch, world, rank, accum, seed):
     return out
 
 
-def to_float(images_uint8, mean, std, device):
-    """(B, H, W, C) uint8 numpy -> (B, C, H, W) float tensor, normalised per channel on the device
-    (volumes: (B, D, H, W, C) -> (B, C, D, H, W)).
+def to_device(t, device):
+    """Host tensor -> device without stopping the CPU: pinned memory makes a CUDA copy asynchronous."""
+    return (t.pin_memory() if str(device).startswith('cuda') else t).to(device, non_blocking=True)
 
-    uint8 travels (4x fewer bytes than float32). Host-to-device copies here and in the model are
-    non_blocking: a blocking copy waits for the GPU to drain its queue, leaving it idle while the
-    CPU prepares the next work; from pinned (page-locked) memory the copy itself is asynchronous."""
+
+def to_float(images_uint8, mean, std, device):
+    """(B, H, W, C) uint8 numpy -> (B, C, H, W) float tensor normalised per channel on the device
+    (volumes: (B, D, H, W, C) -> (B, C, D, H, W)). uint8 travels (4x fewer bytes than float32), from
+    pinned memory and non_blocking: a blocking copy would leave the GPU idle (docs/scaling.md)."""
     x = torch.from_numpy(np.array(images_uint8, copy=True))  # own writable memory (memmaps are read-only)
-    if str(device).startswith('cuda'):
-        x = x.pin_memory()
-    x = x.to(device, non_blocking=True).movedim(-1, 1).float().div_(255)
+    x = to_device(x, device).movedim(-1, 1).float().div_(255)
     shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcast over the spatial axes
     m = torch.tensor(mean).view(shape).to(device, non_blocking=True)
     s = torch.tensor(std).view(shape).to(device, non_blocking=True)
@@ -295,16 +317,15 @@ def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3)):
 
 def color_jitter(x, gen, strength, gray_prob=0.0):
     """Per-image brightness, contrast and saturation jitter, and random grayscale, on normalised
-    images. Without it an encoder can tell images apart by skin tone and lesion darkness alone, a
-    shortcut that satisfies both the prediction and SIGReg terms without learning any morphology."""
-    B = x.shape[0]
+    images or volumes. Without it an encoder can tell images apart by skin tone and lesion darkness
+    alone, a shortcut that satisfies both the prediction and SIGReg terms without learning morphology."""
     if strength <= 0 and gray_prob <= 0:
         return x
-    def factor():
-        return (1 + (torch.rand(B, 1, 1, 1, generator=gen) * 2 - 1) * strength).to(x.device, non_blocking=True)
-    x = x * factor() + (torch.rand(B, 1, 1, 1, generator=gen).to(x.device, non_blocking=True) - 0.5) * strength  # contrast, brightness
+    rand = lambda: torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), generator=gen).to(x.device, non_blocking=True)
+    factor = lambda: 1 + (rand() * 2 - 1) * strength
+    x = x * factor() + (rand() - 0.5) * strength  # contrast, brightness
     gray = x.mean(1, keepdim=True)
-    keep = (torch.rand(B, 1, 1, 1, generator=gen) >= gray_prob).float().to(x.device, non_blocking=True)
+    keep = (rand() >= gray_prob).float()
     return gray + (x - gray) * factor() * keep  # saturation; 0 = grayscale
 
 
@@ -470,18 +491,13 @@ class Projector(nn.Module):
         return self.net(x)
 
 # -----------------------------------------------------------------------------
-# Multi-block masks (I-JEPA), drawn for a whole batch at once on a (gh, gw) patch grid.
-#
-# Per batch: one target block size (h, w) from scale ~ U(target_scale) and aspect ~ U(target_aspect),
-#   h = round(sqrt(scale * gh * gw * aspect)), w = round(sqrt(scale * gh * gw / aspect)),
-#   so every image has exactly M * h * w target patches and they stack without truncation.
-# Per image: M target blocks and one context block at uniform positions; top-left in
-#   [0, gh - h] INCLUSIVE (upstream's randint(0, gh - h) never reaches the last row);
-#   context = context block minus all targets, so no target patch is ever visible.
-# Images whose context keeps < min_keep patches are redrawn a bounded number of times; an image
-# still short after that falls back to "everything but the targets" (then to one target block),
-# so tiny grids never loop forever. Contexts are cut to the batch's shortest by keeping a
-# RANDOM subset (upstream drops the last indices, which biases context to the top of the image).
+# Multi-block masks (I-JEPA) for a whole batch on a (gh, gw) patch grid (docs/masking.md).
+# Per batch one target block size (h, w) from scale ~ U(target_scale), aspect ~ U(target_aspect), so all
+# images have M * h * w target patches. Per image M target blocks and one context block at uniform
+# positions (top-left in [0, gh - h] INCLUSIVE: upstream never reaches the last row); context = context
+# block minus all targets. Short contexts are redrawn a bounded number of times, then fall back (tiny
+# grids never hang). Contexts are cut to the batch's shortest by keeping a RANDOM subset (upstream drops
+# the last indices, biasing the context to the top of the image).
 
 
 def _uniform(lo, hi, gen):
@@ -536,22 +552,14 @@ def sample_masks(B, grid, gen, num_targets=4, target_scale=(0.15, 0.2), target_a
     return ctx_idx, tgt_idx
 
 # -----------------------------------------------------------------------------
-# SIGReg: Sketched Isotropic Gaussian Regularisation (LeJEPA), with the Epps-Pulley test.
-#
-# The key insight: a distribution is N(0, I) iff every 1-D projection of it is N(0, 1) (Cramer-Wold),
-# and a 1-D distribution is N(0, 1) iff its characteristic function E[exp(i t x)] equals exp(-t^2/2).
-# So, per step, draw M random unit directions a_m, project the N embeddings x_nm = a_m . z_n, and
-# measure how far the empirical characteristic function is from the Gaussian one:
-#
-#   EP_m = N * integral_R | mean_n exp(i t x_nm) - exp(-t^2/2) |^2 * exp(-t^2/2) dt
-#        = N * integral [ (c_m(t) - exp(-t^2/2))^2 + s_m(t)^2 ] exp(-t^2/2) dt,
-#   c_m(t) = mean_n cos(t x_nm),  s_m(t) = mean_n sin(t x_nm),   SIGReg = mean_m EP_m.
-#
-# The integrand is even in t, so we integrate t in [0, 3] with 17 trapezoid knots and double the
-# weights. A Gaussian batch scores ~1.06 per slice (a finite-N bias); a collapsed batch (all z equal
-# to 0) scores ~0.41 * N, so the gradient pushes hard away from collapse. Under DDP the means c, s
-# are averaged over ranks with an autograd-aware all-reduce, so every rank sees the global statistic
-# and its gradient; the directions come from a generator seeded by the step, identical on all ranks.
+# SIGReg: Sketched Isotropic Gaussian Regularisation (LeJEPA) with the Epps-Pulley test
+# (docs/sigreg.md derives it). z ~ N(0, I) iff every 1-D projection a.z is N(0, 1) (Cramer-Wold), and
+# a 1-D law is N(0, 1) iff its characteristic function is exp(-t^2/2). Per step: M random unit
+# directions a_m (seeded by the step: the same on every rank), projections x_nm = a_m . z_n, and
+#   EP_m = N * integral [ (c_m(t) - exp(-t^2/2))^2 + s_m(t)^2 ] exp(-t^2/2) dt,   SIGReg = mean_m EP_m
+#   c_m(t) = mean_n cos(t x_nm), s_m(t) = mean_n sin(t x_nm); trapezoid rule, 17 knots on [0, 3], doubled.
+# A Gaussian batch scores ~1.06 per slice, a collapsed one ~0.41 * N. Under DDP c and s are averaged over
+# ranks with an autograd-aware all-reduce: every rank sees the global statistic and its gradient.
 
 
 class AllReduceSum(torch.autograd.Function):
@@ -587,12 +595,9 @@ _EP_W = _EP_W * _EP_PHI  # times the Gaussian weighting exp(-t^2/2)
 
 def standardise(z, eps=1e-6):
     """Each dimension to zero mean and unit variance over the global batch (BatchNorm without the
-    affine part; the statistics are averaged over ranks, so DDP equals one process). (N, K) -> (N, K).
-
-    The 'mask' objective applies SIGReg to standardise(pooled): a fresh encoder maps every image to
-    nearly the same pooled vector, and raw SIGReg spends its pull on that vector's mean and scale.
-    Standardised, a batch passes the test only if its dimensions are decorrelated, so all of SIGReg's
-    gradient pushes the encoder to spread images along many directions (docs/design.md)."""
+    affine part; statistics averaged over ranks). (N, K) -> (N, K). The 'mask' objective applies SIGReg
+    to standardise(pooled): then a batch passes only if its dimensions are decorrelated, instead of
+    SIGReg spending its pull on the mean and scale of a near-constant vector (docs/design.md)."""
     z = z.float()
     mu = global_mean(z.mean(0))  # (K,)
     var = global_mean((z - mu).pow(2).mean(0))  # (K,) biased, as BatchNorm's
@@ -720,7 +725,7 @@ def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
         grid = (cfg['image_size'] // cfg['patch_size'],) * 2
         ctx_idx, tgt_idx = sample_masks(x.shape[0], grid, gen, cfg['num_targets'], cfg['target_scale'],
                                         cfg['target_aspect'], cfg['context_scale'], cfg['min_keep'])
-        return dict(x=jitter(x), x_tgt=jitter(x), ctx_idx=ctx_idx.to(device), tgt_idx=tgt_idx.to(device))
+        return dict(x=jitter(x), x_tgt=jitter(x), ctx_idx=to_device(ctx_idx, device), tgt_idx=to_device(tgt_idx, device))
     g = torch.stack([jitter(random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen)) for _ in range(2)])
     loc = [jitter(random_resized_crop(x, cfg['local_size'], cfg['local_scale'], gen))
            for _ in range(cfg['n_local_views'])]
@@ -790,29 +795,54 @@ def resolve_dtype(dtype, dev):
         return 'bfloat16' if fast else 'float32'
     return 'bfloat16' if dev.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
 
+
+
+def precision(dtype, dev):
+    """(dtype name with 'auto' resolved, torch dtype, autocast context); TF32 matmuls on GPUs."""
+    dtype = resolve_dtype(dtype, dev)
+    if dev.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    pt = getattr(torch, dtype)
+    return dtype, pt, nullcontext() if dtype == 'float32' else torch.autocast(dev.split(':')[0], dtype=pt)
+
 # -----------------------------------------------------------------------------
 # Checkpoints: one dict, written atomically, read without executing code
 
 
 def save_checkpoint(path, obj):
+    """tmp file, fsync, rename; the replaced one stays as ckpt.prev.pt (docs/reliability.md)."""
+    for stale in glob.glob(glob.escape(path) + '.tmp-*'):  # left by a writer that was killed
+        os.remove(stale)
     tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:  # torch.save reports a failed write as a RuntimeError whose context is the OSError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if errno.ENOSPC in (getattr(e, 'errno', 0), getattr(e.__context__, 'errno', 0)):
+            raise OSError(errno.ENOSPC, f"disk full while writing the checkpoint {path}: free space on that disk "
+                                        f"(or set out_dir elsewhere) and resume; the last checkpoint is intact") from e
+        raise
+    if os.path.exists(path):
+        os.replace(path, os.path.splitext(path)[0] + '.prev.pt')
     os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
 
 
 def load_checkpoint(path, map_location='cpu', spatial_dims=None):
     """The checkpoint dict; with spatial_dims, refuse one written for the other kind of model
     (a 3-D checkpoint's Conv3d weights do not fit a 2-D model, and vice versa)."""
+    prev = os.path.splitext(path)[0] + '.prev.pt'
+    prev = f"; the previous one is {prev}: mv it to {path} to resume from it" if os.path.isfile(prev) else ''
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' not found: train one with 'python medjepa.py'")
+        raise FileNotFoundError(f"checkpoint '{path}' not found: train one with 'python medjepa.py'{prev}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise RuntimeError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {e}); it may be "
-                           f"truncated or not a MedJEPA checkpoint") from e
+                           f"truncated or not a MedJEPA checkpoint{prev}") from e
     if spatial_dims is not None and checkpoint_dims(ckpt) != spatial_dims:
         raise ConfigError(f"checkpoint '{path}' is a {checkpoint_dims(ckpt)}-D model "
                           f"({'medjepa3d.py' if checkpoint_dims(ckpt) == 3 else 'medjepa.py'}); this is the "
@@ -890,13 +920,33 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
             loss, stats = model(batch, step)
         scaler.scale(loss / accum).backward()
         loss_sum, flops = loss_sum + loss.detach(), flops + stats['flops']
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
+    scaler.unscale_(optimizer)  # (a no-op without fp16's GradScaler)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    skipped = not torch.isfinite(norm).item()  # one sync per step; the same on every rank (all-reduced grads)
+    if not skipped:  # NaN/inf gradients would poison the weights and AdamW's moments: skip the update
+        scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum / accum, stats, flops
+    return loss_sum / accum, dict(stats, skipped=skipped), flops
+
+
+def open_data(cfg, impl, master, ddp, dev):
+    """meta.json and the memory-mapped train / val splits; the demo data set is generated if missing."""
+    name = os.path.basename(os.path.normpath(cfg['data_dir']))
+    if master and not os.path.isfile(os.path.join(cfg['data_dir'], 'meta.json')) and name in ('demo', 'demo3d'):
+        import prepare
+        print(f"{cfg['data_dir']} is missing: generating the demo data set (python prepare.py {name})")
+        prepare.DATASETS[name](cfg['data_dir'])
+    if ddp:  # the other ranks wait for it (naming the GPU: NCCL would otherwise guess it from the global rank)
+        dist.barrier(**({'device_ids': [torch.cuda.current_device()]} if dev.startswith('cuda') else {}))
+    meta = read_meta(cfg['data_dir'])
+    dims = meta.get('spatial_dims', 2)
+    need(dims == impl.SPATIAL_DIMS, f"{cfg['data_dir']} holds {'volumes' if dims == 3 else '2-D images'}: "
+         f"train on it with {'medjepa3d.py' if dims == 3 else 'medjepa.py'}")
+    train_split, val_split = load_split(cfg['data_dir'], 'train'), load_split(cfg['data_dir'], 'val')
+    need(len(train_split['images']) >= cfg['batch_size'],
+         f"batch_size={cfg['batch_size']} is larger than the train split ({len(train_split['images'])} images)")
+    return meta, train_split, val_split
 
 
 def train(cfg, impl=None):
@@ -905,41 +955,18 @@ def train(cfg, impl=None):
     medjepa3d.py passes itself, so images and volumes share this loop, its logs and checkpoints)."""
     impl = impl or sys.modules[__name__]
     ddp, rank, world, dev = setup_distributed(cfg)
-    master = rank == 0
+    master, accum = rank == 0, cfg['gradient_accumulation_steps'] // world
     if cfg['num_threads'] > 0:
         torch.set_num_threads(cfg['num_threads'])
-    if cfg['gradient_accumulation_steps'] % world != 0:
-        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a "
-                          f"multiple of the number of processes ({world})")
-    accum = cfg['gradient_accumulation_steps'] // world
-    dtype = resolve_dtype(cfg['dtype'], dev)
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    autocast = nullcontext() if dtype == 'float32' else torch.autocast(dev.split(':')[0], dtype=ptdtype)
-    if dev.startswith('cuda'):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    # data: generate the demo if it is missing, then memory-map the train split
-    demo = os.path.basename(os.path.normpath(cfg['data_dir']))
-    if master and not os.path.isfile(os.path.join(cfg['data_dir'], 'meta.json')) and demo in ('demo', 'demo3d'):
-        import prepare
-        print(f"{cfg['data_dir']} is missing: generating the demo data set (python prepare.py {demo})")
-        prepare.DATASETS[demo](cfg['data_dir'])
-    if ddp:  # (naming the GPU: NCCL would otherwise guess it from the global rank)
-        dist.barrier(**({'device_ids': [torch.cuda.current_device()]} if dev.startswith('cuda') else {}))
-    meta = read_meta(cfg['data_dir'])
-    if meta.get('spatial_dims', 2) != impl.SPATIAL_DIMS:
-        raise ConfigError(f"{cfg['data_dir']} holds {'volumes' if meta.get('spatial_dims', 2) == 3 else '2-D images'}: "
-                          f"train on it with {'medjepa3d.py' if meta.get('spatial_dims', 2) == 3 else 'medjepa.py'}")
-    train_split, val_split = load_split(cfg['data_dir'], 'train'), load_split(cfg['data_dir'], 'val')
+    dtype, ptdtype, autocast = precision(cfg['dtype'], dev)
+    advice = f"Lower learning_rate (now {cfg['learning_rate']}) or use dtype=float32, then resume from the last checkpoint"
+    meta, train_split, val_split = open_data(cfg, impl, master, ddp, dev)
     images, (mean, std) = train_split['images'], (meta['mean'], meta['std'])
-    n_train, in_chans = len(images), images.shape[-1]
-    if n_train < cfg['batch_size']:
-        raise ConfigError(f"batch_size={cfg['batch_size']} is larger than the train split ({n_train} images)")
+    n_train = len(images)
 
     # model, optimiser, resume
     torch.manual_seed(cfg['seed'])
-    model = impl.build_model(cfg, in_chans).to(dev)
+    model = raw_model = impl.build_model(cfg, images.shape[-1]).to(dev)
     optimizer = make_optimizer(model, cfg, dev)
     scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))
     iter_num, best_knn = 0, 0.0
@@ -947,20 +974,18 @@ def train(cfg, impl=None):
     if cfg['init_from'] == 'resume':
         ckpt = load_checkpoint(ckpt_path, map_location=dev, spatial_dims=impl.SPATIAL_DIMS)
         changed = [k for k in impl.MODEL_KEYS if ckpt['config'].get(k) != cfg[k]]
-        if changed:
-            raise ConfigError(f"cannot resume {ckpt_path}: model settings differ from the checkpoint's: "
-                              + ', '.join(f"{k}={cfg[k]!r} (checkpoint: {ckpt['config'].get(k)!r})" for k in changed))
+        need(not changed, f"cannot resume {ckpt_path}: model settings differ from the checkpoint's: "
+             + ', '.join(f"{k}={cfg[k]!r} (checkpoint: {ckpt['config'].get(k)!r})" for k in changed))
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         iter_num, best_knn = ckpt['iter_num'], ckpt['best_metric']
         if master:
             print(f'resumed from {ckpt_path} at step {iter_num}')
-    raw_model = model
-    if ddp and cfg.get('objective') == 'views' and dev.startswith('cuda'):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the projector's BatchNorm over all ranks
-        raw_model = model
-    elif ddp and cfg.get('objective') == 'views' and master:  # torch's SyncBatchNorm runs on GPUs only
-        print('note: on CPU the projector BatchNorm normalises each rank\'s shard on its own (no SyncBatchNorm)')
+    if ddp and cfg.get('objective') == 'views':  # the projector's BatchNorm over all ranks (torch: GPUs only)
+        if dev.startswith('cuda'):
+            model = raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif master:
+            print("note: on CPU the projector BatchNorm normalises each rank's shard on its own (no SyncBatchNorm)")
     if cfg['compile']:
         model = torch.compile(model)
     if ddp:
@@ -968,34 +993,35 @@ def train(cfg, impl=None):
 
     if master:
         os.makedirs(cfg['out_dir'], exist_ok=True)
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"{meta.get('name', cfg['data_dir'])}: {n_train} train images {tuple(images.shape[1:])}; "
-              f"model {n_params / 1e6:.2f}M params; objective={cfg.get('objective', 'mask')}; device={dev} dtype={dtype} "
-              f"world={world} batch={cfg['batch_size']}x{accum}x{world}")
-        peak = measure_matmul_flops(dev, ptdtype if dtype != 'float32' else torch.float32)
+        print(f"{meta.get('name', cfg['data_dir'])}: {n_train} train images {tuple(images.shape[1:])}; model "
+              f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params; objective={cfg.get('objective', 'mask')}; "
+              f"device={dev} dtype={dtype} world={world} batch={cfg['batch_size']}x{accum}x{world}")
+        peak = measure_matmul_flops(dev, ptdtype)
         print(f'measured {dtype} matmul throughput (MFU denominator): {peak / 1e9:.0f} GFLOP/s')
         log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a')
-        knn_idx = np.random.default_rng(cfg['seed']).permutation(n_train)[:cfg['knn_train_size']]
-        knn_idx.sort()
+        knn_idx = np.sort(np.random.default_rng(cfg['seed']).permutation(n_train)[:cfg['knn_train_size']])
 
-    def online_knn():
-        enc = raw_model.encoder
-        f_tr = impl.extract_features(enc, images[knn_idx], mean, std, dev)
-        f_va = impl.extract_features(enc, val_split['images'], mean, std, dev)
-        scores = knn_predict(f_tr, train_split['labels'][knn_idx], f_va, meta['num_classes'])
-        return float((scores.argmax(1) == val_split['labels']).mean())
+    def log_record(rec):
+        log.write(json.dumps(rec) + '\n')
+        log.flush()
 
-    def checkpoint():
+    def evaluate_and_save(knn=True):  # rank 0: online kNN on val (labelled data), then a checkpoint
+        nonlocal best_knn
+        if knn and meta.get('task') == 'multiclass':
+            f_tr = impl.extract_features(raw_model.encoder, images[knn_idx], mean, std, dev)
+            f_va = impl.extract_features(raw_model.encoder, val_split['images'], mean, std, dev)
+            scores = knn_predict(f_tr, train_split['labels'][knn_idx], f_va, meta['num_classes'])
+            acc = float((scores.argmax(1) == val_split['labels']).mean())
+            best_knn = max(best_knn, acc)
+            print(f'step {iter_num}: online kNN val accuracy {acc:.4f}')
+            log_record(dict(iter=iter_num, knn_val=acc))
+        if not all(v.isfinite().all() for v in raw_model.state_dict().values() if v.is_floating_point()):
+            raise FloatingPointError(f"the weights hold NaN/inf at step {iter_num}: not saving them over {ckpt_path}. "
+                                     + advice)
         save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                         iter_num=iter_num, best_metric=best_knn, config=cfg,
                                         model_args={k: cfg[k] for k in impl.MODEL_KEYS},
                                         spatial_dims=impl.SPATIAL_DIMS))
-
-    # pre-emption (SIGTERM from a scheduler, SIGUSR1 as a warning): finish the step, save, exit
-    stop = []
-    # (restored on return: train() may run inside a bigger program, whose forked workers inherit handlers)
-    old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def get_batch(micro):  # this rank's micro-batch of step iter_num, augmented on the device
         nonlocal tdata
@@ -1005,63 +1031,58 @@ def train(cfg, impl=None):
         tdata += time.time() - td
         return batch
 
-    t0 = time.time()
-    tdata, stopping = 0.0, False
-    flops_acc, imgs_acc, mfu = 0.0, 0, -1.0
-    while iter_num < cfg['max_iters']:
-        if master and iter_num > 0 and iter_num % cfg['eval_interval'] == 0 and meta.get('task') == 'multiclass':
-            acc = online_knn()
-            best_knn = max(best_knn, acc)
-            print(f'step {iter_num}: online kNN val accuracy {acc:.4f}')
-            log.write(json.dumps(dict(iter=iter_num, knn_val=acc)) + '\n')
-            log.flush()
-            checkpoint()
-        lr = lr_at(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        loss, stats, flops = train_step(model, optimizer, scaler, get_batch, accum, iter_num, autocast, cfg['grad_clip'])
-        flops_acc += flops * world
-        imgs_acc += cfg['batch_size'] * accum * world
-        iter_num += 1
-        if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
-            if dev.startswith('cuda'):
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            emb = stats['emb']
-            rec = dict(iter=iter_num, loss=loss.item(), pred=stats['pred'].item(), sigreg=stats['sigreg'].item(),
-                       lr=lr, img_per_s=imgs_acc / dt, data_frac=tdata / dt,
-                       mfu=flops_acc / dt / peak, emb_std=float(F.normalize(emb.float(), dim=1).std(0).mean()),
-                       erank=effective_rank(emb), time=time.time())
-            if not math.isfinite(rec['loss']):
-                raise FloatingPointError(f"loss is {rec['loss']} at step {iter_num}: lower learning_rate or use dtype=float32")
-            print(f"step {iter_num}: loss {rec['loss']:.4f} (pred {rec['pred']:.4f}, sigreg {rec['sigreg']:.3f}) "
-                  f"lr {lr:.2e} | {rec['img_per_s']:.0f} img/s, mfu {100 * rec['mfu']:.1f}% | "
-                  f"emb std {rec['emb_std']:.3f} erank {rec['erank']:.1f}")
-            log.write(json.dumps(rec) + '\n')
-            log.flush()
-            t0, tdata, flops_acc, imgs_acc = time.time(), 0.0, 0.0, 0
-        stopping = len(stop) > 0
-        if ddp:  # every rank stops at the same step, even if only one got the signal
-            flag = torch.tensor(float(stopping), device=dev)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stopping = flag.item() > 0
-        if stopping:
-            break
-    if master:
-        if stopping:
-            print(f'stopped by a signal at step {iter_num} (resume with --init_from=resume)')
-        elif meta.get('task') == 'multiclass':
-            acc = online_knn()
-            best_knn = max(best_knn, acc)
-            print(f'step {iter_num}: online kNN val accuracy {acc:.4f}')
-            log.write(json.dumps(dict(iter=iter_num, knn_val=acc)) + '\n')
-        checkpoint()
-        log.close()
-        print(f'saved {ckpt_path}')
-    if ddp:
-        dist.destroy_process_group()
-    for sig, handler in old_handlers.items():
-        signal.signal(sig, handler)
+    # pre-emption (SIGTERM from a scheduler, SIGUSR1 as a warning): finish the step, save, exit. The
+    # handlers are restored on the way out: train() may run inside a bigger program.
+    stop = []
+    old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        t0, tdata, flops_acc, imgs_acc = time.time(), 0.0, 0.0, 0
+        stopping, bad, n_bad, first = False, 0, 0, iter_num
+        while iter_num < cfg['max_iters']:
+            if master and iter_num > first and iter_num % cfg['eval_interval'] == 0:  # (not again on resume)
+                evaluate_and_save()
+            lr = lr_at(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            loss, stats, flops = train_step(model, optimizer, scaler, get_batch, accum, iter_num, autocast, cfg['grad_clip'])
+            flops_acc, imgs_acc, iter_num = flops_acc + flops * world, imgs_acc + cfg['batch_size'] * accum * world, iter_num + 1
+            bad, n_bad = (bad + 1, n_bad + 1) if stats['skipped'] else (0, n_bad)
+            if master and stats['skipped']:
+                print(f'step {iter_num}: non-finite loss or gradients, update skipped ({bad} in a row, {n_bad} in all)')
+            if bad >= cfg['max_bad_steps']:
+                raise FloatingPointError(f"{bad} non-finite steps in a row at step {iter_num}: training diverged. {advice}")
+            if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
+                if dev.startswith('cuda'):
+                    torch.cuda.synchronize()
+                dt, emb = time.time() - t0, stats['emb']
+                rec = dict(iter=iter_num, loss=loss.item(), pred=stats['pred'].item(), sigreg=stats['sigreg'].item(),
+                           lr=lr, img_per_s=imgs_acc / dt, data_frac=tdata / dt, mfu=flops_acc / dt / peak,
+                           emb_std=float(F.normalize(emb.float(), dim=1).std(0).mean()),
+                           erank=effective_rank(emb) if torch.isfinite(emb).all() else math.nan, skipped=n_bad, time=time.time())
+                print(f"step {iter_num}: loss {rec['loss']:.4f} (pred {rec['pred']:.4f}, sigreg {rec['sigreg']:.3f}) "
+                      f"lr {lr:.2e} | {rec['img_per_s']:.0f} img/s, mfu {100 * rec['mfu']:.1f}% | "
+                      f"emb std {rec['emb_std']:.3f} erank {rec['erank']:.1f}")
+                log_record(rec)
+                t0, tdata, flops_acc, imgs_acc = time.time(), 0.0, 0.0, 0
+            stopping = len(stop) > 0
+            if ddp:  # every rank stops at the same step, even if only one got the signal
+                flag = torch.tensor(float(stopping), device=dev)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = flag.item() > 0
+            if stopping:
+                break
+        if master:
+            if stopping:
+                print(f'stopped by a signal at step {iter_num} (resume with --init_from=resume)')
+            evaluate_and_save(knn=not stopping)
+            log.close()
+            print(f'saved {ckpt_path}')
+        if ddp:
+            dist.destroy_process_group()
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     return raw_model
 
 

@@ -21,6 +21,7 @@ Run it:
     python medjepa3d.py                                 # CPU demo on data/demo3d (~10 min on 2 cores)
     python medjepa3d.py --max_iters=30 --out_dir=out-x  # any global below can be overridden
     python medjepa3d.py --data_dir=data/msd_hippocampus --volume_size="(32,32,32)" --patch_size="(8,8,8)"
+    python medjepa3d.py --data_dir=data/demovideo --out_dir=out-demovideo   # clips: `python prepare.py demovideo`
     torchrun --nproc_per_node=8 medjepa3d.py config/x.py
 then evaluate the checkpoint (segmentation Dice against a random-init encoder, kNN / linear when labelled):
     python eval.py --ckpt=out-demo3d/ckpt.pt
@@ -29,6 +30,7 @@ docs/3d.md explains the choices.
 
 import functools
 import math
+import os
 import sys
 
 import torch
@@ -51,7 +53,8 @@ seed = 0                   # everything random derives from this (data order, ma
 volume_size = (32, 32, 32) # (D, H, W) of the training crops in voxels; video: (T, H, W) frames
 crop_scale = (0.4, 1.0)    # volume fraction of the random crops (resized to volume_size)
 flip = True                # random left-right flips (the W axis)
-video = False              # data are clips (N, T, H, W, C): blocks span all frames, no crops in time
+intensity_jitter = 0.0     # brightness/contrast jitter strength (0 = off); context and targets get independent draws
+video = False              # clips (N, T, H, W, C): blocks span all frames, no time crops; on if meta.json says "video": true
 # model
 patch_size = (4, 8, 8)     # tubelet (d, h, w); volume_size must be a multiple of it on every axis
 n_layer = 4                # encoder depth
@@ -82,6 +85,7 @@ weight_decay = 0.05        # AdamW decay on matrices only
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0            # clip the global gradient norm to this (0 disables)
+max_bad_steps = 10         # steps with NaN/inf gradients are skipped; this many in a row stop the run
 # system
 device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'             # 'auto', 'float32', 'bfloat16' (autocast), 'float16' (autocast + GradScaler)
@@ -96,8 +100,12 @@ MODEL_KEYS = ('patch_size', 'n_embd', 'n_layer', 'n_head', 'pred_n_embd', 'pred_
 
 
 def validate(c):
-    """The 3-D rules, then the ones shared with medjepa.py (medjepa.validate_shared)."""
+    """The 3-D rules, then the ones shared with medjepa.py (medjepa.validate_shared). A data set whose
+    meta.json says "video": true (prepare.py demovideo, video) is trained as video."""
+    if not c['video'] and os.path.isfile(os.path.join(c['data_dir'], 'meta.json')):
+        c = {**c, 'video': bool(mj.read_meta(c['data_dir']).get('video'))}
     need = mj.need
+    mj.validate_shared(c)  # first: its range checks keep the rules below from dividing by zero
     grid = [v // p for v, p in zip(c['volume_size'], c['patch_size'])]
     need(all(p >= 1 and v % p == 0 for v, p in zip(c['volume_size'], c['patch_size'])),
          f"volume_size={c['volume_size']} is not a multiple of patch_size={c['patch_size']} on every axis")
@@ -110,8 +118,8 @@ def validate(c):
     for k in ('crop_scale', 'short_scale', 'long_scale', 'depth_scale'):
         lo, hi = c[k]
         need(0 < lo <= hi <= 1, f"{k}={c[k]} must satisfy 0 < low <= high <= 1")
-    need(c['min_keep'] >= 1, f"min_keep={c['min_keep']} must be at least 1")
-    return mj.validate_shared(c)
+    need(c['intensity_jitter'] >= 0, f"intensity_jitter={c['intensity_jitter']} must be >= 0")
+    return c
 
 # -----------------------------------------------------------------------------
 # Model: medjepa's ViT, predictor and objective with a Conv3d tubelet embedding and 3-D positions
@@ -241,8 +249,9 @@ def make_batch(cfg, volumes, mean, std, step, micro, device, rank=0):
         if num > 0:
             ctx, tgt = sample_masks_3d(x.shape[0], grid, gen, num, scale, cfg['target_aspect'], cfg['depth_scale'],
                                        cfg['min_keep'], cfg['video'])
-            masks.append((ctx.to(device, non_blocking=True), tgt.to(device, non_blocking=True)))
-    return dict(x=x, x_tgt=x, masks=masks)
+            masks.append((mj.to_device(ctx, device), mj.to_device(tgt, device)))
+    jitter = lambda v: mj.color_jitter(v, gen, cfg['intensity_jitter'])
+    return dict(x=jitter(x), x_tgt=jitter(x), masks=masks)
 
 
 extract_features = mj.extract_features  # mean-pooled tokens; to_float and the ViT take volumes as they are

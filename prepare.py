@@ -5,7 +5,11 @@ Prepare data sets for MedJEPA as flat numpy arrays that training memory-maps.
     python prepare.py demo --size=224       # the same photos at 224 px: 3-5 minutes, 1.8 GB
     python prepare.py ham10000              # downloads 3 GB from Harvard Dataverse, lesion-grouped splits
     python prepare.py dermamnist --size=64  # any MedMNIST v3 set, 2-D or 3-D, official splits, md5-checked
-    python prepare.py msd_hippocampus       # 27 MB of MRI volumes -> (N, 64, 64, 64, 1)
+    python prepare.py demo3d                # synthetic CT-like volumes with organ masks, 32^3: about 10 s
+    python prepare.py demovideo             # synthetic echo-like clips, 32 frames of 32x32: about 10 s
+    python prepare.py msd_hippocampus       # 27 MB of MRI volumes -> (N, 48, 48, 48, 1) at 1 mm, z-scored
+    python prepare.py nifti --source=scans/ --modality=ct                   # CT window, spacing, crop/pad
+    python prepare.py video --source=clips/ --frames=16 --stride=2          # frame folders, GIF, TIFF, DICOM cines
     python prepare.py aptos2019 --source=aptos2019-blindness-detection.zip   # behind a login: bring the file
     python prepare.py dicom --source=my_scans/ --burned_in=flag              # de-identified on the way
     python prepare.py dicom --anonymize_only IN OUT                          # de-identify files, nothing else
@@ -13,7 +17,7 @@ Prepare data sets for MedJEPA as flat numpy arrays that training memory-maps.
 
 Every data set lands in data/<name>/ in one format (docs/data_format.md has the details):
 
-    {train,val,test}_images.npy   uint8 (N, H, W, C), or (N, D, H, W, C) for volumes
+    {train,val,test}_images.npy   uint8 (N, H, W, C), or (N, D, H, W, C) for volumes, (N, T, H, W, C) for clips
     {train,val,test}_labels.npy   int64 (N,), or (N, L) 0/1 for multi-label sets, -1 when unlabelled
     {train,val,test}_masks.npy    uint8 (N, H, W) / (N, D, H, W) segmentation  (when the data set has them)
     {train,val,test}_groups.npy   int64 (N,), e.g. lesion or patient ids        (when it has them)
@@ -34,15 +38,18 @@ write_split() + write_meta(), plus one line in DATASETS at the bottom of this fi
 import argparse
 import csv
 import difflib
+import errno
 import functools
 import gzip
 import hashlib
 import hmac
 import inspect
+import io
 import json
 import math
 import multiprocessing as mp
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -53,6 +60,7 @@ import typing
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -176,6 +184,12 @@ def staging_dir(out_dir):
     try:
         yield tmp
         os.rename(tmp, out_dir)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(e.errno, f"disk full while writing {out_dir} ({e.filename or e}): free space on that disk "
+                               f"(or use another --out) and run the same command again; nothing was written "
+                               f"to {out_dir}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing left to remove after a successful rename
 
@@ -438,17 +452,23 @@ def square_resize(im, size, resample=Image.BICUBIC):
     return im.resize((size, size), resample)
 
 
+def picture_array(im, size, channels, lo_hi=None):
+    """A decoded Pillow picture -> uint8 (size, size, channels). 16-bit / float pixels are stretched from
+    lo_hi = (lo, hi), by default the picture's own min..max."""
+    if im.mode.startswith('I') or im.mode == 'F':
+        a = np.asarray(im, np.float32)
+        lo, hi = lo_hi or (a.min(), a.max())
+        im = Image.fromarray(to_uint8(a, lo, hi))
+    a = np.asarray(square_resize(im.convert('RGB' if channels == 3 else 'L'), size), np.uint8)
+    return a if a.ndim == 3 else a[..., None]
+
+
 def load_picture(path, size, channels):
     """One photo or radiograph -> uint8 (size, size, channels). Raises if the file is damaged:
     load() decodes now, so a truncated JPEG fails here and not later."""
     with Image.open(path) as im:
         im.load()
-        if im.mode.startswith('I') or im.mode == 'F':  # 16-bit / float pixels: stretch min..max
-            a = np.asarray(im, np.float32)
-            im = Image.fromarray(to_uint8(a, a.min(), a.max()))
-        im = square_resize(im.convert('RGB' if channels == 3 else 'L'), size)
-    a = np.asarray(im, np.uint8)
-    return a if a.ndim == 3 else a[..., None]
+        return picture_array(im, size, channels)
 
 
 def load_mask(path, size):
@@ -515,15 +535,31 @@ def decode_2d(job):
     return decode_pictures((size, channels, items))
 
 
-def report_skipped(skipped):
-    """Print the inputs that were left out; returns what meta.json records about them."""
+def private_path(path):
+    """What meta.json keeps of a path that may name a patient (clinical folders often do): a hash."""
+    return 'sha256:' + hashlib.sha256(str(path).encode()).hexdigest()[:16] if path else ''
+
+
+def report_skipped(skipped, private=False):
+    """Print the inputs that were left out; returns what meta.json records about them (with
+    private=True, for DICOM and clinical video, hashes of their paths: the console has the names)."""
     if skipped:
         print(f"skipped {len(skipped)} unreadable input(s):")
         for s in skipped[:20]:
             print(f"  {s['file']}: {s['reason']}")
         if len(skipped) > 20:
-            print(f"  ... and {len(skipped) - 20} more (all listed in meta.json)")
-    return {'count': len(skipped), 'files': skipped[:10000]}
+            print(f"  ... and {len(skipped) - 20} more (all listed in meta.json{', as path hashes' if private else ''})")
+    files = [dict(file=private_path(s['file']), reason=private_reason(s['reason'], s['file'])) for s in skipped[:10000]] \
+        if private else skipped[:10000]
+    return {'count': len(skipped), 'files': files}
+
+
+def private_reason(reason, path):
+    """A skip reason without the path's names: error messages quote file paths (docs/reliability.md)."""
+    reason = re.sub(r"""[^\s'"]*[/\\][^\s'"]*""", '<path>', reason)
+    for part in sorted((p for p in Path(path).parts if len(p) > 2), key=len, reverse=True):
+        reason = reason.replace(part, '<name>')
+    return reason
 
 
 def finish(out_dir, t0):
@@ -992,6 +1028,131 @@ def prepare_demo3d(out_dir='data/demo3d', size: int = 32, seed: int = 0, n_train
     return finish(out_dir, t0)
 
 # -----------------------------------------------------------------------------
+# demovideo: synthetic echocardiography-like clips whose class is in the motion, for medjepa3d.py
+
+
+DEMOVIDEO_CLASSES = ['normal', 'hypokinetic', 'irregular', 'fast']  # clip label: how the chamber beats
+DEMOVIDEO_LABELS = ['background', 'chamber', 'wall']  # mask values 0..2, one label map per frame
+DEMOVIDEO_VERSION = 1   # bump whenever the clips change
+CLIPS_PER_SUBJECT = 2   # two acquisitions of each subject (fresh probe pose, gain, speckle, start in the beat)
+
+
+def demovideo_subject(rng, label):
+    """One subject's heart (chamber size, shape, wall, echogenicity, tissue texture) and beat. Only the
+    beat depends on the class: normal and irregular lose 22-35 % of the chamber radius in systole,
+    hypokinetic 5-12 %; the period is 9-14 frames, 4.5-6.5 for fast, and irregular beats last
+    anywhere from 0.5 to 1.6 times it (regular ones within 3 %)."""
+    u = rng.uniform
+    heart = dict(r=u(0.13, 0.2), aspect=u(0.7, 1.0), tilt=u(-0.6, 0.6), wall=u(0.06, 0.09),
+                 blood=u(0.03, 0.1), muscle=u(0.55, 0.8), tissue=u(0.25, 0.4),
+                 texture=[rng.normal(0, 1, (2, 2)), u(0, 2 * np.pi, (2, 2)), u(2, 6, (2, 2))])
+    amp = u(0.05, 0.12) if label == 1 else u(0.22, 0.35)
+    period = u(4.5, 6.5) if label == 3 else u(9, 14)
+    spread = (0.5, 1.6) if label == 2 else (0.97, 1.03)
+    return heart, amp, period, spread
+
+
+def render_demovideo(subject, rng, frames, size):
+    """One clip of a subject -> (uint8 (T, S, S, 1) frames, uint8 (T, S, S) label maps). A fan-shaped
+    sector from a probe at the top, speckle (70 % a fixed pattern, 30 % renewed every frame), depth
+    attenuation, gain and log compression; the chamber (dark blood) and its wall (bright muscle of
+    constant area, so it thickens as the chamber shrinks) change with the beat."""
+    heart, amp, period, spread = subject
+    u = rng.uniform
+    # the beat: a systole (first 40 % of each beat) of sin^2 contraction, started at a random phase
+    lengths = period * u(*spread, size=frames + 2)
+    edges = np.concatenate([[0], np.cumsum(lengths)]) - u(0, lengths[0])
+    t = np.arange(frames)
+    k = np.searchsorted(edges, t, side='right') - 1
+    frac = (t - edges[k]) / lengths[k]
+    contraction = np.where(frac < 0.4, np.sin(np.pi * frac / 0.4) ** 2, 0.0)
+    r_in = heart['r'] * (1 - amp * contraction)  # (T,)
+    r_out = np.sqrt(r_in ** 2 + (heart['r'] + heart['wall']) ** 2 - heart['r'] ** 2)
+    # geometry: y = depth 0..1 from the top, x = -0.5..0.5; the probe's apex, tilt and fan this time
+    g = (np.arange(size) + 0.5) / size
+    y, x = np.meshgrid(g, g - 0.5, indexing='ij')
+    y0, x0, tilt, half, depth = u(-0.03, 0.03), u(-0.05, 0.05), u(-0.08, 0.08), u(0.6, 0.75), u(0.9, 1.0)
+    r, phi = np.hypot(y - y0, x - x0), np.arctan2(x - x0, y - y0)
+    sector = (r < depth) & (np.abs(phi - tilt) < half)
+    cy, cx = u(0.45, 0.6), x0 + u(-0.08, 0.08)
+    angle = heart['tilt'] + u(-0.15, 0.15)  # the probe sees the heart a little turned each time
+    ct, st = np.cos(angle), np.sin(angle)
+    dy, dx = ct * (y - cy) - st * (x - cx), st * (y - cy) + ct * (x - cx)
+    d = np.hypot(dx, dy / heart['aspect'])[None]  # (1, S, S) elliptic distance from the chamber's centre
+    edge = 1.5 / size
+    soft = lambda f: np.clip(f / edge + 0.5, 0, 1)
+    freq, phase, scale = heart['texture']
+    texture = 1 + 0.25 * sum(np.sin(freq[i, 0] * scale[i, 0] * y + freq[i, 1] * scale[i, 1] * x + phase[i, 0])
+                             for i in range(2)) / 2
+    image = heart['tissue'] * texture * np.ones((frames, 1, 1))
+    image = image + (heart['muscle'] - image) * soft(r_out[:, None, None] - d)
+    image = image + (heart['blood'] - image) * soft(r_in[:, None, None] - d)
+    # speckle, mean 1: 70 % a fixed pattern, 30 % renewed every frame
+    def grains(n):  # (size, size, n) fully developed speckle: |complex Gaussian| blurred to ~1 px grains
+        return np.abs(gaussian_blur(rng.normal(0, 1, (size, size, n)) + 1j * rng.normal(0, 1, (size, size, n)), 0.7))
+    still, moving = grains(1)[..., 0], grains(frames).transpose(2, 0, 1)
+    speckle = 0.7 * still / still.mean() + 0.3 * moving / moving.mean()
+    image = image * speckle * np.exp(-u(0.3, 1.2) * r) * u(0.8, 1.25)
+    image = np.log1p(10 * np.clip(image, 0, None)) / np.log1p(10) + rng.normal(0, 0.02, image.shape)
+    image = np.where(sector, np.clip(image, 0, 1), 0)
+    labels = np.where(d < r_in[:, None, None], 1, np.where(d < r_out[:, None, None], 2, 0)) * sector
+    return (image * 255).round().astype(np.uint8)[..., None], labels.astype(np.uint8)
+
+
+def prepare_demovideo(out_dir='data/demovideo', frames: int = 32, size: int = 32, seed: int = 0,
+                      n_train: int = 600, n_val: int = 100, n_test: int = 200):
+    """
+    Synthetic echocardiography-like clips for medjepa3d.py, (frames, size, size, 1), deterministic from
+    the seed. A heart chamber seen in an ultrasound sector beats; the 4 classes (DEMOVIDEO_CLASSES)
+    differ only in the beat (demovideo_subject), so one frame says next to nothing about the class.
+    Every subject is filmed CLIPS_PER_SUBJECT times (fresh probe pose, gain, speckle, start of the
+    beat). Masks: 0 background, 1 chamber, 2 wall, per frame. Splits by subject, classes balanced.
+    The 600 / 100 / 200 default takes about 10 s and 60 MB (half of it masks).
+    """
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    args = {'frames': frames, 'size': size, 'seed': seed, 'n_train': n_train, 'n_val': n_val, 'n_test': n_test,
+            'generator_version': DEMOVIDEO_VERSION}
+    n_subjects = {s: round(n / CLIPS_PER_SUBJECT) for s, n in zip(SPLITS, (n_train, n_val, n_test))}
+    if size < 16 or frames < 4 or min(n_subjects.values()) < 1:
+        raise ValueError(f"need --size >= 16, --frames >= 4 and at least {CLIPS_PER_SUBJECT} clips per split, got "
+                         f"size {size}, frames {frames}, {n_train}/{n_val}/{n_test}")
+    if is_up_to_date(out_dir, args):
+        return out_dir
+    print(f"generating demovideo clips: {frames} frames of {size}x{size}, seed {seed} -> {out_dir}")
+    rng = np.random.default_rng(seed)
+    next_id = 0
+    with staging_dir(out_dir) as tmp:
+        for split in SPLITS:
+            n = n_subjects[split]
+            ids = np.arange(next_id, next_id + n)
+            next_id += n
+            labels = rng.permutation(np.arange(n) % len(DEMOVIDEO_CLASSES))  # balanced within each split
+            clips = np.empty((n * CLIPS_PER_SUBJECT, frames, size, size, 1), np.uint8)
+            masks = np.empty((n * CLIPS_PER_SUBJECT, frames, size, size), np.uint8)
+            for j, (i, label) in enumerate(zip(ids, labels)):
+                sub_rng = np.random.default_rng([seed, int(i)])  # a subject's clips do not depend on the others
+                subject = demovideo_subject(sub_rng, label)
+                for c in range(CLIPS_PER_SUBJECT):
+                    clips[j * CLIPS_PER_SUBJECT + c], masks[j * CLIPS_PER_SUBJECT + c] = \
+                        render_demovideo(subject, sub_rng, frames, size)
+            order = rng.permutation(len(clips))  # clips of a subject are not neighbours in the file
+            write_split(tmp, split, images=clips[order], labels=np.repeat(labels, CLIPS_PER_SUBJECT)[order],
+                        masks=masks[order], groups=np.repeat(ids, CLIPS_PER_SUBJECT)[order],
+                        mask_max=len(DEMOVIDEO_LABELS) - 1)
+            print(f"  {split:5s}: {len(clips)} clips of {n} subjects")
+        write_meta(tmp, 'demovideo', DEMOVIDEO_CLASSES,
+                   split_rule=f"by subject: the {CLIPS_PER_SUBJECT} clips of a subject are in one split; "
+                              f"classes balanced within each split",
+                   source="synthetic, generated by prepare.py demovideo",
+                   licence="CC0-1.0 (generated data, no rights reserved)", citation=None, args=args,
+                   video=True, frames=frames, frame_stride=1, mask_labels=DEMOVIDEO_LABELS,
+                   mask_classes=DEMOVIDEO_LABELS, seed=seed, generator_version=DEMOVIDEO_VERSION,
+                   clips_per_subject=CLIPS_PER_SUBJECT,
+                   axes='(N, T, H, W, C) = (clip, frame, row = depth from the probe, column, channel)')
+    return finish(out_dir, t0)
+
+# -----------------------------------------------------------------------------
 # The real data sets: one function each. They share the steps above:
 #   args -> is_up_to_date -> get_raw -> split_by_group -> staging_dir { convert_split / write_split
 #   per split, write_meta } -> finish
@@ -1302,11 +1463,25 @@ def prepare_chestxray14(out_dir='data/chestxray14', source: str = '', size: int 
 
 # --- volumes: MSD, BraTS 2021, any NIfTI folder ---------------------------------------------------
 #
-# A volume is stored as uint8 (D, H, W, C): NIfTI's (x, y, z) array, turned to the closest canonical
-# (RAS) orientation and transposed to (z, y, x) = (slice, row, column), one channel per modality.
-# Intensities: each channel's 0.5-99.5 percentile range mapped onto 0..255. Shape: resampled to
-# size^3 (linear, antialiased; label maps: nearest), ignoring the voxel spacing, which meta.json
-# does not keep: a 3-D trainer that needs millimetres should read the originals.
+# Every 3-D data set goes through one pipeline, load_volume (docs/3d.md says why):
+#   1. read     nibabel, closest canonical (RAS+) orientation, transposed from NIfTI's (x, y, z) to
+#               (z, y, x) = (slice, row, column); the voxel size in mm from the reoriented header.
+#   2. resample to the target spacing (--spacing, mm): linear for images (antialiased when
+#               shrinking), nearest for label maps. The field of view in mm is kept.
+#   3. intensities, by modality, each channel on its own:
+#               CT   clip to a window (--window=level,width in Hounsfield units), scale to 0..255
+#               MRI  clip to the 0.5-99.5 percentiles, z-score over the foreground (the voxels above
+#                    the 0.5th percentile: the non-zero voxels of skull-stripped or masked scans),
+#                    map z in MRI_Z_RANGE onto 0..255; background voxels are 0
+#   4. crop/pad to size^3 voxels: a box centred on the bounding box of the foreground (CT: the body,
+#               voxels above CT_BODY_HU), kept inside the volume; an axis shorter than the box is
+#               centred and padded with 0 (label 0). Nothing is squashed: a voxel is `spacing` mm.
+# meta.json records the spacing, modality, intensity mapping (and its inverse) and the box in mm.
+
+SOFT_TISSUE_WINDOW = (40.0, 400.0)  # CT level, width in HU: -160..240 HU, the usual abdominal soft-tissue window
+CT_BODY_HU = -500.0                 # CT voxels above this are the body (air is -1000 HU, fat -100)
+MRI_PERCENTILES = (0.5, 99.5)       # MRI: clip to these percentiles of the volume before the z-score
+MRI_Z_RANGE = (-3.0, 3.0)           # MRI: z-scores in this range fill 0..255 (one grey level = 6/255 = 0.024 sd)
 
 
 def resize_volume(v, shape, nearest=False):
@@ -1318,17 +1493,29 @@ def resize_volume(v, shape, nearest=False):
     return np.asarray(Image.fromarray(v.reshape(len(v), H * W)).resize((H * W, D), f)).reshape(D, H, W)
 
 
+NIFTI_ERRORS = (OSError, EOFError, ValueError, OverflowError, zlib.error, nib.filebasedimages.ImageFileError,
+                nib.spatialimages.HeaderDataError, nib.orientations.OrientationError)  # nibabel on damaged files
+
+
 def read_nifti(path, spacing=False):
-    """A NIfTI file as float32 (Z, Y, X, C), RAS-oriented. Raises on a damaged file or header.
+    """A NIfTI file as float32 (Z, Y, X, C), RAS-oriented. A damaged file or header raises ValueError
+    naming the file, and nothing else (tests/test_properties.py feeds it truncated and bit-flipped files).
     spacing=True: also the voxel size in mm along (Z, Y, X), read from the reoriented header."""
-    img = nib.as_closest_canonical(nib.load(str(path)))
-    a = np.asarray(img.dataobj, np.float32)
-    if a.ndim == 3:
-        a = a[..., None]
-    if a.ndim != 4 or min(a.shape) < 1:
-        raise ValueError(f"expected a 3-D or 4-D volume, got shape {a.shape}")
-    a = a.transpose(2, 1, 0, 3)
-    return (a, tuple(float(z) for z in img.header.get_zooms()[:3][::-1])) if spacing else a
+    try:
+        img = nib.load(str(path))
+        shape, dtype = img.header.get_data_shape(), img.header.get_data_dtype()
+        # a flipped bit in the header can claim terabytes, which nibabel would allocate before reading:
+        # check the claim against what the file can hold (deflate expands at most 1032:1)
+        room = os.path.getsize(path) * (1032 if str(path).endswith('.gz') else 1)
+        if len(shape) not in (3, 4) or min(shape) < 1 or math.prod(shape) * dtype.itemsize > room:
+            raise ValueError(f"the header's shape {shape} of {dtype} is not a 3-D or 4-D volume that fits in the file")
+        img = nib.as_closest_canonical(img)
+        a = np.asarray(img.dataobj, np.float32)
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3][::-1])
+    except NIFTI_ERRORS as e:
+        raise ValueError(f"{path} is not a readable NIfTI volume ({type(e).__name__}: {e})") from e
+    a = (a[..., None] if a.ndim == 3 else a).transpose(2, 1, 0, 3)
+    return (a, zooms) if spacing else a
 
 
 def resample_spacing(v, spacing, target, nearest=False):
@@ -1338,78 +1525,206 @@ def resample_spacing(v, spacing, target, nearest=False):
     return resize_volume(v, shape, nearest)
 
 
-def load_volume(channel_paths, label_path, shape, label_values):
-    """One subject -> (uint8 (D, H, W, C), uint8 (D, H, W) label map or None)."""
-    D, H, W, C = shape
-    chans = np.concatenate([read_nifti(p) for p in channel_paths], axis=-1)
-    if chans.shape[-1] != C:
-        raise ValueError(f"{chans.shape[-1]} channels, the data set has {C}")
-    image = np.empty(shape, np.uint8)
-    for c in range(C):
-        lo, hi = np.percentile(chans[..., c], [0.5, 99.5])
-        image[..., c] = to_uint8(resize_volume(chans[..., c], (D, H, W)), lo, hi)
+def mri_zscore(v, percentiles=MRI_PERCENTILES):
+    """-> (float32 z-scores, bool foreground): clip to the percentiles, then subtract the mean and divide
+    by the standard deviation of the foreground, the voxels above the low percentile."""
+    lo, hi = np.percentile(v, percentiles)
+    v = np.clip(v, lo, hi)
+    fg = v > lo
+    if not fg.any():  # a constant volume: nothing to scale
+        return np.zeros(v.shape, np.float32), fg
+    mean, std = v[fg].mean(dtype=np.float64), v[fg].std(dtype=np.float64)
+    return ((v - mean) / max(std, 1e-6)).astype(np.float32), fg
+
+
+def normalise_intensity(v, recipe):
+    """One channel (Z, Y, X) in scanner units -> (uint8, bool foreground), by recipe['modality']."""
+    if recipe['modality'] == 'CT':
+        level, width = recipe['window']
+        return to_uint8(v, level - width / 2, level + width / 2), v > CT_BODY_HU
+    z, fg = mri_zscore(v)
+    return np.where(fg, to_uint8(z, *MRI_Z_RANGE), 0).astype(np.uint8), fg
+
+
+def box_starts(foreground, size):
+    """First index, per axis, of a size^3 box centred on the foreground's bounding box and kept inside
+    the volume; an axis shorter than size is centred instead (a negative start: padding)."""
+    starts = []
+    for axis, n in enumerate(foreground.shape):
+        if n <= size:
+            starts.append(-((size - n) // 2))
+            continue
+        hit = np.flatnonzero(foreground.any(axis=tuple(a for a in range(foreground.ndim) if a != axis)))
+        centre = (hit[0] + hit[-1] + 1) / 2 if len(hit) else n / 2
+        starts.append(int(np.clip(round(centre - size / 2), 0, n - size)))
+    return starts
+
+
+def take_box(a, starts, size):
+    """a[s:s + size] on each of the first three axes; 0 where the box leaves the array."""
+    out = np.zeros((size, size, size) + a.shape[3:], a.dtype)
+    src, dst = [], []
+    for s, n in zip(starts, a.shape[:3]):
+        lo, hi = max(s, 0), min(s + size, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
+def volume_recipe(modality, spacing, window=''):
+    """Check and parse the volume options: modality 'ct' / 'mri', --spacing '1.5' (isotropic) or 'z,y,x'
+    in mm, --window 'level,width' in HU (CT only; '' = SOFT_TISSUE_WINDOW)."""
+    modality = str(modality).upper()
+    if modality not in ('CT', 'MRI'):
+        raise ValueError(f"--modality must be ct (Hounsfield units, windowed) or mri (z-scored over the "
+                         f"foreground), got {modality.lower() or 'nothing'!r}")
+    try:
+        s = tuple(float(x) for x in str(spacing).split(','))
+        s = s * 3 if len(s) == 1 else s
+        assert len(s) == 3 and min(s) > 0
+    except (ValueError, AssertionError):
+        raise ValueError(f"--spacing must be one voxel size in mm (e.g. 1.5) or three, z,y,x (e.g. 3,1,1), "
+                         f"all > 0; got {spacing!r}") from None
+    if modality == 'MRI':
+        if window:
+            raise ValueError(f"--window={window} is a CT setting (Hounsfield units); MRI has no absolute unit "
+                             f"and is z-scored over the foreground instead: drop --window")
+        return {'modality': modality, 'spacing': s}
+    try:
+        w = tuple(float(x) for x in window.split(',')) if window else SOFT_TISSUE_WINDOW
+        assert len(w) == 2 and w[1] > 0
+    except (ValueError, AssertionError):
+        raise ValueError(f"--window must be level,width in Hounsfield units with width > 0, e.g. 40,400 (soft "
+                         f"tissue), 400,1800 (bone), -600,1500 (lung); got {window!r}") from None
+    return {'modality': modality, 'spacing': s, 'window': w}
+
+
+def intensity_meta(recipe):
+    """What meta.json says about the stored intensities: the mapping and how to undo it."""
+    if recipe['modality'] == 'CT':
+        level, width = recipe['window']
+        lo, hi = level - width / 2, level + width / 2
+        return {'modality': 'CT', 'window': {'level': level, 'width': width}, 'hu_range': [lo, hi],
+                'to_uint8': f"u = round(255 * clip((HU - ({lo:g})) / {width:g}, 0, 1))",
+                'from_uint8': f"HU = {lo:g} + u / 255 * {width:g} (values outside the window were clipped)"}
+    (p_lo, p_hi), (z_lo, z_hi) = MRI_PERCENTILES, MRI_Z_RANGE
+    return {'modality': 'MRI', 'percentiles': [p_lo, p_hi], 'z_range': [z_lo, z_hi],
+            'foreground': f"voxels above the {p_lo:g}th percentile of their volume, after resampling "
+                          f"(the non-zero voxels of skull-stripped or masked scans)",
+            'to_uint8': f"z = (clip(v, p{p_lo:g}, p{p_hi:g}) - foreground mean) / foreground std; "
+                        f"u = round(255 * clip((z - ({z_lo:g})) / {z_hi - z_lo:g}, 0, 1)) on the foreground, 0 elsewhere",
+            'from_uint8': f"z = {z_lo:g} + u / 255 * {z_hi - z_lo:g} (foreground voxels)"}
+
+
+def load_volume(channel_paths, label_path, size, recipe):
+    """One subject -> (uint8 (size, size, size, C), uint8 (size, size, size) label map or None), through
+    the four steps above. recipe: volume_recipe's dict plus 'channels' and 'label_values' (the label
+    file's values, in the order that numbers them 0..K)."""
+    chans, spacing = [], None
+    for p in channel_paths:
+        a, sp = read_nifti(p, spacing=True)
+        if chans and a.shape[:3] != chans[0].shape[:3]:
+            raise ValueError(f"{Path(p).name} is {a.shape[:3]} voxels but {Path(channel_paths[0]).name} is "
+                             f"{chans[0].shape[:3]}: the channels of a subject must share one grid")
+        chans.append(a)
+        spacing = spacing or sp
+    chans = np.concatenate(chans, axis=-1)
+    if chans.shape[-1] != recipe['channels']:
+        raise ValueError(f"{chans.shape[-1]} channels, the data set has {recipe['channels']}")
+    channels, foreground = [], None
+    for c in range(chans.shape[-1]):
+        v = chans[..., c]
+        finite = np.isfinite(v)
+        if not finite.any():
+            raise ValueError("no finite voxel (all NaN or inf)")
+        v = np.where(finite, v, v[finite].min())  # NaN outside the brain (SPM) = background
+        u, fg = normalise_intensity(resample_spacing(v, spacing, recipe['spacing']), recipe)
+        channels.append(u)
+        foreground = fg if foreground is None else foreground | fg
+    starts = box_starts(foreground, size)
+    image = take_box(np.stack(channels, axis=-1), starts, size)
     if label_path is None:
         return image, None
-    seg = read_nifti(label_path)[..., 0]
+    seg = np.round(read_nifti(label_path)[..., 0])
     if seg.shape != chans.shape[:3]:
         raise ValueError(f"label volume {seg.shape} does not match the image {chans.shape[:3]}")
-    seg = np.searchsorted(label_values, np.round(seg))  # e.g. BraTS 0/1/2/4 -> 0/1/2/3
-    return image, resize_volume(seg, (D, H, W), nearest=True).astype(np.uint8)
+    values = np.asarray(recipe['label_values'])
+    if not np.isin(seg, values).all():
+        raise ValueError(f"label values {sorted(set(np.unique(seg).tolist()) - set(values.tolist()))} are not "
+                         f"among the data set's labels {values.tolist()}")
+    seg = np.searchsorted(values, seg).astype(np.float32)  # e.g. BraTS 0/1/2/4 -> 0/1/2/3
+    seg = resample_spacing(seg, spacing, recipe['spacing'], nearest=True)
+    return image, take_box(seg.astype(np.uint8), starts, size)
 
 
 def decode_volumes(job):
-    """Worker: [(i, (channel paths, label values), label path)] -> [(i, image, mask, error)]."""
-    shape, items = job
+    """Worker: [(i, (channel paths, recipe), label path)] -> [(i, image, mask, error)]."""
+    (size, *_), items = job
     out = []
-    for i, (channel_paths, label_values), label_path in items:
+    for i, (channel_paths, recipe), label_path in items:
         try:
-            out.append((i, *load_volume(channel_paths, label_path, shape, label_values), None))
-        except Exception as e:  # nibabel raises ImageFileError, ValueError, EOFError, zlib.error...
+            out.append((i, *load_volume(channel_paths, label_path, size, recipe), None))
+        except Exception as e:  # read_nifti's ValueError; anything else is skipped too, with its name
             out.append((i, None, None, f"{type(e).__name__}: {e}"))
     return out
 
 
 def write_volumes(tmp, name, subjects, split, size, channels, mask_labels, skipped, workers, args, info, rule,
-                  **extra):
+                  recipe, **extra):
     """Shared tail of the 3-D data sets. subjects: [(channel paths, label path or None)];
-    split: their split names. Every subject is its own group. Labels are -1: these are segmentation
-    (or unlabelled) sets, their targets are the masks."""
-    values = np.array([v for v, _ in mask_labels]) if mask_labels else None
+    split: their split names; recipe: volume_recipe(...). Every subject is its own group. Labels are -1:
+    these are segmentation (or unlabelled) sets, their targets are the masks."""
     has_masks = bool(mask_labels) and all(label is not None for _, label in subjects)
+    recipe = {**recipe, 'channels': channels, 'label_values': [v for v, _ in mask_labels or []]}
+    spacing = recipe['spacing']
+    print(f"  {recipe['modality']}, resampled to {'x'.join(f'{s:g}' for s in spacing)} mm (z, y, x), "
+          f"box {size}^3 voxels = {' x '.join(f'{size * s:g}' for s in spacing)} mm")
     for s in SPLITS:
         ids = [i for i, sp in enumerate(split) if sp == s]
         print(f"  {s}: {len(ids)} volumes")
-        convert_split(tmp, s, [(subjects[i][0], values) for i in ids], decode_volumes,
+        convert_split(tmp, s, [(subjects[i][0], recipe) for i in ids], decode_volumes,
                       (size, size, size, channels), skipped, workers, chunk=1,
                       mask_paths=[subjects[i][1] for i in ids] if has_masks else None,
                       mask_max=len(mask_labels or [0]) - 1, labels=np.full(len(ids), -1), groups=ids)
     write_meta(tmp, name, [], args=args, **info, task='segmentation' if has_masks else 'unlabeled',
                split_rule=rule, mask_labels=[n for _, n in mask_labels] if has_masks else None,
-               axes='(N, D, H, W, C) = (volume, z, y, x, channel), RAS orientation, resampled to size^3',
+               modality=recipe['modality'], spacing=list(spacing), field_of_view_mm=[size * s for s in spacing],
+               intensity=intensity_meta(recipe),
+               crop=f"a {size}^3-voxel box centred on the foreground's bounding box, inside the volume; "
+                    f"axes shorter than the box centred and padded with 0 (label 0)",
+               axes='(N, D, H, W, C) = (volume, z, y, x, channel), RAS orientation, voxels of `spacing` mm',
                skipped=report_skipped(skipped), **extra)
 
 
-MSD_TASKS = {  # the four smallest tasks; md5 = the one MONAI's DecathlonDataset checks
-    'msd_heart': ('Task02_Heart', '06ee59366e1e5124267b774dbd654057'),
-    'msd_hippocampus': ('Task04_Hippocampus', '9d24dba78a72977dbd1d2e110310f31b'),
-    'msd_prostate': ('Task05_Prostate', '35138f08b1efaef89d7424d2bcc928db'),
-    'msd_spleen': ('Task09_Spleen', '410d4a301da4e5b2f6f86ec3ddba524e'),
+MSD_TASKS = {  # the four smallest tasks; md5 = the one MONAI's DecathlonDataset checks; then the modality and
+    # the default spacing (mm) and box (voxels), chosen to hold the labelled organ (docs/datasets.md): heart
+    # 160 mm around the chest's centre, hippocampus the whole ~35x50x35 mm crop, prostate 96 mm around the
+    # pelvis' centre, spleen 384 mm (the whole abdomen)
+    'msd_heart': ('Task02_Heart', '06ee59366e1e5124267b774dbd654057', 'MRI', 2.5, 64),
+    'msd_hippocampus': ('Task04_Hippocampus', '9d24dba78a72977dbd1d2e110310f31b', 'MRI', 1.0, 48),
+    'msd_prostate': ('Task05_Prostate', '35138f08b1efaef89d7424d2bcc928db', 'MRI', 1.5, 64),
+    'msd_spleen': ('Task09_Spleen', '410d4a301da4e5b2f6f86ec3ddba524e', 'CT', 4.0, 96),
 }
 
 
-def prepare_msd(name, out_dir=None, source: str = '', size: int = 64, folds: int = 5, fold: int = 0,
-                test_fraction: float = 0.2, seed: int = 0, workers: int = 0):
+def prepare_msd(name, out_dir=None, source: str = '', size: int = 0, spacing: str = '', window: str = '',
+                folds: int = 5, fold: int = 0, test_fraction: float = 0.2, seed: int = 0, workers: int = 0):
     """
     A Medical Segmentation Decathlon task: TaskXX_Name.tar with dataset.json, imagesTr/labelsTr (NIfTI)
     and imagesTs (no labels, not used). The labelled subjects are split once: test_fraction of them
     (seeded) is the test split, the rest is cut into `folds` folds by subject and fold `fold` is val
     (run folds 0..folds-1 into separate --out folders for cross-validation). The tars hold macOS '._*'
     files next to the real ones; they are never read. Masks: label maps 0..K named by dataset.json.
+    size / spacing (mm) / window (CT only): 0 or '' = the task's defaults in MSD_TASKS.
     """
     t0 = time.time()
-    task, md5 = MSD_TASKS[name]
+    task, md5, modality, default_spacing, default_size = MSD_TASKS[name]
+    size, spacing = size or default_size, spacing or str(default_spacing)
+    recipe = volume_recipe(modality, spacing, window)
     out_dir = out_dir or f'data/{name}' + (f'_fold{fold}' if fold else '')
-    args = {'source': source, 'size': size, 'folds': folds, 'fold': fold, 'test_fraction': test_fraction, 'seed': seed}
+    args = {'source': source, 'size': size, 'spacing': spacing, 'window': window, 'folds': folds, 'fold': fold,
+            'test_fraction': test_fraction, 'seed': seed}
     if not 0 <= fold < folds:
         raise ValueError(f"--fold must be in 0..{folds - 1}, got {fold}")
     if is_up_to_date(out_dir, args):
@@ -1433,7 +1748,7 @@ def prepare_msd(name, out_dir=None, source: str = '', size: int = 64, folds: int
         write_volumes(tmp, name, subjects, split, size, len(spec['modality']), mask_labels, [],
                       default_workers(workers), args, info,
                       rule=f"by subject: test = {test_fraction} of the labelled subjects, the rest in {folds} "
-                           f"folds, fold {fold} = val (seed {seed})",
+                           f"folds, fold {fold} = val (seed {seed})", recipe=recipe,
                       modalities=[spec['modality'][k] for k in sorted(spec['modality'], key=int)], task_name=task)
     return finish(out_dir, t0)
 
@@ -1443,15 +1758,18 @@ BRATS_HOW = ("BraTS 2021 needs a registration: https://www.synapse.org/#!Synapse
              "copy 'brats-2021-task1'); download the training data (BraTS2021_Training_Data.tar).")
 
 
-def prepare_brats2021(out_dir='data/brats2021', source: str = '', size: int = 64, val_fraction: float = 0.15,
-                      test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
+def prepare_brats2021(out_dir='data/brats2021', source: str = '', size: int = 96, spacing: str = '2',
+                      val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
     """
     BraTS 2021 (task 1): one folder per subject with BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz
-    (240x240x155). 4 channels in BRATS_MODALITIES order; the seg labels 0/1/2/4 become 0/1/2/3.
-    Split by subject.
+    (240x240x155 at 1 mm, skull-stripped). 4 MRI channels in BRATS_MODALITIES order, each z-scored over
+    its brain (non-zero) voxels; the seg labels 0/1/2/4 become 0/1/2/3. The default 96^3 box at 2 mm
+    (192 mm) holds the whole brain. Split by subject.
     """
     t0 = time.time()
-    args = {'source': source, 'size': size, 'val_fraction': val_fraction, 'test_fraction': test_fraction, 'seed': seed}
+    recipe = volume_recipe('MRI', spacing)
+    args = {'source': source, 'size': size, 'spacing': spacing, 'val_fraction': val_fraction,
+            'test_fraction': test_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
         return Path(out_dir)
     info = announce('brats2021')
@@ -1469,20 +1787,40 @@ def prepare_brats2021(out_dir='data/brats2021', source: str = '', size: int = 64
     with staging_dir(out_dir) as tmp:
         write_volumes(tmp, 'brats2021', subjects, split, size, 4, mask_labels, [], default_workers(workers), args,
                       info, rule=f"by subject, val/test fractions {val_fraction}/{test_fraction}, seed {seed}",
-                      modalities=BRATS_MODALITIES)
+                      recipe=recipe, modalities=BRATS_MODALITIES)
     return finish(out_dir, t0)
 
 
-def prepare_nifti(out_dir='data/nifti', source: str = '', labels: str = '', size: int = 64,
-                  val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
+def auto_spacing(files, size):
+    """The isotropic voxel size (mm) at which the median volume's longest side fits in `size` voxels,
+    from the headers alone (unreadable files are left to the converter, which reports them)."""
+    sides = []
+    for p in files:
+        try:
+            header = nib.load(str(p)).header
+            sides.append(max(n * float(z) for n, z in zip(header.get_data_shape()[:3], header.get_zooms()[:3])))
+        except Exception:
+            continue
+    if not sides:
+        raise ValueError("no readable NIfTI header to choose --spacing=auto from: give --spacing in mm")
+    return f"{float(np.median(sides)) / size:.3g}"
+
+
+def prepare_nifti(out_dir='data/nifti', source: str = '', labels: str = '', modality: str = '', size: int = 64,
+                  spacing: str = 'auto', window: str = '', val_fraction: float = 0.15, test_fraction: float = 0.15,
+                  seed: int = 0, workers: int = 0):
     """
     Any folder of NIfTI volumes (*.nii, *.nii.gz, searched recursively), each its own subject; a 4-D
-    file's 4th axis is the channels (all files need the same count). --labels=FOLDER: label volumes
-    with the same file names, saved as masks (values 0..K, any integers, mapped in sorted order).
+    file's 4th axis is the channels (all files need the same count). --modality=ct|mri (required: it
+    decides the intensity normalisation), --window=level,width for CT (default 40,400, soft tissue).
+    --spacing=auto: the isotropic voxel size at which the median volume's longest side fits the box.
+    --labels=FOLDER: label volumes with the same file names, saved as masks (values 0..K, any
+    integers, mapped in sorted order).
     """
     t0 = time.time()
-    args = {'source': source, 'labels': labels, 'size': size, 'val_fraction': val_fraction,
-            'test_fraction': test_fraction, 'seed': seed}
+    recipe = volume_recipe(modality, 1.0 if spacing == 'auto' else spacing, window)
+    args = {'source': source, 'labels': labels, 'modality': modality, 'size': size, 'spacing': spacing,
+            'window': window, 'val_fraction': val_fraction, 'test_fraction': test_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
         return Path(out_dir)
     info = SOURCES['local']
@@ -1490,6 +1828,8 @@ def prepare_nifti(out_dir='data/nifti', source: str = '', labels: str = '', size
     files = sorted(p for r in roots for p in r.rglob('*.nii*') if visible(p) and p.name.endswith(('.nii', '.nii.gz')))
     if not files:
         raise FileNotFoundError(f"no .nii / .nii.gz file under {source}")
+    if spacing == 'auto':
+        recipe = volume_recipe(modality, auto_spacing(files, size), window)
     skipped, channels = [], None
     for p in files:  # the channel count from the first readable header; a bad header is skipped later
         try:
@@ -1515,7 +1855,7 @@ def prepare_nifti(out_dir='data/nifti', source: str = '', labels: str = '', size
         write_volumes(tmp, 'nifti', [([p], label_of[p]) for p in files], split, size, channels or 1, mask_labels,
                       skipped, default_workers(workers), args, info,
                       rule=f"by file, val/test fractions {val_fraction}/{test_fraction}, seed {seed}",
-                      source_files=[str(p) for p in files])
+                      recipe=recipe, source_files=[str(p) for p in files])
     return finish(out_dir, t0)
 
 # --- any folder of pictures ----------------------------------------------------------------------
@@ -1687,37 +2027,42 @@ def anonymize_folder(in_dir, out_dir, burned_in='refuse'):
     deid, skipped, n = Deidentifier(), [], 0
     with staging_dir(out_dir) as tmp:
         for p in dicom_files(in_dir):
-            try:
+            try:  # pydicom decodes values lazily: a damaged file can fail in dcmread, de-identification or encoding
                 ds = pydicom.dcmread(p)
+                refused = not burned_in_ok(ds, burned_in)
+                if not refused:
+                    encoded = io.BytesIO()
+                    deid(ds).save_as(encoded, enforce_file_format=False)
             except Exception as e:
                 skipped.append({'file': str(p), 'reason': f"not a readable DICOM file ({type(e).__name__}: {e})"})
                 continue
-            if not burned_in_ok(ds, burned_in):
+            if refused:
                 skipped.append({'file': str(p), 'reason': 'Burned In Annotation is not NO (use --burned_in=flag '
                                                           'after checking the pixels)'})
                 continue
-            deid(ds)
             dest = tmp / str(ds.get('StudyInstanceUID', 'no-study')) / str(ds.get('SeriesInstanceUID', 'no-series'))
             dest.mkdir(parents=True, exist_ok=True)
-            ds.save_as(dest / f"{ds.get('SOPInstanceUID', n)}.dcm", enforce_file_format=False)
+            (dest / f"{ds.get('SOPInstanceUID', n)}.dcm").write_bytes(encoded.getvalue())  # (a full disk is not skipped)
             n += 1
     report_skipped(skipped)
     print(f"de-identified {n} file(s) into {out_dir}")
     return out_dir
 
 
-def dicom_frames(ds, size, window):
-    """Pixel data -> list of uint8 (size, size, 1): modality rescale (slope, intercept) to real units
+def dicom_frames(ds, size, window, channels=1, keep=None):
+    """Pixel data -> list of uint8 (size, size, channels): modality rescale (slope, intercept) to real units
     (e.g. Hounsfield), then the window (--window=center,width, else the file's first window, else the
-    0.5-99.5 percentiles), MONOCHROME1 inverted so that dense is bright. Colour becomes luminance."""
+    0.5-99.5 percentiles of all frames), MONOCHROME1 inverted so that dense is bright. Colour becomes
+    luminance (channels=1) or stays RGB (channels=3, where grey is repeated). keep: the frame indices
+    to return (default all)."""
     a = ds.pixel_array.astype(np.float32)
     frames = int(ds.get('NumberOfFrames', 1) or 1)
     colour = int(ds.get('SamplesPerPixel', 1)) == 3
     if frames == 1:
         a = a[None]
-    if colour:
+    if colour and channels == 1:
         a = a @ np.array([0.299, 0.587, 0.114], np.float32)  # pixel_array gives RGB
-    else:
+    elif not colour:
         a = a * float(ds.get('RescaleSlope', 1) or 1) + float(ds.get('RescaleIntercept', 0) or 0)
     first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
     if colour:
@@ -1731,11 +2076,12 @@ def dicom_frames(ds, size, window):
     else:
         lo, hi = np.percentile(a, [0.5, 99.5])
     out = []
-    for f in a:
+    for f in (a if keep is None else a[list(keep)]):
         img = to_uint8(f, lo, hi)
         if ds.get('PhotometricInterpretation') == 'MONOCHROME1':
             img = 255 - img
-        out.append(np.asarray(square_resize(Image.fromarray(img), size))[..., None])
+        im = square_resize(Image.fromarray(img), size)
+        out.append(np.asarray(im.convert('RGB') if channels == 3 else im).reshape(size, size, channels))
     return out
 
 
@@ -1750,7 +2096,7 @@ def prepare_dicom(out_dir='data/dicom', source: str = '', size: int = 224, windo
     converting (see anonymize_folder).
     """
     t0 = time.time()
-    args = {'source': source, 'size': size, 'window': window, 'burned_in': burned_in,
+    args = {'source': private_path(source), 'size': size, 'window': window, 'burned_in': burned_in,
             'val_fraction': val_fraction, 'test_fraction': test_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
         return Path(out_dir)
@@ -1793,7 +2139,154 @@ def prepare_dicom(out_dir='data/dicom', source: str = '', size: int = 224, windo
         write_meta(tmp, 'dicom', [], args=args, **SOURCES['local'], task='unlabeled',
                    split_rule=f"grouped by patient, val/test fractions {val_fraction}/{test_fraction}, seed {seed}",
                    deidentification=deid.method, burned_in_flagged=n_flagged,
-                   metadata_files=[f'{s}_metadata.jsonl' for s in SPLITS], skipped=report_skipped(skipped))
+                   metadata_files=[f'{s}_metadata.jsonl' for s in SPLITS], skipped=report_skipped(skipped, private=True))
+    return finish(out_dir, t0)
+
+# --- video: clips from frame folders, GIF / multi-page TIFF, multi-frame DICOM ------------------
+#
+# A clip is stored as `frames` frames, (N, T, H, W, C), with "video": true in meta.json; medjepa3d.py
+# reads that flag and trains with --video=True (blocks span all frames, no crops in time). What the
+# dependencies can decode: a folder of frame pictures (PNG, JPEG, BMP; in natural name order, so
+# frame_2 comes before frame_10), an animated GIF or a multi-page TIFF (Pillow), a multi-frame DICOM
+# such as an ultrasound cine (pydicom). AVI / MP4 need a video decoder (ffmpeg), which is not a
+# dependency: such files are listed as skipped with the ffmpeg command that turns them into frames.
+
+FRAME_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp')  # a folder holding these is one clip, a picture per frame
+CLIP_SUFFIXES = ('.gif', '.tif', '.tiff', '.dcm')   # a file with one of these is one clip
+MOVIE_SUFFIXES = ('.avi', '.mp4', '.mov', '.mkv', '.webm', '.mpg', '.mpeg', '.wmv')  # need ffmpeg: reported
+
+
+def natural_key(path):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r'(\d+)', path.name)]
+
+
+def is_dicom(path):
+    """A .dcm file, or a file without suffix that starts like DICOM (128-byte preamble, then 'DICM')."""
+    if path.suffix:
+        return path.suffix.lower() == '.dcm'
+    with open(path, 'rb') as f:
+        return f.read(132)[128:] == b'DICM'
+
+
+def find_clips(roots):
+    """Every clip under roots: the folders that hold frame pictures, and the clip files (GIF, TIFF, DICOM,
+    and movies, which are reported) outside those folders."""
+    files = [p for r in roots for p in sorted(Path(r).rglob('*')) if p.is_file() and visible(p)]
+    frame_dirs = {p.parent for p in files if p.suffix.lower() in FRAME_SUFFIXES}
+    clips = [p for p in files if p.parent not in frame_dirs
+             and (p.suffix.lower() in CLIP_SUFFIXES + MOVIE_SUFFIXES or is_dicom(p))]
+    return sorted(frame_dirs) + clips
+
+
+def sample_frames(n, frames, stride):
+    """The indices of `frames` frames, `stride` apart, from the middle of an n-frame clip."""
+    span = (frames - 1) * stride + 1
+    if n < span:
+        raise ValueError(f"{n} frame(s); --frames={frames} --stride={stride} need {span}: lower --stride or --frames")
+    start = (n - span) // 2
+    return list(range(start, start + span, stride))
+
+
+def load_clip(path, frames, stride, size, channels, window='', burned_in='refuse'):
+    """One clip -> uint8 (frames, size, size, channels). Pictures with 16-bit or float pixels are
+    stretched from the clip's min..max (one scale for all its frames); DICOM as in dicom_frames."""
+    path = Path(path)
+    if path.suffix.lower() in MOVIE_SUFFIXES:
+        raise ValueError(f"{path.suffix} needs a video decoder (ffmpeg), not a dependency of prepare.py: turn it "
+                         f"into a folder of frames, e.g. mkdir {path.stem} && ffmpeg -i {path.name} {path.stem}/%05d.png")
+    if path.is_file() and is_dicom(path):
+        ds = pydicom.dcmread(path)
+        if 'PixelData' not in ds:
+            raise ValueError("no pixel data")
+        if not burned_in_ok(ds, burned_in):
+            raise ValueError("Burned In Annotation is not NO (refused; use --burned_in=flag after checking the pixels)")
+        keep = sample_frames(int(ds.get('NumberOfFrames', 1) or 1), frames, stride)
+        return np.stack(dicom_frames(ds, size, window, channels, keep))
+    pages = []
+    if path.is_dir():
+        files = sorted((p for p in path.iterdir() if p.is_file() and visible(p) and p.suffix.lower() in FRAME_SUFFIXES),
+                       key=natural_key)
+        for i in sample_frames(len(files), frames, stride):
+            try:
+                with Image.open(files[i]) as im:
+                    im.load()
+                    pages.append(im.copy())
+            except Exception as e:  # name the frame: the clip is the folder
+                raise ValueError(f"frame {files[i].name}: {type(e).__name__}: {e}") from e
+    else:
+        with Image.open(path) as im:  # an animated GIF or a multi-page TIFF
+            for i in sample_frames(getattr(im, 'n_frames', 1), frames, stride):
+                im.seek(i)
+                im.load()
+                pages.append(im.copy())
+    deep = [np.asarray(p, np.float32) for p in pages if p.mode.startswith('I') or p.mode == 'F']
+    lo_hi = (min(a.min() for a in deep), max(a.max() for a in deep)) if deep else None
+    return np.stack([picture_array(p, size, channels, lo_hi) for p in pages])
+
+
+def decode_clips(job, stride=1, window='', burned_in='refuse'):
+    """Worker: [(i, clip path, None)] -> [(i, clip, None, error)]; a clip that does not decode is reported."""
+    (frames, size, _, channels), items = job
+    out = []
+    for i, path, _ in items:
+        try:
+            out.append((i, load_clip(path, frames, stride, size, channels, window, burned_in), None, None))
+        except Exception as e:  # Pillow, pydicom and the checks above
+            out.append((i, None, None, f"{type(e).__name__}: {e}"))
+    return out
+
+
+def prepare_video(out_dir='data/video', source: str = '', frames: int = 16, stride: int = 2, size: int = 112,
+                  channels: int = 1, window: str = '', burned_in: str = 'refuse', val_fraction: float = 0.15,
+                  test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
+    """
+    Clips from a folder, labelled like `folder`: class sub-folders (source/<class>/<clip>) or a flat
+    folder (unlabelled). A clip is a folder of frame pictures, an animated GIF, a multi-page TIFF or a
+    multi-frame DICOM; `frames` frames `stride` apart are taken from its middle (shorter clips are
+    skipped and listed), each centre-cropped to a square and resized to size x size. DICOM: --window
+    and --burned_in as in `dicom` (only pixels are stored, no header); clips of one Patient ID stay in
+    one split. Split stratified by label. AVI / MP4: convert to frame folders with ffmpeg first.
+    """
+    t0 = time.time()
+    args = {'source': private_path(source), 'frames': frames, 'stride': stride, 'size': size, 'channels': channels,
+            'window': window, 'burned_in': burned_in, 'val_fraction': val_fraction,
+            'test_fraction': test_fraction, 'seed': seed}
+    if channels not in (1, 3) or frames < 1 or stride < 1:
+        raise ValueError(f"--channels must be 1 or 3 and --frames, --stride at least 1; got {channels}, {frames}, {stride}")
+    burned_in_ok(pydicom.Dataset(), burned_in)  # checks the policy's spelling before any work
+    if is_up_to_date(out_dir, args):
+        return Path(out_dir)
+    roots = get_raw('video', out_dir, source, how_to_get="Give the folder with --source.")
+    paths = find_clips(roots)
+    if not paths:
+        raise FileNotFoundError(f"no clips under {source}: folders of {', '.join(FRAME_SUFFIXES)} frames or "
+                                f"{', '.join(CLIP_SUFFIXES)} files (docs/datasets.md, video)")
+    flat = all(p.parent in roots for p in paths)
+    names = None if flat else [p.parent.name for p in paths]
+    classes = sorted(set(names)) if names else []
+    labels = np.array([classes.index(n) for n in names] if names else [-1] * len(paths))
+    patients = [str(p) for p in paths]  # DICOM clips of one patient share a group; any other clip is its own
+    for k, p in enumerate(paths):
+        if p.is_file() and is_dicom(p):
+            try:
+                patients[k] = 'patient ' + str(pydicom.dcmread(p, stop_before_pixels=True).get('PatientID', '') or p)
+            except Exception:
+                pass  # unreadable: reported when it is decoded
+    group_ids = np.unique(patients, return_inverse=True)[1]
+    split = split_by_group(group_ids, val_fraction, test_fraction, seed, strata=labels)
+    skipped = []
+    decode = functools.partial(decode_clips, stride=stride, window=window, burned_in=burned_in)
+    with staging_dir(out_dir) as tmp:
+        for s in SPLITS:
+            ids = np.flatnonzero(split == s)
+            convert_split(tmp, s, [paths[i] for i in ids], decode, (frames, size, size, channels), skipped,
+                          default_workers(workers), chunk=4, labels=labels[ids], groups=group_ids[ids])
+        write_meta(tmp, 'video', classes, args=args, **SOURCES['local'], task='multiclass' if names else 'unlabeled',
+                   split_rule=f"stratified by label, DICOM clips grouped by patient, val/test fractions "
+                              f"{val_fraction}/{test_fraction}, seed {seed}",
+                   video=True, frames=frames, frame_stride=stride,
+                   axes='(N, T, H, W, C) = (clip, frame, row, column, channel)',
+                   skipped=report_skipped(skipped, private=True))
     return finish(out_dir, t0)
 
 # -----------------------------------------------------------------------------
@@ -1803,16 +2296,20 @@ def prepare_dicom(out_dir='data/dicom', source: str = '', size: int = 224, windo
 DATASETS = {
     'demo': prepare_demo,
     'demo3d': prepare_demo3d,
+    'demovideo': prepare_demovideo,
     'ham10000': prepare_ham10000,
     **{flag: functools.partial(prepare_medmnist, flag) for flag in MEDMNIST['flags']},
     'aptos2019': prepare_aptos2019,
     'pcam': prepare_pcam,
     'chestxray14': prepare_chestxray14,
-    **{name: functools.partial(prepare_msd, name) for name in MSD_TASKS},
+    **{name: functools.partial(prepare_msd, name, size=t[4], spacing=f'{t[3]:g}',  # the help shows the task's defaults
+                               **({'window': '{:g},{:g}'.format(*SOFT_TISSUE_WINDOW)} if t[2] == 'CT' else {}))
+       for name, t in MSD_TASKS.items()},
     'brats2021': prepare_brats2021,
     'folder': prepare_folder,
     'dicom': prepare_dicom,
     'nifti': prepare_nifti,
+    'video': prepare_video,
 }
 
 

@@ -28,6 +28,7 @@ SCENARIOS = {
     'sigreg': (['--sigreg_lambda=0.5'], 1),  # SIGReg weighted up so that an error in it would show
     'sigreg_raw': (['--sigreg_lambda=0.5', '--sigreg_on=pooled'], 1),  # without the global standardisation
     'accum': (['--sigreg_lambda=0.0'], 2),   # DDP and accumulation together: exact for the prediction term
+    'nan': (['--sigreg_lambda=0.5'], 1),     # step 0: NaN targets on rank 1 only; every rank must skip that update
 }
 
 
@@ -42,8 +43,10 @@ def global_batch(cfg, step):
     return dict(x=x, x_tgt=x + 0.1 * torch.randn(x.shape, generator=gen), ctx_idx=ctx_idx, tgt_idx=tgt_idx)
 
 
-def run(overrides, world=1, rank=0, accum=1, steps=2):
-    """Train `steps` steps; return the global loss, the gradients AdamW saw and the final weights."""
+def run(overrides, world=1, rank=0, accum=1, steps=2, poison=False):
+    """Train `steps` steps; return the global loss, the gradients AdamW saw and the final weights.
+    poison: NaN target images in the second quarter of step 0's global batch (rank 1's shard on 2 ranks):
+    rank 1's loss and every rank's all-reduced gradients are NaN, rank 0's loss is finite."""
     B = GLOBAL_BATCH // (world * accum)
     cfg = mj.validate(mj.configure(TINY + overrides + [f'--batch_size={B}', f'--gradient_accumulation_steps={accum * world}']))
     torch.manual_seed(cfg['seed'])
@@ -56,19 +59,22 @@ def run(overrides, world=1, rank=0, accum=1, steps=2):
     optimizer.register_step_pre_hook(lambda opt, args, kwargs: grads.append(
         {n: p.grad.clone() for n, p in zip(names, model.parameters())}))
     scaler = torch.amp.GradScaler(enabled=False)
-    losses = []
+    losses, skipped = [], []
     for step in range(steps):
         full = global_batch(cfg, step)
+        if poison and step == 0:
+            full['x_tgt'][GLOBAL_BATCH // 4:GLOBAL_BATCH // 2] = float('nan')
         def get_batch(micro):
             j = micro * world + rank
             return {k: v[j * B:(j + 1) * B] for k, v in full.items()}
-        loss, _, _ = mj.train_step(model, optimizer, scaler, get_batch, accum, step, nullcontext(), cfg['grad_clip'])
+        loss, stats, _ = mj.train_step(model, optimizer, scaler, get_batch, accum, step, nullcontext(), cfg['grad_clip'])
+        skipped.append(stats['skipped'])
         if world > 1:  # each rank's loss uses its shard's prediction term: average them
             dist.all_reduce(loss)
             loss /= world
         losses.append(loss.item())
     model = model.module if world > 1 else model
-    return dict(losses=losses, grads=grads, weights={n: p.detach().clone() for n, p in model.named_parameters()})
+    return dict(losses=losses, grads=grads, skipped=skipped, weights={n: p.detach().clone() for n, p in model.named_parameters()})
 
 
 if __name__ == '__main__':
@@ -77,5 +83,5 @@ if __name__ == '__main__':
     dist.init_process_group('gloo')
     rank, world = dist.get_rank(), dist.get_world_size()
     for name, (overrides, accum) in SCENARIOS.items():
-        torch.save(run(overrides, world, rank, accum), os.path.join(out_dir, f'{name}.rank{rank}.pt'))
+        torch.save(run(overrides, world, rank, accum, poison=name == 'nan'), os.path.join(out_dir, f'{name}.rank{rank}.pt'))
     dist.destroy_process_group()

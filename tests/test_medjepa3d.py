@@ -1,10 +1,12 @@
-"""medjepa3d.py: tubelets, 3-D positions and masks, the shared 2-D machinery, training on volumes, the
-3-D data path (demo3d, NIfTI reading, resampling) and the 3-D rows of eval.py. Tiny models throughout."""
+"""medjepa3d.py: tubelets, 3-D positions and masks, the shared 2-D machinery, training on volumes and
+video, demo3d and the 3-D rows of eval.py. Tiny models throughout. The NIfTI pipeline (orientation,
+spacing, intensities, crop/pad) is tested in test_prepare_volumes.py."""
 import inspect
 import json
 import os
+import subprocess
+import sys
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,6 @@ import medjepa as mj
 import medjepa3d as m3
 import prepare
 
-NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), 'tests', 'data')
 TINY = ['--volume_size=(16,16,16)', '--patch_size=(4,4,4)', '--n_layer=2', '--n_embd=24', '--n_head=2',
         '--pred_n_layer=1', '--pred_n_embd=12', '--pred_n_head=2', '--batch_size=16', '--num_slices=32',
         '--knn_train_size=64', '--device=cpu', '--dtype=float32', '--num_threads=1', '--warmup_iters=5']
@@ -154,37 +155,6 @@ def test_demo3d_is_deterministic_split_by_subject_and_labelled(demo3d, tmp_path)
         assert np.array_equal(np.load(demo3d / f'test_{key}.npy'), np.load(again / f'test_{key}.npy'))
 
 
-def test_nifti_round_trip_on_nibabels_real_files_keeps_orientation_spacing_and_values(tmp_path):
-    for name in ('anatomical.nii', 'example4d.nii.gz'):
-        src = nib.load(os.path.join(NIBABEL_DATA, name))
-        a, spacing = prepare.read_nifti(os.path.join(NIBABEL_DATA, name), spacing=True)
-        # store the same image in another orientation (axes swapped and flipped, affine adjusted): reading it
-        # back in canonical order must give the same array and the same spacing
-        flipped = src.as_reoriented(np.array([[1, -1], [0, 1], [2, -1]]))  # x and y swapped, two axes flipped
-        assert not np.allclose(flipped.affine, src.affine)
-        path = tmp_path / f'flipped_{name}'
-        nib.save(flipped, str(path))
-        b, spacing_b = prepare.read_nifti(path, spacing=True)
-        assert a.shape == b.shape and spacing == pytest.approx(spacing_b)
-        assert np.allclose(a, b, atol=1e-3 * max(1.0, float(np.abs(a).max())))
-        zooms = src.header.get_zooms()[:3]
-        assert sorted(spacing) == pytest.approx(sorted(zooms))  # spacing read from the header
-
-
-def test_resampling_to_a_target_spacing_keeps_the_physical_size():
-    a, spacing = prepare.read_nifti(os.path.join(NIBABEL_DATA, 'anatomical.nii'), spacing=True)
-    v = a[..., 0]
-    for target in ((2.0, 2.0, 2.0), (spacing[0] * 0.5, 3.0, 1.5)):
-        r = prepare.resample_spacing(v, spacing, target)
-        for n, s, m, t in zip(v.shape, spacing, r.shape, target):
-            assert abs(n * s - m * t) <= t / 2 + 1e-6  # the same extent in mm, to half a voxel
-        # the brightness centroid stays at the same place in mm
-        def centroid(x, sp):
-            idx = np.indices(x.shape).reshape(3, -1) + 0.5
-            w = np.clip(x, 0, None).reshape(-1)
-            return (idx * w).sum(1) / w.sum() * np.array(sp)
-        assert np.allclose(centroid(v, spacing), centroid(r, target), atol=max(target) * 1.0)
-
 # ----------------------------------------------------------------------------- training and checkpoints
 
 
@@ -252,6 +222,33 @@ def test_eval_on_volumes_segments_every_organ_against_random_init(demo3d, tmp_pa
     assert 'Dice liver' in md and 'mean Dice' in md
 
 
+
+def test_video_data_trains_as_video_from_meta_json_and_evaluates(tmp_path, monkeypatch):
+    """prepare.py demovideo says "video": true; medjepa3d.py then masks and crops as video by itself."""
+    data = prepare.prepare_demovideo(tmp_path / 'demovideo', frames=16, size=16, n_train=32, n_val=8, n_test=8)
+    assert m3.validate(dict(_cfg(), data_dir=str(data)))['video'] is True
+    assert m3.validate(_cfg(data_dir=str(tmp_path / 'none')))['video'] is False  # no meta.json: the default
+    seen = []
+    for name in ('sample_masks_3d', 'random_crop_3d'):  # record the video argument of every call
+        real = getattr(m3, name)
+        def spy(*a, real=real, **kw):
+            seen.append(inspect.signature(real).bind(*a, **kw).arguments.get('video'))
+            return real(*a, **kw)
+        monkeypatch.setattr(m3, name, spy)
+    out = str(tmp_path / 'out')
+    m3.main(TINY + [f'--data_dir={data}', f'--out_dir={out}', '--max_iters=4', '--log_interval=1',
+                    '--eval_interval=1000'])
+    assert len(seen) >= 12 and all(seen)  # 4 steps x (1 crop + 2 mask sets), all as video: full time extent
+    losses = [json.loads(line)['loss'] for line in open(os.path.join(out, 'log.jsonl')) if '"loss"' in line]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert mj.load_checkpoint(os.path.join(out, 'ckpt.pt'), spatial_dims=3)['config']['video'] is True
+    report = ev.main([f'--ckpt={out}/ckpt.pt', '--tasks=knn,linear,seg', '--seg_epochs=2', '--knn_ks=5',
+                      '--figures=false'])
+    for row in report['results'].values():
+        assert 0 <= row['knn']['k=5']['acc'] <= 1 and 0 <= row['linear']['acc'] <= 1
+        assert len(row['seg']['dice']) == len(prepare.DEMOVIDEO_LABELS) - 1
+
+
 def test_brats_regions_are_unions_of_labels():
     target = np.zeros((1, 4, 4, 4), np.uint8)
     target[0, 0], target[0, 1], target[0, 2] = 1, 2, 3  # necrotic, edema, enhancing slices
@@ -259,3 +256,35 @@ def test_brats_regions_are_unions_of_labels():
     pred[0, 1] = 3  # edema called enhancing: WT still right, ET and TC wrong
     d = ev.region_dice(pred, target, ev.BRATS_REGIONS)
     assert d['WT'] == 1.0 and d['ET'] == pytest.approx(2 * 16 / (32 + 16)) and d['TC'] == pytest.approx(2 * 32 / (48 + 32))
+
+
+def test_intensity_jitter_changes_context_and_targets_independently_and_nothing_else():
+    vols = np.random.default_rng(0).integers(0, 256, (4, 16, 32, 32, 1), dtype=np.uint8)
+    plain = m3.make_batch(_cfg(), vols, [0.5], [0.2], 3, 0, 'cpu')
+    assert torch.equal(plain['x'], plain['x_tgt'])  # off by default: the same crop for both
+    jit = m3.make_batch(_cfg(intensity_jitter=0.5), vols, [0.5], [0.2], 3, 0, 'cpu')
+    assert not torch.allclose(jit['x'], jit['x_tgt'])
+    for (c0, t0), (c1, t1) in zip(plain['masks'], jit['masks']):  # same geometry and masks either way
+        assert torch.equal(c0, c1) and torch.equal(t0, t1)
+    # per volume an affine map of the intensities: brightness and contrast only, the crop is unchanged
+    a, b = plain['x'][0].flatten(), jit['x'][0].flatten()
+    slope = ((a - a.mean()) * (b - b.mean())).sum() / ((a - a.mean()) ** 2).sum()
+    assert torch.allclose(b, slope * (a - a.mean()) + b.mean(), atol=1e-4)
+
+
+def test_medjepa3d_trains_under_torchrun_and_resumes(demo3d, tmp_path):
+    """The same DDP and resume behaviour as medjepa.py: 2 CPU ranks with 2 accumulation micro-steps
+    each, one checkpoint saved by rank 0, then a one-process resume continues from its step."""
+    out = tmp_path / 'out'
+    args = TINY + [f'--data_dir={demo3d}', f'--out_dir={out}', '--batch_size=4', '--gradient_accumulation_steps=4',
+                   '--max_iters=3', '--log_interval=1', '--eval_interval=100']
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'medjepa3d.py'] + args, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert 'world=2 batch=4x2x2' in p.stdout and p.stdout.count('saved ') == 1
+    assert mj.load_checkpoint(str(out / 'ckpt.pt'), spatial_dims=3)['iter_num'] == 3
+    m3.main(args[:-3] + ['--max_iters=5', '--log_interval=1', '--eval_interval=100', '--init_from=resume'])
+    recs = [json.loads(line) for line in open(out / 'log.jsonl') if 'loss' in line]
+    assert [r['iter'] for r in recs] == [1, 2, 3, 4, 5]
+    assert mj.load_checkpoint(str(out / 'ckpt.pt'), spatial_dims=3)['iter_num'] == 5

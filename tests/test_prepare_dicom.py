@@ -1,7 +1,10 @@
 """DICOM de-identification (PS3.15 Annex E Basic Profile) on the real DICOM files that ship inside
 pydicom, and the `dicom` converter. Nothing here needs the network."""
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -205,3 +208,70 @@ def test_dicom_converter_refuses_unknown_burned_in_by_default(tmp_path):
 
 def meta(out):
     return json.loads((out / 'meta.json').read_text())
+
+
+TEXT_VRS = ('PN', 'LO', 'SH', 'DA', 'DT', 'TM', 'UI', 'AE', 'ST', 'LT', 'UT', 'UC', 'AS', 'CS', 'DS', 'IS')
+
+
+def identifying_strings(paths):
+    """The text values of every attribute the profile does not keep (names, IDs, dates, times, places,
+    UIDs, free text) in the input files, sequences and file meta included. Left out, as they would be
+    found by chance: values under 4 characters (a sex 'M'), the profile's dummy values, values that are
+    part of a kept one (InstitutionName 'TOSHIBA' is inside Manufacturer 'TOSHIBA_MEC', which stays) and
+    words prepare.py itself writes (an ROI named 'patient'; meta.json says 'grouped by patient')."""
+    exact, wildcards = prepare.load_deid_table()  # the pinned table, not the code under test, says what goes
+    keeps = lambda tag: exact.get(int(tag), next((a for m, v, a in wildcards if int(tag) & m == v), 'K')) == 'K'
+    removed, kept = set(), []
+    for path in paths:
+        ds = pydicom.dcmread(path, force=True)
+        for elem in list(walk(ds)) + list(walk(ds.file_meta)):
+            if elem.VR not in TEXT_VRS or elem.value is None:
+                continue
+            values = [str(v).strip() for v in (elem.value if isinstance(elem.value, pydicom.multival.MultiValue) else [elem.value])]
+            if keeps(elem.tag) and not elem.tag.is_private:
+                kept += values
+            else:
+                removed |= {v for v in values if len(v) >= 4}
+    ours = Path(prepare.__file__).read_text() + ''.join(prepare.DUMMY.values()) + 'ANONYMIZED'
+    return {v for v in removed if v not in ours and not any(v in k for k in kept)}
+
+
+def test_no_identifying_string_of_the_input_is_anywhere_in_the_output(tmp_path):
+    """Every byte of every output file (and every output path) of the anonymiser and of the converter
+    is searched for every identifying string of the inputs; none may be found."""
+    src = tmp_path / 'in'
+    src.mkdir()
+    for name in FILES:
+        shutil.copy(TEST_FILES / name, src / name)
+    fabricate_series(src, patients=3, slices=1)  # converter input: grey images of 3 named patients
+    secrets = identifying_strings(sorted(src.iterdir()))
+    assert {'CompressedSamples^CT1', '1CT1', 'JFK IMAGING CENTER', 'Doe^Patient0', 'PAT000', '20040119'} <= secrets
+    with contextlib.redirect_stdout(io.StringIO()):
+        prepare.anonymize_folder(src, tmp_path / 'anon', burned_in='flag')
+        prepare.prepare_dicom(tmp_path / 'data', source=str(src), size=32, burned_in='flag', val_fraction=0.34,
+                              test_fraction=0.34)
+    outputs = [p for d in ('anon', 'data') for p in sorted((tmp_path / d).rglob('*'))]
+    assert len([p for p in outputs if p.suffix == '.dcm']) >= 10 and (tmp_path / 'data' / 'train_metadata.jsonl').exists()
+    new_uid = re.compile(rb'2\.25\.[0-9]+')  # our random UIDs: their 39 digits would match short numbers by chance
+    leaks = [(s, str(p)) for p in outputs for s in secrets if s.encode() in new_uid.sub(b'', bytes(p.relative_to(tmp_path)))
+             or p.is_file() and s.encode() in new_uid.sub(b'', p.read_bytes())]
+    assert not leaks, sorted({s for s, _ in leaks})
+
+
+def test_meta_json_keeps_no_input_path_when_folders_are_named_after_patients(tmp_path):
+    """Clinical exports often name folders and files after the patient: meta.json (args.source and the
+    skipped files) must keep hashes of such paths, never the text; a re-run still finds nothing to do."""
+    src = tmp_path / 'Doe^Jane_PAT777'
+    src.mkdir()
+    fabricate_series(src, patients=3, slices=1)
+    (src / 'Doe^Jane_scout.dcm').write_bytes(b'not a DICOM file')  # skipped, with its name
+    out = tmp_path / 'data'
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        prepare.prepare_dicom(out, source=str(src), size=32, val_fraction=0.34, test_fraction=0.34)
+    assert 'Doe^Jane_scout.dcm' in printed.getvalue()  # the operator is told which file, on the console
+    meta = (out / 'meta.json').read_text()
+    assert 'Jane' not in meta and 'PAT777' not in meta
+    assert json.loads(meta)['skipped']['count'] == 1
+    with contextlib.redirect_stdout(io.StringIO()) as again:
+        prepare.prepare_dicom(out, source=str(src), size=32, val_fraction=0.34, test_fraction=0.34)
+    assert 'nothing to do' in again.getvalue()

@@ -89,7 +89,7 @@ def test_resume_after_sigterm_ends_with_the_same_weights(tiny_data, tmp_path):
     mj.main(common + [f'--out_dir={full}'])
 
     cut = str(tmp_path / 'cut')
-    p = subprocess.Popen([sys.executable, 'medjepa.py'] + common + [f'--out_dir={cut}'], cwd=ROOT,
+    p = subprocess.Popen([sys.executable, '-u', 'medjepa.py'] + common + [f'--out_dir={cut}'], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in p.stdout:  # wait until training is under way
         if line.startswith('step 4:'):
