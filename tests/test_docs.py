@@ -34,6 +34,7 @@ block-marking and runnability checks skip them until then (their references are 
 import ast
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def commands(text):
 
 def tiny(cmd):
     """The command with the tiny overrides, or a reason why it cannot run."""
-    words = cmd.split()
+    words = shlex.split(cmd)  # as a shell would: --target_scale="(0.3,0.4)" reaches the script without quotes
     if len(words) < 2 or words[0] != 'python':
         return None, f"'{cmd}' is not `python SCRIPT ...`"
     script = words[1]
