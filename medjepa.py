@@ -67,7 +67,7 @@ pred_n_head = 3            # predictor heads
 # objective
 objective = 'mask'         # 'mask': masked latent prediction (I-JEPA style); 'views': LeJEPA multi-view
 sigreg_lambda = 0.05       # the one knob: loss = (1 - lambda) * prediction + lambda * SIGReg
-num_slices = 256           # SIGReg random 1-D projections per step (LeJEPA recommends 256-1024)
+num_slices = 1024          # SIGReg random 1-D projections per step (docs/sigreg.md: 1024 beat 256 here)
 sigreg_on = 'pooled_std'   # 'mask' objective: SIGReg on per-image context vectors, batch-standardised ('pooled_std') or raw ('pooled'), or on all 'tokens'
 num_targets = 4            # target blocks per image
 target_scale = (0.15, 0.2) # area of each target block, as a fraction of the patch grid

@@ -12,3 +12,4 @@ gray_prob = 0.2
 max_iters = 600
 warmup_iters = 60
 eval_interval = 200
+num_slices = 256           # the setting of this objective's measured results (1024 is measured for 'mask' only)
