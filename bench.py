@@ -93,7 +93,8 @@ def main(argv):
         torch.set_num_threads(cfg['num_threads'])
     have_data = os.path.isfile(os.path.join(cfg['data_dir'], 'meta.json'))
     if cfg['bench_data'] == 'real' and not have_data:
-        raise FileNotFoundError(f"bench_data='real' but '{cfg['data_dir']}' has no data set: run 'python prepare.py demo'")
+        raise FileNotFoundError(f"bench_data='real' but '{cfg['data_dir']}' has no data set: make one with e.g. 'python "
+                                f"prepare.py demo --size={cfg['image_size']} --out={cfg['data_dir']}'")
     dtype, ptdtype, autocast = mj.precision(cfg['dtype'], dev)
     cuda = dev.startswith('cuda')
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
