@@ -73,7 +73,8 @@ num_targets = 4            # target blocks per image
 target_scale = (0.15, 0.2) # area of each target block, as a fraction of the patch grid
 target_aspect = (0.75, 1.5)  # aspect ratio range of the target blocks
 context_scale = (0.85, 1.0)  # area of the context block before the targets are cut out of it
-min_keep = 10              # fewest context patches an image may keep
+context_keep = 0.33        # every image sees exactly this fraction of the patch grid as context (docs/masking.md)
+min_keep = 10              # ... and at least this many patches
 n_local_views = 4          # 'views' objective: small crops per image (plus 2 global crops)
 local_size = 32            # 'views' objective: side of the local crops in pixels
 local_scale = (0.05, 0.3)  # 'views' objective: area range of the local crops
@@ -185,6 +186,7 @@ def validate(c):
     need(c['objective'] in ('mask', 'views'), f"objective must be 'mask' or 'views', got '{c['objective']}'")
     need(c['color_jitter'] >= 0 and 0 <= c['gray_prob'] <= 1,
          f"color_jitter={c['color_jitter']} must be >= 0 and gray_prob={c['gray_prob']} in [0, 1]")
+    need(0 < c['context_keep'] <= 1, f"context_keep={c['context_keep']} must lie in (0, 1]: the fraction of the grid each context keeps")
     for k in ('crop_scale', 'local_scale', 'target_scale', 'context_scale'):
         lo, hi = c[k]
         need(0 < lo <= hi <= 1, f"{k}={c[k]} must satisfy 0 < low <= high <= 1")
@@ -495,9 +497,11 @@ class Projector(nn.Module):
 # Per batch one target block size (h, w) from scale ~ U(target_scale), aspect ~ U(target_aspect), so all
 # images have M * h * w target patches. Per image M target blocks and one context block at uniform
 # positions (top-left in [0, gh - h] INCLUSIVE: upstream never reaches the last row); context = context
-# block minus all targets. Short contexts are redrawn a bounded number of times, then fall back (tiny
-# grids never hang). Contexts are cut to the batch's shortest by keeping a RANDOM subset (upstream drops
-# the last indices, biasing the context to the top of the image).
+# block minus all targets. Every image keeps the same number L of context patches, a RANDOM subset of its
+# visible ones (upstream keeps the first indices, biasing the context to the top of the image), and L is
+# fixed by the grid, not the batch: upstream cuts every context to the batch's shortest, so the task got
+# harder with the batch size, ranks saw different lengths, and torch.compile met a new shape every step.
+# Contexts shorter than L are redrawn a bounded number of times, then fall back (tiny grids never hang).
 
 
 def _uniform(lo, hi, gen):
@@ -521,14 +525,15 @@ def block_size(scale, aspect, gh, gw, gen, max_h=None, max_w=None):
 
 
 def sample_masks(B, grid, gen, num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
-                 context_scale=(0.85, 1.0), min_keep=10, max_tries=20):
-    """Return ctx_idx (B, Nc) and tgt_idx (B, M, K) patch indices (row-major on the grid)."""
+                 context_scale=(0.85, 1.0), context_keep=0.33, min_keep=10, max_tries=20):
+    """Return ctx_idx (B, L) and tgt_idx (B, M, K) patch indices (row-major on the grid), where
+    L = max(context_keep * gh * gw, min_keep) whatever B is (less only where the grid cannot give it)."""
     gh, gw = grid
     N, M = gh * gw, num_targets
     # targets never span a whole side, so one block can never hide the entire image
     h, w = block_size(target_scale, target_aspect, gh, gw, gen, max(gh - 1, 1), max(gw - 1, 1))
     ch, cw = block_size(context_scale, (1.0, 1.0), gh, gw, gen)
-    min_keep = max(1, min(min_keep, N - h * w))  # what a tiny grid can give at best (N - h*w >= 1)
+    L = max(1, min(max(round(context_keep * N), min_keep), N - h * w))  # N - h*w: a tiny grid's best (>= 1)
     tgt = torch.zeros(B, M, gh, gw, dtype=torch.bool)
     ctx = torch.zeros(B, gh, gw, dtype=torch.bool)
     todo = torch.arange(B)
@@ -536,19 +541,18 @@ def sample_masks(B, grid, gen, num_targets=4, target_scale=(0.15, 0.2), target_a
         t = _blocks(len(todo), M, h, w, gh, gw, gen)
         c = _blocks(len(todo), 1, ch, cw, gh, gw, gen)[:, 0] & ~t.any(1)
         tgt[todo], ctx[todo] = t, c
-        todo = todo[c.flatten(1).sum(1) < min_keep]
+        todo = todo[c.flatten(1).sum(1) < L]
         if len(todo) == 0:
             break
-    for i in todo.tolist():  # bounded fallback for images that never reached min_keep
+    for i in todo.tolist():  # bounded fallback for images that never reached L
         ctx[i] = ~tgt[i].any(0)
-        if ctx[i].sum() < min_keep:
+        if ctx[i].sum() < L:
             tgt[i, 1:] = tgt[i, :1]  # all M predictions aim at one block: its complement is large
             ctx[i] = ~tgt[i, 0]
     tgt_idx = tgt.flatten(2).nonzero()[:, 2].view(B, M, h * w)
     ctx = ctx.flatten(1)  # (B, N)
-    n_keep = int(ctx.sum(1).min())
     score = torch.rand(B, N, generator=gen) + (~ctx).float() * 2  # visible patches rank first, in random order
-    ctx_idx = score.argsort(1)[:, :n_keep].sort(1).values
+    ctx_idx = score.argsort(1)[:, :L].sort(1).values
     return ctx_idx, tgt_idx
 
 # -----------------------------------------------------------------------------
@@ -642,10 +646,25 @@ class JEPA(nn.Module):
         else:
             self.projector = Projector(cfg['n_embd'], 4 * cfg['proj_dim'], cfg['proj_dim'])
 
-    def forward(self, batch, step):
+    def forward(self, batch, step, reg_grad=None):
         if self.cfg['objective'] == 'mask':
-            return self.mask_loss(batch['x'], batch['x_tgt'], batch['ctx_idx'], batch['tgt_idx'], step)
+            return self.mask_loss(batch['x'], batch['x_tgt'], batch['ctx_idx'], batch['tgt_idx'], step,
+                                  reg_grad=reg_grad and reg_grad[0])
         return self.views_loss(batch['globals'], batch['locals'], step)
+
+    def sigreg_inputs(self, batch):
+        """[sigreg_input] of each mask set of the batch (one here; medjepa3d.py has several)."""
+        return [self.sigreg_input(self.encoder(batch['x'], batch['ctx_idx']))]
+
+    def sigreg_input(self, z):
+        """What SIGReg scores, from the context tokens z (B, Nc, D): one pooled vector per image (B, D),
+        or every token (B*Nc, D) with sigreg_on='tokens'."""
+        return z.reshape(-1, z.shape[-1]) if self.cfg['sigreg_on'] == 'tokens' else z.mean(1)
+
+    def sigreg_loss(self, reg_in, step):
+        """SIGReg of sigreg_input's output over the whole (global) batch, standardised first for 'pooled_std'."""
+        c = self.cfg
+        return sigreg(standardise(reg_in) if c['sigreg_on'] == 'pooled_std' else reg_in, step, c['num_slices'], c['seed'])
 
     @torch.no_grad()
     def targets(self, x_tgt):
@@ -653,10 +672,13 @@ class JEPA(nn.Module):
         h = self.encoder(x_tgt)
         return F.layer_norm(h, h.shape[-1:])
 
-    def mask_loss(self, x, x_tgt, ctx_idx, tgt_idx, step, h=None):
+    def mask_loss(self, x, x_tgt, ctx_idx, tgt_idx, step, h=None, reg_grad=None):
         """MedJEPA objective: predict the (stop-gradient, layer-normed) full-image representation
         of each target block from the context, plus SIGReg against collapse. No EMA teacher.
-        h: self.targets(x_tgt) when the caller already has it (several mask sets per image)."""
+        h: self.targets(x_tgt) when the caller already has it (several mask sets per image).
+        reg_grad: gradient of the SIGReg term w.r.t. sigreg_input, scored by train_step on the whole
+        accumulated batch; then the SIGReg term is the surrogate <sigreg_input, reg_grad>, whose gradient
+        is the big batch's (its value is not SIGReg's: train_step reports that)."""
         c, lam = self.cfg, self.cfg['sigreg_lambda']
         B, M, K = tgt_idx.shape
         grid = self.encoder.grid(x)
@@ -666,13 +688,13 @@ class JEPA(nn.Module):
         z = self.encoder(x, ctx_idx)  # (B, Nc, D) context tokens only
         pred = self.predictor(z, ctx_idx, tgt_idx, grid)  # (B, M*K, D)
         pred_loss = F.mse_loss(pred.float(), target.float())
-        pooled = z.mean(1)  # (B, D) one vector per image
-        if c['sigreg_on'] == 'tokens':
-            reg_in = z.reshape(-1, z.shape[-1])  # (B*Nc, D)
+        pooled, reg_in = z.mean(1), self.sigreg_input(z)  # (B, D) one vector per image; (B or B*Nc, D)
+        if reg_grad is None:
+            reg = self.sigreg_loss(reg_in, step)
+            loss = (1 - lam) * pred_loss + lam * reg
         else:
-            reg_in = standardise(pooled) if c['sigreg_on'] == 'pooled_std' else pooled
-        reg = sigreg(reg_in, step, c['num_slices'], c['seed'])
-        loss = (1 - lam) * pred_loss + lam * reg
+            reg = torch.full((), math.nan, device=x.device)  # (unknown here)
+            loss = (1 - lam) * pred_loss + (reg_in.float() * reg_grad).sum()
         N, Nc, D, L = math.prod(grid), ctx_idx.shape[1], c['n_embd'], c['n_layer']
         flops = B * (transformer_flops(N, D, L) + 3 * transformer_flops(Nc, D, L)
                      + 3 * transformer_flops(Nc + M * K, c['pred_n_embd'], c['pred_n_layer'])
@@ -724,7 +746,7 @@ def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
         x = random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen)
         grid = (cfg['image_size'] // cfg['patch_size'],) * 2
         ctx_idx, tgt_idx = sample_masks(x.shape[0], grid, gen, cfg['num_targets'], cfg['target_scale'],
-                                        cfg['target_aspect'], cfg['context_scale'], cfg['min_keep'])
+                                        cfg['target_aspect'], cfg['context_scale'], cfg['context_keep'], cfg['min_keep'])
         return dict(x=jitter(x), x_tgt=jitter(x), ctx_idx=to_device(ctx_idx, device), tgt_idx=to_device(tgt_idx, device))
     g = torch.stack([jitter(random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen)) for _ in range(2)])
     loc = [jitter(random_resized_crop(x, cfg['local_size'], cfg['local_scale'], gen))
@@ -907,19 +929,26 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
     """One optimiser step: `accum` micro-batches (get_batch(micro) -> batch) forward and backward with
     their gradients summed, then clipping and AdamW. Returns the loss averaged over the micro-steps
     (a detached tensor: no device sync here), the last micro-step's stats and the summed FLOPs.
-    W ranks under DDP equal one process on the concatenated batch, SIGReg included (global_mean);
-    K micro-steps equal one K-times bigger batch for the prediction term only: each micro-step
-    scores SIGReg on its own batch, which pulls about K times more weakly (docs/scaling.md)."""
+    W ranks under DDP equal one process on the concatenated batch (SIGReg: global_mean), and so do
+    K micro-steps for the 'mask' objective: see exact_sigreg_grads. ('views': each micro-step scores
+    SIGReg, and the projector's BatchNorm, on its own batch; docs/scaling.md.)"""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    raw = getattr(model.module if ddp else model, '_orig_mod', model.module if ddp else model)  # unwrap DDP, compile
+    lam = raw.cfg['sigreg_lambda']
+    exact = accum > 1 and raw.cfg['objective'] == 'mask' and lam > 0
+    batches = [get_batch(m) for m in range(accum)] if exact else None
+    reg_grads, reg = exact_sigreg_grads(raw, batches, step, autocast, lam * accum) if exact else ([None] * accum, 0)
     loss_sum, flops = 0.0, 0
     for micro in range(accum):
-        batch = get_batch(micro)
+        batch = batches[micro] if exact else get_batch(micro)
         if ddp:  # only the last micro-step all-reduces gradients; the others just accumulate
             model.require_backward_grad_sync = micro == accum - 1
         with autocast:
-            loss, stats = model(batch, step)
+            loss, stats = model(batch, step, reg_grad=reg_grads[micro])
         scaler.scale(loss / accum).backward()
-        loss_sum, flops = loss_sum + loss.detach(), flops + stats['flops']
+        loss_sum, flops = loss_sum + (((1 - lam) * stats['pred']) if exact else loss.detach()), flops + stats['flops']
+    if exact:
+        loss_sum, stats['sigreg'] = loss_sum + accum * lam * reg, reg
     scaler.unscale_(optimizer)  # (a no-op without fp16's GradScaler)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
     skipped = not torch.isfinite(norm).item()  # one sync per step; the same on every rank (all-reduced grads)
@@ -928,6 +957,27 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum / accum, dict(stats, skipped=skipped), flops
+
+
+def exact_sigreg_grads(raw, batches, step, autocast, scale):
+    """Gradient accumulation that equals one big batch, SIGReg included (GradCache's idea).
+
+    SIGReg is a statistic of the whole batch (its characteristic function, its standardisation), not
+    a sum over images, so K micro-batches scoring it on their own would each see 1/K of the batch.
+    Instead: (1) encode the context of every micro-batch without a graph (one extra forward of the
+    context encoder, ~10-15 % more compute); (2) score SIGReg on all of them at once and take its
+    gradient G w.r.t. each image's SIGReg input r_i; (3) each micro-step then adds <r_i, G_i> to its
+    loss: backpropagating that gives the big batch's SIGReg gradient through the encoder, exactly.
+    Returns each micro-batch's [G of each mask set] (times `scale`, undoing train_step's 1/K) and the
+    SIGReg value (the mean over mask sets, as the forward reports it)."""
+    with torch.no_grad(), autocast:
+        r = [raw.sigreg_inputs(b) for b in batches]  # [micro][mask set] -> (B, D)
+    R = [torch.cat(rs).float().requires_grad_(True) for rs in zip(*r)]  # [mask set] -> (K*B, D) the whole batch
+    with torch.enable_grad():
+        regs = [raw.sigreg_loss(Rs, step) for Rs in R]
+        G = torch.autograd.grad(sum(regs) * scale, R)
+    G = [g.split([len(x) for x in rs]) for g, rs in zip(G, zip(*r))]  # [mask set][micro]
+    return [list(gm) for gm in zip(*G)], (sum(regs) / len(regs)).detach()
 
 
 def open_data(cfg, impl, master, ddp, dev):

@@ -149,9 +149,10 @@ class JEPA3D(mj.JEPA):
     long-range): the full-volume targets are computed once, then mask_loss runs once per set."""
     Encoder, Predictor = ViT3D, Predictor3D
 
-    def forward(self, batch, step):
+    def forward(self, batch, step, reg_grad=None):
         h = self.targets(batch['x_tgt'])  # (B, N, D), shared by the mask sets
-        outs = [self.mask_loss(batch['x'], batch['x_tgt'], ctx, tgt, step, h) for ctx, tgt in batch['masks']]
+        reg_grad = reg_grad or [None] * len(batch['masks'])  # (exact gradient accumulation: mj.exact_sigreg_grads)
+        outs = [self.mask_loss(batch['x'], batch['x_tgt'], ctx, tgt, step, h, g) for (ctx, tgt), g in zip(batch['masks'], reg_grad)]
         n = len(outs)
         loss = sum(loss for loss, _ in outs) / n
         B, N = h.shape[:2]
@@ -159,6 +160,10 @@ class JEPA3D(mj.JEPA):
                      emb=outs[0][1]['emb'],  # every set counts the target pass: keep one
                      flops=sum(s['flops'] for _, s in outs) - (n - 1) * B * mj.transformer_flops(N, self.cfg['n_embd'], self.cfg['n_layer']))
         return loss, stats
+
+
+    def sigreg_inputs(self, batch):
+        return [self.sigreg_input(self.encoder(batch['x'], ctx)) for ctx, _ in batch['masks']]
 
 
 def build_model(cfg, in_chans=1):

@@ -1,7 +1,7 @@
 """Worker for tests/test_ddp.py: two optimiser steps of medjepa.train_step on a fixed global batch.
 
-The global batch of every step (images, crops and masks, so that all images share one context
-length) is built from seeds that do not depend on how it is split, so any (world, accum) split of
+The global batch of every step (images, crops and masks) is built from seeds that do not depend on
+how it is split, so any (world, accum) split of
 it must give the update of one process on the whole batch. Rank r, micro-step m takes chunk
 m * world + r, the order medjepa.batch_indices uses.
 
@@ -27,7 +27,7 @@ TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--pred_n_layer=2', '--pred_
 SCENARIOS = {
     'sigreg': (['--sigreg_lambda=0.5'], 1),  # SIGReg weighted up so that an error in it would show
     'sigreg_raw': (['--sigreg_lambda=0.5', '--sigreg_on=pooled'], 1),  # without the global standardisation
-    'accum': (['--sigreg_lambda=0.0'], 2),   # DDP and accumulation together: exact for the prediction term
+    'accum': (['--sigreg_lambda=0.5'], 2),   # DDP and accumulation together, SIGReg included (exact_sigreg_grads)
     'nan': (['--sigreg_lambda=0.5'], 1),     # step 0: NaN targets on rank 1 only; every rank must skip that update
 }
 
@@ -39,7 +39,7 @@ def global_batch(cfg, step):
     x = torch.randn(G, 3, S, S, generator=gen)
     grid = (S // cfg['patch_size'],) * 2
     ctx_idx, tgt_idx = mj.sample_masks(G, grid, gen, cfg['num_targets'], cfg['target_scale'],
-                                       cfg['target_aspect'], cfg['context_scale'], cfg['min_keep'])
+                                       cfg['target_aspect'], cfg['context_scale'], cfg['context_keep'], cfg['min_keep'])
     return dict(x=x, x_tgt=x + 0.1 * torch.randn(x.shape, generator=gen), ctx_idx=ctx_idx, tgt_idx=tgt_idx)
 
 

@@ -161,6 +161,22 @@ def test_masks_are_disjoint_rectangles_with_enough_context():
                 assert len(rows) * len(cols) == K == len(set(t))  # a full rectangle
 
 
+@pytest.mark.parametrize('grid', [(8, 8), (14, 14)])
+def test_context_length_is_fixed_by_the_grid_not_the_batch(grid):
+    """Every image keeps L = round(context_keep * N) visible patches, whatever the batch size: the task
+    does not change with batch_size or the number of ranks, and shapes are static for torch.compile.
+    (Cutting to the batch's shortest context, as upstream does, gives ~20 of 64 at B=64, ~28 at B=1.)"""
+    N = grid[0] * grid[1]
+    for B in (1, 16, 256):
+        for seed in range(3):
+            ctx, tgt = _draw(B=B, grid=grid, seed=seed)
+            assert ctx.shape == (B, round(0.33 * N))
+            hidden = torch.zeros(B, N, dtype=torch.bool).scatter_(1, tgt.flatten(1), True)
+            assert not hidden.gather(1, ctx).any()  # all of them visible
+    ctx, _ = _draw(B=64, grid=grid, context_keep=0.2, min_keep=30)
+    assert ctx.shape[1] == max(round(0.2 * N), 30)  # min_keep is the floor
+
+
 def test_every_patch_can_be_a_target_and_coverage_is_unbiased():
     counts = torch.zeros(8 * 8)
     ctx_rows = []

@@ -65,7 +65,7 @@ def test_3d_model_is_the_2d_code_with_3d_parts():
     assert m3.JEPA3D.mask_loss is mj.JEPA.mask_loss and m3.JEPA3D.targets is mj.JEPA.targets
     assert m3.ViT3D.forward is mj.ViT.forward and m3.Predictor3D.forward is mj.Predictor.forward
     src = inspect.getsource(m3)
-    for name in ('def sigreg', 'def standardise', 'class Block', 'class Attention', 'def train(', 'def configure',
+    for name in ('def sigreg(', 'def standardise', 'class Block', 'class Attention', 'def train(', 'def configure',
                  'def train_step', 'def make_optimizer', 'def save_checkpoint'):
         assert name not in src
 
@@ -81,6 +81,32 @@ def test_3d_sigreg_runs_through_medjepa_sigreg(monkeypatch):
     loss, stats = model(m3.make_batch(cfg, vols, [0.5], [0.2], 0, 0, 'cpu'), 0)
     assert calls == [(6, 24), (6, 24)]  # once per mask set (short- and long-range), per-volume vectors
     assert torch.isfinite(loss) and stats['flops'] > 0
+
+def test_3d_accumulation_equals_one_big_batch_sigreg_included():
+    """medjepa.train_step with 2 micro-steps of 4 volumes == 1 step of 8, with both mask sets' SIGReg
+    weighted 0.5 (exact_sigreg_grads scores each set on the whole accumulated batch)."""
+    from contextlib import nullcontext
+    cfg = _cfg(sigreg_lambda=0.5, grad_clip=0.0)
+    vols = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 16, 1), dtype=np.uint8)
+    full = m3.make_batch(cfg, vols, [0.5], [0.2], 0, 0, 'cpu')
+    rows = lambda b, i, n: dict(x=b['x'][i:i + n], x_tgt=b['x_tgt'][i:i + n],
+                                masks=[(c[i:i + n], t[i:i + n]) for c, t in b['masks']])
+    out = []
+    for accum in (1, 2):
+        torch.manual_seed(0)
+        model = m3.build_model(cfg, 1)
+        opt = mj.make_optimizer(model, cfg, 'cpu')
+        grads = []
+        opt.register_step_pre_hook(lambda o, a, k: grads.append([p.grad.clone() for p in model.parameters()]))
+        n = 8 // accum
+        loss, stats, _ = mj.train_step(model, opt, torch.amp.GradScaler(enabled=False), lambda m: rows(full, m * n, n),
+                                       accum, 0, nullcontext(), 0.0)
+        out.append((loss.item(), stats['sigreg'].item(), grads[0]))
+    (l1, r1, g1), (l2, r2, g2) = out
+    assert l2 == pytest.approx(l1, rel=1e-5) and r2 == pytest.approx(r1, rel=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
 
 # ----------------------------------------------------------------------------- masks
 

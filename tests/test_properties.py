@@ -59,11 +59,12 @@ def test_configurator_returns_a_valid_config_or_raises_config_error(argv, module
 # ----------------------------------------------------------------------------- 2-D masks
 
 
-def check_2d(ctx_idx, tgt_idx, B, gh, gw, M, min_keep):
+def check_2d(ctx_idx, tgt_idx, B, gh, gw, M, min_keep, context_keep=0.33):
     N = gh * gw
     K = tgt_idx.shape[2]
     assert tgt_idx.shape[:2] == (B, M) and K >= 1
-    assert ctx_idx.shape[0] == B and ctx_idx.shape[1] >= max(1, min(min_keep, N - K))  # min_keep, as the grid allows
+    # exactly L = max(context_keep * N, min_keep) context patches per image, as far as the grid allows
+    assert ctx_idx.shape == (B, max(1, min(max(round(context_keep * N), min_keep), N - K)))
     assert (ctx_idx[:, 1:] > ctx_idx[:, :-1]).all()  # sorted, no repeats
     assert ctx_idx.min() >= 0 and max(ctx_idx.max(), tgt_idx.max()) < N and tgt_idx.min() >= 0
     for b in range(B):
@@ -80,13 +81,14 @@ aspect = st.tuples(st.floats(0.05, 20.0), st.floats(0.05, 20.0)).map(sorted).map
 
 @settings(max_examples=60, **SETTINGS)
 @given(st.integers(2, 20), st.integers(2, 20), st.integers(1, 4), st.integers(1, 8), scale, aspect, scale,
-       st.integers(0, 500), st.integers(0, 2**32 - 1))
-def test_2d_masks_are_valid_on_any_grid_and_scales(gh, gw, B, M, target_scale, target_aspect, context_scale, min_keep, seed):
+       st.floats(0.001, 1.0), st.integers(0, 500), st.integers(0, 2**32 - 1))
+def test_2d_masks_are_valid_on_any_grid_and_scales(gh, gw, B, M, target_scale, target_aspect, context_scale, context_keep,
+                                                   min_keep, seed):
     t0 = time.time()
     ctx_idx, tgt_idx = mj.sample_masks(B, (gh, gw), torch.Generator().manual_seed(seed), M, target_scale, target_aspect,
-                                       context_scale, min_keep)
+                                       context_scale, context_keep, min_keep)
     assert time.time() - t0 < 5  # bounded retries: no hang however unlucky the draws
-    check_2d(ctx_idx, tgt_idx, B, gh, gw, M, min_keep)
+    check_2d(ctx_idx, tgt_idx, B, gh, gw, M, min_keep, context_keep)
 
 
 @settings(max_examples=60, **SETTINGS)
@@ -105,7 +107,7 @@ def test_2d_mask_settings_give_valid_masks_or_a_config_error(g, patch, M, target
                                           'context_scale', 'patch_size')), str(e)
         return
     ctx_idx, tgt_idx = mj.sample_masks(3, (g, g), torch.Generator().manual_seed(0), M, cfg['target_scale'],
-                                       cfg['target_aspect'], cfg['context_scale'], cfg['min_keep'])
+                                       cfg['target_aspect'], cfg['context_scale'], cfg['context_keep'], cfg['min_keep'])
     check_2d(ctx_idx, tgt_idx, 3, g, g, M, min_keep)
 
 # ----------------------------------------------------------------------------- 3-D masks

@@ -190,10 +190,10 @@ def poison(monkeypatch, bad_steps, seen=None):
     """The loss turns NaN at the given steps (and so do the gradients); seen[step] = the weights then."""
     real = mj.JEPA.forward
 
-    def forward(self, batch, step):
+    def forward(self, batch, step, **kw):
         if seen is not None:
             seen[step] = {k: v.clone() for k, v in self.state_dict().items()}
-        loss, stats = real(self, batch, step)
+        loss, stats = real(self, batch, step, **kw)
         return (loss * float('nan') if step in bad_steps else loss), stats
     monkeypatch.setattr(mj.JEPA, 'forward', forward)
 
@@ -259,6 +259,7 @@ def test_weights_made_infinite_by_a_huge_learning_rate_are_never_saved(unlabeled
     ('--n_local_views=-1', 'n_local_views=-1 must be >= 0'),
     ('--knn_train_size=0', 'knn_train_size=0'),
     ('--gray_prob=1.5', 'gray_prob'),
+    ('--context_keep=0', r'context_keep=0.0 must lie in \(0, 1\]'),
     ('--sigreg_lambda=2', 'sigreg_lambda'),
 ])
 def test_bad_config_values_are_rejected_naming_the_key(arg, msg):
