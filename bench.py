@@ -12,14 +12,17 @@ and on the real data path (memory-mapped data_dir + make_batch, as in training),
 step into data / forward / backward / optimiser (with a device sync between phases), times the input
 pipeline alone, and prints images/s, MFU and peak memory. MFU = model FLOPs per second / peak:
 on a GPU the peak is the device's dense bf16 datasheet number; on a CPU it is the matmul
-throughput this run measures itself (2048^2 GEMMs in the training dtype, before and after timing;
-the higher of the two), because CPUs have no honest datasheet number. The last line printed is one
-JSON object: the config, images/s, breakdown, MFU, peak memory.
+throughput this run measures itself (2048^2 GEMMs in the training dtype, right after each timed step:
+MFU is the median of the per-step ratios, so a shared machine's drifting speed cancels out),
+because CPUs have no honest datasheet number. With --compile=True the same model also runs
+uncompiled, each step in turn with the compiled one, and the speed-up is printed. The last line
+printed is one JSON object: the config, images/s, breakdown, MFU, peak memory.
 
 Numbers depend on everything else the machine is doing: run it on a quiet machine. Measured
 numbers, their conditions and the open questions: docs/scaling.md.
 """
 
+import copy
 import json
 import os
 import resource
@@ -125,7 +128,16 @@ def main(argv):
     model = mj.build_model(cfg, in_chans).to(dev)
     optimizer = mj.make_optimizer(model, cfg, dev)
     scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))
-    step_model = torch.compile(model) if cfg['compile'] else model
+    runs = {name: (model, optimizer, scaler, get) for name, get in sources.items()}
+    if cfg['compile']:  # the same model uncompiled, timed step by step in turn with it: a ratio both saw alike
+        eager = copy.deepcopy(model)
+        first = next(iter(sources))
+        runs[f'{first}, eager'] = (eager, mj.make_optimizer(eager, cfg, dev), torch.amp.GradScaler(enabled=(dtype == 'float16')),
+                                   sources[first])
+    if cfg['compile']:
+        from torch._dynamo.utils import counters
+        counters.clear()  # count this run's graphs and graph breaks only
+    step_model = mj.compile_model(model) if cfg['compile'] else model
     n_params = sum(p.numel() for p in model.parameters())
     print(f"bench: preset={cfg['preset']} {n_params / 1e6:.1f}M params, {cfg['image_size']} px, patch {cfg['patch_size']}, "
           f"encoder {cfg['n_layer']}x{cfg['n_embd']}, predictor {cfg['pred_n_layer']}x{cfg['pred_n_embd']}, "
@@ -137,32 +149,39 @@ def main(argv):
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
 
-    # 1) throughput of the training step itself (medjepa.train_step), per data source
-    step = 0
+    # 1) throughput of the training step itself (medjepa.train_step), per data source. Without a datasheet
+    # peak (CPUs), each timed step is followed by a GEMM measurement: a shared machine's speed drifts by 2x
+    # within minutes, so MFU is each step's FLOP/s over the GEMM rate of that moment (median over steps).
+    sheet = datasheet_peak(dev)
+    timed = {name: dict(times=[], flops=0, mfu=[]) for name in runs}
+    for i in range(cfg['bench_warmup'] + cfg['bench_iters']):
+        if i == cfg['bench_warmup']:
+            mallocs = cuda_mallocs()
+        for name, (m, opt, sc, get) in runs.items():  # every run takes step i in turn (the same batches)
+            sync()
+            t = time.perf_counter()
+            loss, _, f = mj.train_step(m, opt, sc, lambda micro: get(i, micro), accum, i, autocast, cfg['grad_clip'])
+            sync()
+            dt = time.perf_counter() - t
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f'loss is {loss.item()} in the benchmark: the configuration does not train')
+            if i >= cfg['bench_warmup']:
+                r = timed[name]
+                r['times'].append(dt)
+                r['flops'] += f
+                if sheet is None:
+                    gemm.append(mj.measure_matmul_flops(dev, ptdtype, seconds=0.2))
+                    r['mfu'].append(f / dt / gemm[-1])
+    step = cfg['bench_warmup'] + cfg['bench_iters']
     results = {}
-    for name, get in sources.items():
-        flops = 0
-        for i in range(cfg['bench_warmup'] + cfg['bench_iters']):
-            if i == cfg['bench_warmup']:
-                sync()
-                t0, flops, mallocs = time.perf_counter(), 0, cuda_mallocs()
-            loss, _, f = mj.train_step(step_model, optimizer, scaler, lambda micro: get(step, micro), accum, step,
-                                       autocast, cfg['grad_clip'])
-            flops += f
-            step += 1
-        sync()
-        dt = time.perf_counter() - t0
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f'loss is {loss.item()} in the benchmark: the configuration does not train')
+    for name, r in timed.items():
+        dt = sum(r['times'])
         results[name] = dict(img_per_s=cfg['bench_iters'] * B * accum / dt, step_ms=1e3 * dt / cfg['bench_iters'],
-                             tflops=flops / dt / 1e12)
-        if cuda:  # new device memory during timed steps (0 once warm): a sign that shapes keep changing
-            results[name]['cuda_mallocs'] = cuda_mallocs() - mallocs
+                             tflops=r['flops'] / dt / 1e12,
+                             mfu=float(np.median(r['mfu'])) if sheet is None else r['flops'] / dt / sheet[0])
+    mallocs = cuda_mallocs() - mallocs if cuda else None  # new device memory while timed (0 once warm; else shapes change)
     gemm.append(mj.measure_matmul_flops(dev, ptdtype))
-    peak, peak_src = datasheet_peak(dev) or (max(gemm), f'{dtype} GEMM measured in this run')
-    # (other processes only lower a measured rate: the higher of the two readings is the fairer denominator)
-    for r in results.values():
-        r['mfu'] = r['tflops'] * 1e12 / peak
+    peak, peak_src = sheet or (float(np.median(gemm)), f'{dtype} GEMM measured after each timed step, per-step ratio')
 
     # 2) one step phase by phase: data, forward, backward, optimiser
     get = sources.get('real', sources.get('synthetic'))
@@ -213,7 +232,6 @@ def main(argv):
 
     compiled = None
     if cfg['compile']:  # did torch.compile really compile? graphs made, and where Python fell back to eager
-        from torch._dynamo.utils import counters
         compiled = dict(graphs=counters['stats']['unique_graphs'], graph_breaks=sum(counters['graph_break'].values()),
                         break_reasons=[r.splitlines()[0] for r in sorted(counters['graph_break'], key=counters['graph_break'].get)[-3:]])
     if cuda:
@@ -223,11 +241,16 @@ def main(argv):
 
     # report
     print(f"peak for MFU: {peak / 1e12:.3f} TFLOP/s ({peak_src}; {dtype} GEMM here: "
-          + ', '.join(f'{g / 1e12:.3f}' for g in gemm) + ' TFLOP/s)')
+          + f'{min(gemm) / 1e12:.3f} to {max(gemm) / 1e12:.3f} TFLOP/s over {len(gemm)} readings)')
     for name, r in results.items():
-        print(f"{name:>9}: {r['img_per_s']:8.1f} img/s  {r['step_ms']:8.1f} ms/step  "
-              f"{r['tflops']:.3f} TFLOP/s  MFU {100 * r['mfu']:.1f}%"
-              + (f"  ({r['cuda_mallocs']} cudaMalloc calls while timed)" if 'cuda_mallocs' in r else ''))
+        print(f"{name:>16}: {r['img_per_s']:8.1f} img/s  {r['step_ms']:8.1f} ms/step  "
+              f"{r['tflops']:.3f} TFLOP/s  MFU {100 * r['mfu']:.1f}%")
+    if cuda:
+        print(f"{mallocs} cudaMalloc calls while timed")
+    if cfg['compile']:
+        first = next(iter(sources))
+        print(f"torch.compile: {results[first]['img_per_s'] / results[first + ', eager']['img_per_s']:.2f}x the eager "
+              f"speed on the {first} batch (timed in turn, step by step)")
     print(f"breakdown ({'real' if 'real' in sources else 'synthetic'} data, synced, {total:.1f} ms/step): "
           + '  '.join(f'{k} {v:.1f} ms ({100 * v / total:.0f}%)' for k, v in breakdown_ms.items()))
     if loader:
@@ -241,7 +264,7 @@ def main(argv):
     out = dict(config=cfg, device=dev, dtype=dtype, torch=torch.__version__, threads=torch.get_num_threads(),
                params_m=n_params / 1e6, peak_tflops=peak / 1e12, peak_source=peak_src,
                gemm_tflops=[g / 1e12 for g in gemm], results=results, breakdown_ms=breakdown_ms,
-               loader=loader, compiled=compiled, **mem)
+               loader=loader, compiled=compiled, cuda_mallocs=mallocs, **mem)
     print(json.dumps(out))
     return out
 

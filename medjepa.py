@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -215,6 +216,7 @@ def validate_shared(c):
          f"pred_n_embd={c['pred_n_embd']} must be divisible by pred_n_head={c['pred_n_head']}")
     need(c['sigreg_on'] in ('pooled_std', 'pooled', 'tokens'),
          f"sigreg_on must be 'pooled_std', 'pooled' or 'tokens', got '{c['sigreg_on']}'")
+    need(not c['compile'] or hasattr(torch.compiler, 'set_stance'), f"compile=True needs torch >= 2.6 (this is {torch.__version__})")
     need(c['init_from'] in ('scratch', 'resume'), f"init_from must be 'scratch' or 'resume', got '{c['init_from']}'")
     need(c['dtype'] in ('auto', 'float32', 'bfloat16', 'float16'), f"dtype '{c['dtype']}' is not one of auto/float32/bfloat16/float16")
     need(0.0 <= c['sigreg_lambda'] <= 1.0, f"sigreg_lambda={c['sigreg_lambda']} must lie in [0, 1]")
@@ -524,7 +526,10 @@ def block_size(scale, aspect, gh, gw, gen, max_h=None, max_w=None):
     return min(max(h, 1), max_h or gh), min(max(w, 1), max_w or gw)
 
 
-def sample_masks(B, grid, gen, num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
+MASK_KEYS = ('num_targets', 'target_scale', 'target_aspect', 'context_scale', 'context_keep', 'min_keep')
+
+
+def sample_masks(B, grid, gen, *, num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
                  context_scale=(0.85, 1.0), context_keep=0.33, min_keep=10, max_tries=20):
     """Return ctx_idx (B, L) and tgt_idx (B, M, K) patch indices (row-major on the grid), where
     L = max(context_keep * gh * gw, min_keep) whatever B is (less only where the grid cannot give it)."""
@@ -649,7 +654,7 @@ class JEPA(nn.Module):
     def forward(self, batch, step, reg_grad=None):
         if self.cfg['objective'] == 'mask':
             return self.mask_loss(batch['x'], batch['x_tgt'], batch['ctx_idx'], batch['tgt_idx'], step,
-                                  reg_grad=reg_grad and reg_grad[0])
+                                  reg_grad=reg_grad[0] if reg_grad else None)
         return self.views_loss(batch['globals'], batch['locals'], step)
 
     def sigreg_inputs(self, batch):
@@ -723,12 +728,27 @@ class JEPA(nn.Module):
 
 
 SPATIAL_DIMS = 2  # images; checkpoints record it, so a 3-D one is never loaded into this model
+COMPILE_DYNAMIC = False  # compile_model: one static graph per shape
 MODEL_KEYS = ('patch_size', 'n_embd', 'n_layer', 'n_head', 'pred_n_embd', 'pred_n_layer', 'pred_n_head',
               'objective', 'proj_dim', 'sigreg_lambda', 'num_slices', 'sigreg_on', 'seed')
 
 
 def build_model(cfg, in_chans=3):
     return JEPA({k: cfg[k] for k in MODEL_KEYS}, in_chans)
+
+
+def compile_model(model, dynamic=False):
+    """torch.compile the transformers in place (their state_dict keys do not change): the encoder and
+    the predictor / projector, where the FLOPs are. SIGReg and the losses stay eager: SIGReg seeds a
+    torch.Generator, which cannot be traced and would split the graph. dynamic=False compiles one
+    graph per input shape: the context length L is fixed, so only the target block size K varies, a
+    few values per grid (3 on 8x8), and static graphs ran 1.4x faster than dynamic ones (docs/scaling.md).
+    medjepa3d.py passes dynamic=None: its context length changes every step."""
+    # dynamo traces through sincos_2d's lru_cache (and warns): safe, the codes depend on the grid alone
+    warnings.filterwarnings('ignore', message='Dynamo detected a call to a `functools.lru_cache`')
+    for part in (model.encoder, getattr(model, 'predictor', None) or model.projector):
+        part.compile(dynamic=dynamic)
+    return model
 
 
 def batch_generator(cfg, step, micro, rank):
@@ -745,8 +765,7 @@ def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
     if cfg['objective'] == 'mask':
         x = random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen)
         grid = (cfg['image_size'] // cfg['patch_size'],) * 2
-        ctx_idx, tgt_idx = sample_masks(x.shape[0], grid, gen, cfg['num_targets'], cfg['target_scale'],
-                                        cfg['target_aspect'], cfg['context_scale'], cfg['context_keep'], cfg['min_keep'])
+        ctx_idx, tgt_idx = sample_masks(x.shape[0], grid, gen, **{k: cfg[k] for k in MASK_KEYS})
         return dict(x=jitter(x), x_tgt=jitter(x), ctx_idx=to_device(ctx_idx, device), tgt_idx=to_device(tgt_idx, device))
     g = torch.stack([jitter(random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen)) for _ in range(2)])
     loc = [jitter(random_resized_crop(x, cfg['local_size'], cfg['local_scale'], gen))
@@ -933,7 +952,7 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
     K micro-steps for the 'mask' objective: see exact_sigreg_grads. ('views': each micro-step scores
     SIGReg, and the projector's BatchNorm, on its own batch; docs/scaling.md.)"""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    raw = getattr(model.module if ddp else model, '_orig_mod', model.module if ddp else model)  # unwrap DDP, compile
+    raw = model.module if ddp else model
     lam = raw.cfg['sigreg_lambda']
     exact = accum > 1 and raw.cfg['objective'] == 'mask' and lam > 0
     batches = [get_batch(m) for m in range(accum)] if exact else None
@@ -1037,7 +1056,7 @@ def train(cfg, impl=None):
         elif master:
             print("note: on CPU the projector BatchNorm normalises each rank's shard on its own (no SyncBatchNorm)")
     if cfg['compile']:
-        model = torch.compile(model)
+        compile_model(raw_model, impl.COMPILE_DYNAMIC)
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.startswith('cuda') else None)
 
@@ -1058,8 +1077,9 @@ def train(cfg, impl=None):
     def evaluate_and_save(knn=True):  # rank 0: online kNN on val (labelled data), then a checkpoint
         nonlocal best_knn
         if knn and meta.get('task') == 'multiclass':
-            f_tr = impl.extract_features(raw_model.encoder, images[knn_idx], mean, std, dev)
-            f_va = impl.extract_features(raw_model.encoder, val_split['images'], mean, std, dev)
+            with torch.compiler.set_stance('force_eager') if cfg['compile'] else nullcontext():  # no graphs for eval batches
+                f_tr = impl.extract_features(raw_model.encoder, images[knn_idx], mean, std, dev)
+                f_va = impl.extract_features(raw_model.encoder, val_split['images'], mean, std, dev)
             scores = knn_predict(f_tr, train_split['labels'][knn_idx], f_va, meta['num_classes'])
             acc = float((scores.argmax(1) == val_split['labels']).mean())
             best_knn = max(best_knn, acc)

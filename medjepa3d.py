@@ -95,6 +95,7 @@ num_threads = 0            # CPU threads for torch (0: leave torch's default)
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
 SPATIAL_DIMS = 3  # checkpoints record it: a 3-D checkpoint is never loaded into the 2-D model, nor the reverse
+COMPILE_DYNAMIC = None  # mj.compile_model: the context length changes with each mask layout, so dynamic shapes
 MODEL_KEYS = ('patch_size', 'n_embd', 'n_layer', 'n_head', 'pred_n_embd', 'pred_n_layer', 'pred_n_head',
               'sigreg_lambda', 'num_slices', 'sigreg_on', 'seed')
 

@@ -171,8 +171,7 @@ def fig_masks_2d():
     fig, axes = plt.subplots(2, 4, figsize=(12, 7))
     for row, (grid, size) in enumerate([((8, 8), 64), ((14, 14), 224)]):
         gen = torch.Generator().manual_seed(1)
-        ctx, tgt = mj.sample_masks(4, grid, gen, cfg['num_targets'], cfg['target_scale'], cfg['target_aspect'],
-                                   cfg['context_scale'], cfg['min_keep'])
+        ctx, tgt = mj.sample_masks(4, grid, gen, **{k: cfg[k] for k in mj.MASK_KEYS})
         imgs = demo_images(4) if row == 0 else [np.full((size, size, 3), 200, np.uint8)] * 4
         for b in range(4):
             draw_mask_2d(axes[row, b], imgs[b], grid, ctx[b], tgt[b],

@@ -38,8 +38,7 @@ def global_batch(cfg, step):
     S, G = cfg['image_size'], GLOBAL_BATCH
     x = torch.randn(G, 3, S, S, generator=gen)
     grid = (S // cfg['patch_size'],) * 2
-    ctx_idx, tgt_idx = mj.sample_masks(G, grid, gen, cfg['num_targets'], cfg['target_scale'],
-                                       cfg['target_aspect'], cfg['context_scale'], cfg['context_keep'], cfg['min_keep'])
+    ctx_idx, tgt_idx = mj.sample_masks(G, grid, gen, **{k: cfg[k] for k in mj.MASK_KEYS})
     return dict(x=x, x_tgt=x + 0.1 * torch.randn(x.shape, generator=gen), ctx_idx=ctx_idx, tgt_idx=tgt_idx)
 
 

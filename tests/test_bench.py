@@ -42,7 +42,9 @@ def test_bench_times_both_data_paths_and_ends_with_one_json_line(tiny_data):
     assert set(out['breakdown_ms']) == {'data', 'forward', 'backward', 'optimizer'}
     assert all(v > 0 for v in out['breakdown_ms'].values())
     assert out['loader']['img_per_s'] > 0 and out['peak_mem_gb'] > 0
-    assert out['peak_source'].endswith('measured in this run') and out['peak_tflops'] == max(out['gemm_tflops'])
+    # CPU: a GEMM reading before, after each of the 2 x 2 timed steps, and at the end; MFU per step
+    assert 'GEMM measured after each timed step' in out['peak_source'] and len(out['gemm_tflops']) == 1 + 2 * 2 + 1
+    assert out['peak_tflops'] == pytest.approx(float(np.median(out['gemm_tflops'])))
 
 
 def test_bench_without_data_times_the_synthetic_batch_only(tmp_path):
@@ -51,6 +53,16 @@ def test_bench_without_data_times_the_synthetic_batch_only(tmp_path):
     assert set(out['results']) == {'synthetic'} and out['loader'] is None
     with pytest.raises(FileNotFoundError, match='prepare.py'):
         bench.main(TINY + [f'--data_dir={tmp_path}/none', '--bench_data=real'])
+
+
+@pytest.mark.skipif(not any(map(__import__('shutil').which, ('g++', 'c++', 'clang++'))),
+                    reason='torch.compile on a CPU needs a C++ compiler')
+def test_bench_compile_times_the_eager_model_in_turn_and_reports_no_graph_break(tmp_path):
+    out = bench.main(TINY + ['--dtype=float32', f'--data_dir={tmp_path}/none', '--bench_warmup=1',
+                             '--bench_iters=2', '--breakdown_iters=1', '--compile=True'])
+    assert set(out['results']) == {'synthetic', 'synthetic, eager'}
+    assert out['compiled']['graphs'] >= 2 and out['compiled']['graph_breaks'] == 0
+    assert len(out['gemm_tflops']) == 1 + 2 * 2 + 1  # a GEMM reading after each timed step of either model
 
 
 def test_presets_set_the_model_and_overrides_still_win(tmp_path):

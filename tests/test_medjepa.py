@@ -252,6 +252,43 @@ def test_predictor_blocks_do_not_see_each_other():
     assert both.shape == (1, tgt.shape[1] * K, 32)
 
 
+@pytest.mark.skipif(not any(map(__import__('shutil').which, ('g++', 'c++', 'clang++'))),
+                    reason='torch.compile on a CPU needs a C++ compiler')
+def test_torch_compile_really_compiles_and_trains_like_eager():
+    """compile=True: the encoder and predictor become graphs without a graph break (one per shape: the
+    context length is fixed, the target block size takes few values), the state_dict keys stay those of
+    the eager model, and three AdamW steps give eager's losses and weights (float32)."""
+    from contextlib import nullcontext
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = _tiny_cfg(dtype='float32', grad_clip=0.0)
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = mj.build_model(cfg)
+        if compiled:
+            mj.compile_model(model)
+        opt = mj.make_optimizer(model, cfg, 'cpu')
+        losses, ks = [], set()
+        for step in range(3):
+            batch = mj.make_batch(cfg, images, [0.5] * 3, [0.25] * 3, step, 0, 'cpu')
+            ks.add(batch['tgt_idx'].shape[2])
+            loss, _, _ = mj.train_step(model, opt, torch.amp.GradScaler(enabled=False), lambda m: batch, 1, step,
+                                       nullcontext(), 0.0)
+            losses.append(loss.item())
+        runs.append((losses, model.state_dict()))
+    (eager_losses, eager_w), (comp_losses, comp_w) = runs
+    assert sum(counters['graph_break'].values()) == 0, dict(counters['graph_break'])
+    assert counters['stats']['unique_graphs'] >= 3  # encoder on the context, on the full image; predictor
+    assert list(comp_w) == list(eager_w)  # checkpoints of a compiled run load into an eager model
+    assert comp_losses == pytest.approx(eager_losses, rel=1e-4)
+    for n in eager_w:
+        torch.testing.assert_close(comp_w[n], eager_w[n], rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_vit_parameter_names_follow_the_imagenet_layout():
     names = set(mj.build_model(_tiny_cfg()).encoder.state_dict())
     for n in ['patch_embed.proj.weight', 'blocks.0.norm1.weight', 'blocks.0.attn.qkv.weight',

@@ -85,8 +85,9 @@ aspect = st.tuples(st.floats(0.05, 20.0), st.floats(0.05, 20.0)).map(sorted).map
 def test_2d_masks_are_valid_on_any_grid_and_scales(gh, gw, B, M, target_scale, target_aspect, context_scale, context_keep,
                                                    min_keep, seed):
     t0 = time.time()
-    ctx_idx, tgt_idx = mj.sample_masks(B, (gh, gw), torch.Generator().manual_seed(seed), M, target_scale, target_aspect,
-                                       context_scale, context_keep, min_keep)
+    ctx_idx, tgt_idx = mj.sample_masks(B, (gh, gw), torch.Generator().manual_seed(seed), num_targets=M,
+                                       target_scale=target_scale, target_aspect=target_aspect, context_scale=context_scale,
+                                       context_keep=context_keep, min_keep=min_keep)
     assert time.time() - t0 < 5  # bounded retries: no hang however unlucky the draws
     check_2d(ctx_idx, tgt_idx, B, gh, gw, M, min_keep, context_keep)
 
@@ -106,8 +107,7 @@ def test_2d_mask_settings_give_valid_masks_or_a_config_error(g, patch, M, target
         assert any(k in str(e) for k in ('image_size', 'num_targets', 'min_keep', 'target_scale', 'target_aspect',
                                           'context_scale', 'patch_size')), str(e)
         return
-    ctx_idx, tgt_idx = mj.sample_masks(3, (g, g), torch.Generator().manual_seed(0), M, cfg['target_scale'],
-                                       cfg['target_aspect'], cfg['context_scale'], cfg['context_keep'], cfg['min_keep'])
+    ctx_idx, tgt_idx = mj.sample_masks(3, (g, g), torch.Generator().manual_seed(0), **{k: cfg[k] for k in mj.MASK_KEYS})
     check_2d(ctx_idx, tgt_idx, 3, g, g, M, min_keep)
 
 # ----------------------------------------------------------------------------- 3-D masks
