@@ -984,7 +984,7 @@ def exact_sigreg_grads(raw, batches, step, autocast, scale):
     SIGReg is a statistic of the whole batch (its characteristic function, its standardisation), not
     a sum over images, so K micro-batches scoring it on their own would each see 1/K of the batch.
     Instead: (1) encode the context of every micro-batch without a graph (one extra forward of the
-    context encoder, ~10-15 % more compute); (2) score SIGReg on all of them at once and take its
+    context encoder, ~13 % more FLOPs); (2) score SIGReg on all of them at once and take its
     gradient G w.r.t. each image's SIGReg input r_i; (3) each micro-step then adds <r_i, G_i> to its
     loss: backpropagating that gives the big batch's SIGReg gradient through the encoder, exactly.
     Returns each micro-batch's [G of each mask set] (times `scale`, undoing train_step's 1/K) and the
