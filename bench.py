@@ -134,10 +134,9 @@ def main(argv):
         first = next(iter(sources))
         runs[f'{first}, eager'] = (eager, mj.make_optimizer(eager, cfg, dev), torch.amp.GradScaler(enabled=(dtype == 'float16')),
                                    sources[first])
-    if cfg['compile']:
         from torch._dynamo.utils import counters
         counters.clear()  # count this run's graphs and graph breaks only
-    step_model = mj.compile_model(model) if cfg['compile'] else model
+        mj.compile_model(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"bench: preset={cfg['preset']} {n_params / 1e6:.1f}M params, {cfg['image_size']} px, patch {cfg['patch_size']}, "
           f"encoder {cfg['n_layer']}x{cfg['n_embd']}, predictor {cfg['pred_n_layer']}x{cfg['pred_n_embd']}, "
@@ -194,7 +193,7 @@ def main(argv):
             sync()
             t1 = time.perf_counter()
             with autocast:
-                loss, _ = step_model(batch, step)
+                loss, _ = model(batch, step)
             sync()
             t2 = time.perf_counter()
             scaler.scale(loss / accum).backward()

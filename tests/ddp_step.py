@@ -1,9 +1,8 @@
 """Worker for tests/test_ddp.py: two optimiser steps of medjepa.train_step on a fixed global batch.
 
 The global batch of every step (images, crops and masks) is built from seeds that do not depend on
-how it is split, so any (world, accum) split of
-it must give the update of one process on the whole batch. Rank r, micro-step m takes chunk
-m * world + r, the order medjepa.batch_indices uses.
+how it is split, so any (world, accum) split of it must give the update of one process on the whole
+batch. Rank r, micro-step m takes chunk m * world + r, the order medjepa.batch_indices uses.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_step.py OUT_DIR
 runs every entry of SCENARIOS on 2 gloo ranks and writes OUT_DIR/<name>.rank<r>.pt; the test runs
