@@ -1,6 +1,6 @@
 # MedJEPA: the two commands of the README.
 #   make demo   set up, generate the demo data, pretrain (~8 min on 2 CPU cores), evaluate (~4 min), print the tables
-#   make test   set up and run the test suite (about 5-6.5 min on 2 CPU cores); pytest and hypothesis are test-only
+#   make test   set up and run the test suite (about 5-7 min on 2 CPU cores); pytest and hypothesis are test-only
 # A torch that is already installed (e.g. your CUDA build) is kept; without one, torch==2.13.0 is
 # installed. Use another interpreter with `make demo PYTHON=/path/to/python`.
 PYTHON ?= python3
