@@ -602,12 +602,17 @@ _EP_W[0] = _EP_W[-1] = 3 / 16  # trapezoid on [0, 3], doubled for [-3, 0]
 _EP_W = _EP_W * _EP_PHI  # times the Gaussian weighting exp(-t^2/2)
 
 
+def fp32(x):
+    """x in at least float32: bf16/fp16 (autocast outputs) are upcast, float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def standardise(z, eps=1e-6):
     """Each dimension to zero mean and unit variance over the global batch (BatchNorm without the
     affine part; statistics averaged over ranks). (N, K) -> (N, K). The 'mask' objective applies SIGReg
     to standardise(pooled): then a batch passes only if its dimensions are decorrelated, instead of
     SIGReg spending its pull on the mean and scale of a near-constant vector (docs/design.md)."""
-    z = z.float()
+    z = fp32(z)
     mu = global_mean(z.mean(0))  # (K,)
     var = global_mean((z - mu).pow(2).mean(0))  # (K,) biased, as BatchNorm's
     return (z - mu) / (var + eps).sqrt()
@@ -616,7 +621,7 @@ def standardise(z, eps=1e-6):
 def sigreg(z, step, num_slices=256, seed=0):
     """SIGReg of embeddings z (N, K) -> scalar. Same directions on every rank for a given step."""
     with torch.autocast(z.device.type, enabled=False):  # cos(t x) and the N-fold sum need fp32
-        return _sigreg(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, step, num_slices, seed)
+        return _sigreg(fp32(z), step, num_slices, seed)
 
 
 def _sigreg(z, step, num_slices, seed):
@@ -692,14 +697,14 @@ class JEPA(nn.Module):
             target = h.gather(1, tgt_idx.view(B, M * K, 1).expand(-1, -1, h.shape[-1]))  # (B, M*K, D)
         z = self.encoder(x, ctx_idx)  # (B, Nc, D) context tokens only
         pred = self.predictor(z, ctx_idx, tgt_idx, grid)  # (B, M*K, D)
-        pred_loss = F.mse_loss(pred.float(), target.float())
+        pred_loss = F.mse_loss(fp32(pred), fp32(target))
         pooled, reg_in = z.mean(1), self.sigreg_input(z)  # (B, D) one vector per image; (B or B*Nc, D)
         if reg_grad is None:
             reg = self.sigreg_loss(reg_in, step)
             loss = (1 - lam) * pred_loss + lam * reg
         else:
             reg = torch.full((), math.nan, device=x.device)  # (unknown here)
-            loss = (1 - lam) * pred_loss + (reg_in.float() * reg_grad).sum()
+            loss = (1 - lam) * pred_loss + (fp32(reg_in) * reg_grad).sum()
         N, Nc, D, L = math.prod(grid), ctx_idx.shape[1], c['n_embd'], c['n_layer']
         flops = B * (transformer_flops(N, D, L) + 3 * transformer_flops(Nc, D, L)
                      + 3 * transformer_flops(Nc + M * K, c['pred_n_embd'], c['pred_n_layer'])
@@ -716,7 +721,7 @@ class JEPA(nn.Module):
         if l.shape[0] > 0:
             feats.append(self.encoder(l.flatten(0, 1)).mean(1))
         emb = torch.cat(feats)
-        z = self.projector(emb).view(-1, B, c['proj_dim']).float()  # (V, B, K)
+        z = fp32(self.projector(emb).view(-1, B, c['proj_dim']))  # (V, B, K)
         mu = z[:Vg].mean(0)  # (B, K) centre: the global views only
         pred_loss = (z - mu).pow(2).mean()
         reg = torch.stack([sigreg(zv, step, c['num_slices'], c['seed']) for zv in z]).mean()
@@ -738,12 +743,9 @@ def build_model(cfg, in_chans=3):
 
 
 def compile_model(model, dynamic=False):
-    """torch.compile the transformers in place (their state_dict keys do not change): the encoder and
-    the predictor / projector, where the FLOPs are. SIGReg and the losses stay eager: SIGReg seeds a
-    torch.Generator, which cannot be traced and would split the graph. dynamic=False compiles one
-    graph per input shape: the context length L is fixed, so only the target block size K varies, a
-    few values per grid (3 on 8x8), and static graphs ran 1.4x faster than dynamic ones (docs/scaling.md).
-    medjepa3d.py passes dynamic=None: its context length changes every step."""
+    """torch.compile the encoder and predictor / projector in place (state_dict keys unchanged); SIGReg
+    stays eager (its seeded torch.Generator would split the graph). dynamic=False: one graph per target
+    block size, a few per grid; medjepa3d.py passes None, its context length varies (docs/scaling.md)."""
     # dynamo traces through sincos_2d's lru_cache (and warns): safe, the codes depend on the grid alone
     warnings.filterwarnings('ignore', message='Dynamo detected a call to a `functools.lru_cache`')
     for part in (model.encoder, getattr(model, 'predictor', None) or model.projector):
@@ -979,19 +981,14 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
 
 
 def exact_sigreg_grads(raw, batches, step, autocast, scale):
-    """Gradient accumulation that equals one big batch, SIGReg included (GradCache's idea).
-
-    SIGReg is a statistic of the whole batch (its characteristic function, its standardisation), not
-    a sum over images, so K micro-batches scoring it on their own would each see 1/K of the batch.
-    Instead: (1) encode the context of every micro-batch without a graph (one extra forward of the
-    context encoder, ~13 % more FLOPs); (2) score SIGReg on all of them at once and take its
-    gradient G w.r.t. each image's SIGReg input r_i; (3) each micro-step then adds <r_i, G_i> to its
-    loss: backpropagating that gives the big batch's SIGReg gradient through the encoder, exactly.
-    Returns each micro-batch's [G of each mask set] (times `scale`, undoing train_step's 1/K) and the
-    SIGReg value (the mean over mask sets, as the forward reports it)."""
+    """Accumulation that equals one big batch, SIGReg included (GradCache's idea; docs/scaling.md).
+    SIGReg is a statistic of the whole batch, not a sum over images. So: encode every micro-batch's
+    context without a graph, score SIGReg on all of them at once, and return its gradient G_i w.r.t.
+    each image's SIGReg input r_i (times `scale`), per micro-batch and mask set, with SIGReg's value;
+    each micro-step then adds <r_i, G_i> to its loss, whose gradient is the big batch's."""
     with torch.no_grad(), autocast:
         r = [raw.sigreg_inputs(b) for b in batches]  # [micro][mask set] -> (B, D)
-    R = [torch.cat(rs).float().requires_grad_(True) for rs in zip(*r)]  # [mask set] -> (K*B, D) the whole batch
+    R = [fp32(torch.cat(rs)).requires_grad_(True) for rs in zip(*r)]  # [mask set] -> (K*B, D) the whole batch
     with torch.enable_grad():
         regs = [raw.sigreg_loss(Rs, step) for Rs in R]
         G = torch.autograd.grad(sum(regs) * scale, R)
