@@ -1,0 +1,125 @@
+"""Specifications that pin the method itself: each test fails on a realistic one-line bug
+(a missing stop-gradient, targets without their LayerNorm, the wrong views centre, the kNN
+temperature used the wrong way round, positions added after the gather, weight decay on norms)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import medjepa as mj
+
+TINY = dict(mj.DEFAULTS, n_layer=2, n_embd=32, n_head=2, pred_n_layer=1, pred_n_embd=16, pred_n_head=2,
+            patch_size=4, num_slices=16, proj_dim=8)
+
+
+def _model(**over):
+    torch.manual_seed(0)
+    return mj.build_model({**TINY, **over}, 3).double()
+
+
+def _mask_batch(B=6, size=16, patch=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 3, size, size, generator=gen, dtype=torch.float64)
+    x_tgt = x + 0.1 * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    ctx_idx, tgt_idx = mj.sample_masks(B, (size // patch,) * 2, gen, min_keep=2)
+    return x, x_tgt, ctx_idx, tgt_idx
+
+
+def test_mask_loss_gradient_flows_only_through_the_context_branch():
+    """Targets are a stop-gradient copy of the encoder's output: no gradient may reach the target
+    image, and the encoder's gradient must equal the one computed against constant targets."""
+    model = _model(sigreg_lambda=0.0)
+    x, x_tgt, ctx_idx, tgt_idx = _mask_batch()
+    x_tgt.requires_grad_(True)
+    loss, _ = model.mask_loss(x, x_tgt, ctx_idx, tgt_idx, step=0)
+    loss.backward()
+    assert x_tgt.grad is None or x_tgt.grad.abs().max() == 0
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # the same loss with the targets computed by a frozen copy of the encoder, fed in as constants
+    model.zero_grad()
+    frozen = _model(sigreg_lambda=0.0)
+    frozen.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        h = frozen.encoder(x_tgt.detach())
+        h = F.layer_norm(h, h.shape[-1:])
+    B, M, K = tgt_idx.shape
+    target = h.gather(1, tgt_idx.view(B, M * K, 1).expand(-1, -1, h.shape[-1]))
+    pred = model.predictor(model.encoder(x, ctx_idx), ctx_idx, tgt_idx, (4, 4))
+    F.mse_loss(pred, target).backward()
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+def test_mask_loss_equals_a_hand_written_version():
+    """(1 - lambda) * MSE(predictor(context), layer_norm(encoder(full image))[targets]) + lambda * SIGReg."""
+    model = _model(sigreg_lambda=0.3)
+    x, x_tgt, ctx_idx, tgt_idx = _mask_batch()
+    loss, stats = model.mask_loss(x, x_tgt, ctx_idx, tgt_idx, step=7)
+    B, M, K = tgt_idx.shape
+    with torch.no_grad():
+        h = model.encoder(x_tgt)
+        mu, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)
+        h = (h - mu) / (var + 1e-5).sqrt()  # LayerNorm without affine, written out
+    target = torch.stack([h[b, tgt_idx[b].flatten()] for b in range(B)])  # (B, M*K, D)
+    z = model.encoder(x, ctx_idx)
+    pred = model.predictor(z, ctx_idx, tgt_idx, (4, 4))
+    pred_loss = ((pred - target) ** 2).mean()
+    reg = model.sigreg_loss(model.sigreg_input(z), 7)
+    torch.testing.assert_close(stats['pred'], pred_loss)
+    torch.testing.assert_close(loss, 0.7 * pred_loss + 0.3 * reg)
+
+
+def test_views_loss_equals_a_hand_written_version():
+    """Every view is pulled to the mean of the GLOBAL views' projections; SIGReg on each view, averaged."""
+    model = _model(objective='views', sigreg_lambda=0.2)
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(2, 8, 3, 16, 16, generator=gen, dtype=torch.float64)
+    loc = torch.randn(3, 8, 3, 8, 8, generator=gen, dtype=torch.float64)
+    loss, stats = model.views_loss(g, loc, step=3)
+    emb = torch.cat([model.encoder(v).mean(1) for v in list(g) + list(loc)])  # (5 * B, D)
+    z = model.projector(emb).split(8)  # one BatchNorm batch over all views, as LeJEPA; 5 x (B, K)
+    centre = (z[0] + z[1]) / 2
+    pred = sum(((zv - centre) ** 2).mean() for zv in z) / len(z)
+    reg = sum(mj.sigreg(zv, 3, TINY['num_slices'], TINY['seed']) for zv in z) / len(z)
+    torch.testing.assert_close(stats['pred'], pred)
+    torch.testing.assert_close(loss, 0.8 * pred + 0.2 * reg)
+
+
+def test_knn_scores_are_exp_cosine_over_T_sums_and_ignore_feature_scale():
+    rng = np.random.default_rng(0)
+    bank, labels, query = rng.normal(size=(30, 5)), rng.integers(0, 3, 30), rng.normal(size=(4, 5))
+    k, T = 7, 0.07
+    cos = (query / np.linalg.norm(query, axis=1, keepdims=True)) @ (bank / np.linalg.norm(bank, axis=1, keepdims=True)).T
+    expect = np.zeros((4, 3))
+    for i in range(4):
+        for j in np.argsort(-cos[i])[:k]:
+            expect[i, labels[j]] += np.exp(cos[i, j] / T)
+    got = mj.knn_predict(bank.astype(np.float32), labels, query.astype(np.float32), 3, k=k, T=T)
+    np.testing.assert_allclose(got, expect, rtol=1e-4)
+    scaled = mj.knn_predict(100 * bank.astype(np.float32), labels, 0.01 * query.astype(np.float32), 3, k=k, T=T)
+    np.testing.assert_allclose(scaled, got, rtol=1e-4)
+
+
+def test_encoder_on_kept_patches_equals_the_full_encoder_gathered():
+    """With no transformer blocks every token is processed on its own, so encoding a subset must equal
+    encoding everything and gathering: true only if positions are added before the gather."""
+    torch.manual_seed(0)
+    enc = mj.ViT(3, 4, 32, 0, 2).double()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    keep = torch.stack([torch.randperm(16)[:5].sort().values for _ in range(3)])
+    full = enc(x)
+    torch.testing.assert_close(enc(x, keep), torch.stack([full[b, keep[b]] for b in range(3)]))
+
+
+@pytest.mark.parametrize('objective', ['mask', 'views'])
+def test_weight_decay_applies_only_to_tensors_of_two_or_more_dimensions(objective):
+    model = _model(objective=objective)
+    opt = mj.make_optimizer(model, {**TINY, 'weight_decay': 0.05}, 'cpu')
+    decayed = {id(p) for g in opt.param_groups if g['weight_decay'] > 0 for p in g['params']}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sum(len(g['params']) for g in opt.param_groups) == len(names)  # every parameter is optimised once
+    for n, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.dim() >= 2), n
+    assert any('norm' in names[i] or 'bias' in names[i] for g in opt.param_groups if g['weight_decay'] == 0
+               for i in map(id, g['params']))
