@@ -199,10 +199,10 @@ def validate_shared(c):
     vals = lambda v: v if isinstance(v, tuple) else (v,)  # (ranges first: the rules below divide by these values)
     for rule, ok, keys in [('at least 1', lambda v: v >= 1, 'batch_size gradient_accumulation_steps max_iters num_slices '
                             'log_interval eval_interval knn_train_size n_layer n_head n_embd pred_n_layer pred_n_head '
-                            'pred_n_embd patch_size image_size local_size volume_size num_targets proj_dim min_keep '
+                            'pred_n_embd patch_size image_size local_size volume_size num_targets min_keep '
                             'max_bad_steps'), ('in [0, 1)', lambda v: 0 <= v < 1, 'beta1 beta2'),
                            ('>= 0', lambda v: v >= 0, 'seed warmup_iters weight_decay grad_clip num_threads min_lr '
-                            'n_local_views'), ('non-empty', bool, 'out_dir data_dir')]:
+                            'n_local_views proj_dim'), ('non-empty', bool, 'out_dir data_dir')]:
         for k in (k for k in keys.split() if k in c):
             need(all(ok(v) for v in vals(c[k])), f"{k}={c[k]!r} must be {rule}")
     need(all(math.isfinite(x) for v in c.values() for x in vals(v) if isinstance(x, float)), 'values must be finite, not inf')
@@ -214,7 +214,7 @@ def validate_shared(c):
     need(c['n_embd'] % c['n_head'] == 0, f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
     need(c['pred_n_embd'] % c['pred_n_head'] == 0,
          f"pred_n_embd={c['pred_n_embd']} must be divisible by pred_n_head={c['pred_n_head']}")
-    need(c['sigreg_on'] in ('pooled_std', 'pooled', 'tokens'),
+    need(c['sigreg_on'] in ('pooled_std', 'pooled', 'tokens', 'full', 'sphere'),
          f"sigreg_on must be 'pooled_std', 'pooled' or 'tokens', got '{c['sigreg_on']}'")
     need(not c['compile'] or hasattr(torch.compiler, 'set_stance'), f"compile=True needs torch >= 2.6 (this is {torch.__version__})")
     need(c['init_from'] in ('scratch', 'resume'), f"init_from must be 'scratch' or 'resume', got '{c['init_from']}'")
@@ -607,31 +607,33 @@ def fp32(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def standardise(z, eps=1e-6):
+def standardise(z, eps=1e-6, local=False):
     """Each dimension to zero mean and unit variance over the global batch (BatchNorm without the
     affine part; statistics averaged over ranks). (N, K) -> (N, K). The 'mask' objective applies SIGReg
     to standardise(pooled): then a batch passes only if its dimensions are decorrelated, instead of
     SIGReg spending its pull on the mean and scale of a near-constant vector (docs/design.md)."""
-    z = fp32(z)
-    mu = global_mean(z.mean(0))  # (K,)
-    var = global_mean((z - mu).pow(2).mean(0))  # (K,) biased, as BatchNorm's
+    z, mean = fp32(z), (lambda t: t) if local else global_mean
+    mu = mean(z.mean(0))  # (K,)
+    var = mean((z - mu).pow(2).mean(0))  # (K,) biased, as BatchNorm's
     return (z - mu) / (var + eps).sqrt()
 
 
-def sigreg(z, step, num_slices=256, seed=0):
-    """SIGReg of embeddings z (N, K) -> scalar. Same directions on every rank for a given step."""
+def sigreg(z, step, num_slices=256, seed=0, local=False):
+    """SIGReg of embeddings z (N, K) -> scalar. Same directions on every rank for a given step.
+    local=True: this rank's z alone (monitors that only rank 0 computes)."""
     with torch.autocast(z.device.type, enabled=False):  # cos(t x) and the N-fold sum need fp32
-        return _sigreg(fp32(z), step, num_slices, seed)
+        return _sigreg(fp32(z), step, num_slices, seed, local)
 
 
-def _sigreg(z, step, num_slices, seed):
+def _sigreg(z, step, num_slices, seed, local=False):
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     A = torch.randn(z.shape[1], num_slices, generator=gen, dtype=torch.float64).to(z, non_blocking=True)
     A = A / A.norm(dim=0, keepdim=True)  # (K, M) unit directions
     xt = (z @ A)[..., None] * _EP_T.to(z, non_blocking=True)  # (N, M, T)
-    c = global_mean(xt.cos().mean(0))  # (M, T) empirical characteristic function, real part
-    s = global_mean(xt.sin().mean(0))  # imaginary part
-    n = z.shape[0] * (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
+    mean = (lambda t: t) if local else global_mean
+    c = mean(xt.cos().mean(0))  # (M, T) empirical characteristic function, real part
+    s = mean(xt.sin().mean(0))  # imaginary part
+    n = z.shape[0] * (1 if local or not (dist.is_available() and dist.is_initialized()) else dist.get_world_size())
     ep = ((c - _EP_PHI.to(z, non_blocking=True)) ** 2 + s ** 2) @ _EP_W.to(z, non_blocking=True)  # (M,)
     return n * ep.mean()
 
@@ -654,7 +656,7 @@ class JEPA(nn.Module):
         if cfg['objective'] == 'mask':
             self.predictor = self.Predictor(cfg['n_embd'], cfg['pred_n_embd'], cfg['pred_n_layer'], cfg['pred_n_head'])
         else:
-            self.projector = Projector(cfg['n_embd'], 4 * cfg['proj_dim'], cfg['proj_dim'])
+            self.projector = Projector(cfg['n_embd'], 4 * cfg['proj_dim'], cfg['proj_dim']) if cfg['proj_dim'] else nn.Identity()
 
     def forward(self, batch, step, reg_grad=None):
         if self.cfg['objective'] == 'mask':
@@ -669,12 +671,27 @@ class JEPA(nn.Module):
     def sigreg_input(self, z):
         """What SIGReg scores, from the context tokens z (B, Nc, D): one pooled vector per image (B, D),
         or every token (B*Nc, D) with sigreg_on='tokens'."""
+        if self.cfg['sigreg_on'] == 'sphere':
+            return F.normalize(fp32(z.mean(1)), dim=-1) * math.sqrt(z.shape[-1])
         return z.reshape(-1, z.shape[-1]) if self.cfg['sigreg_on'] == 'tokens' else z.mean(1)
 
-    def sigreg_loss(self, reg_in, step):
+    def sigreg_loss(self, reg_in, step, local=False):
         """SIGReg of sigreg_input's output over the whole (global) batch, standardised first for 'pooled_std'."""
         c = self.cfg
-        return sigreg(standardise(reg_in) if c['sigreg_on'] == 'pooled_std' else reg_in, step, c['num_slices'], c['seed'])
+        reg_in = standardise(reg_in, local=local) if c['sigreg_on'] == 'pooled_std' else reg_in
+        return sigreg(reg_in, step, c['num_slices'], c['seed'], local)
+
+    @torch.no_grad()
+    def sigreg_probe(self, feats):
+        """The tensor SIGReg tests, computed from frozen pooled features (N, D) of whole images (the val
+        monitor): the projector's output ('views', BatchNorm in eval mode) or sigreg_input's per-image
+        vector; None for sigreg_on='tokens' (pooled features are not tokens)."""
+        if self.cfg['objective'] == 'views':
+            was = self.projector.training
+            out = self.projector.eval()(feats)
+            self.projector.train(was)
+            return out
+        return None if self.cfg['sigreg_on'] == 'tokens' else self.sigreg_input(feats[:, None])
 
     @torch.no_grad()
     def targets(self, x_tgt):
@@ -692,6 +709,9 @@ class JEPA(nn.Module):
         c, lam = self.cfg, self.cfg['sigreg_lambda']
         B, M, K = tgt_idx.shape
         grid = self.encoder.grid(x)
+        if c['sigreg_on'] == 'full':
+            hf = self.encoder(x_tgt)
+            h = F.layer_norm(hf.detach(), hf.shape[-1:])
         h = self.targets(x_tgt) if h is None else h  # (B, N, D); x_tgt = x up to photometric jitter
         with torch.no_grad():
             target = h.gather(1, tgt_idx.view(B, M * K, 1).expand(-1, -1, h.shape[-1]))  # (B, M*K, D)
@@ -699,6 +719,8 @@ class JEPA(nn.Module):
         pred = self.predictor(z, ctx_idx, tgt_idx, grid)  # (B, M*K, D)
         pred_loss = F.mse_loss(fp32(pred), fp32(target))
         pooled, reg_in = z.mean(1), self.sigreg_input(z)  # (B, D) one vector per image; (B or B*Nc, D)
+        if c['sigreg_on'] == 'full':
+            pooled = reg_in = hf.mean(1)
         if reg_grad is None:
             reg = self.sigreg_loss(reg_in, step)
             loss = (1 - lam) * pred_loss + lam * reg
@@ -721,7 +743,7 @@ class JEPA(nn.Module):
         if l.shape[0] > 0:
             feats.append(self.encoder(l.flatten(0, 1)).mean(1))
         emb = torch.cat(feats)
-        z = fp32(self.projector(emb).view(-1, B, c['proj_dim']))  # (V, B, K)
+        z = fp32(self.projector(emb)).view(Vg + l.shape[0], B, -1)  # (V, B, K)
         mu = z[:Vg].mean(0)  # (B, K) centre: the global views only
         pred_loss = (z - mu).pow(2).mean()
         reg = torch.stack([sigreg(zv, step, c['num_slices'], c['seed']) for zv in z]).mean()
@@ -805,6 +827,29 @@ def knn_predict(train_feats, train_labels, query_feats, num_classes, k=20, T=0.0
         sim, idx = (q_all[i:i + chunk] @ tr.T).topk(k, dim=1)  # (q, k)
         scores[i:i + chunk].scatter_add_(1, lab[idx], (sim / T).exp())
     return scores.numpy()
+
+
+def mean_cosine(f):
+    """Mean cosine similarity over all pairs of distinct rows of f (N, D): 1 when every image maps to
+    the same direction, ~0 when the features spread around the origin. sum_ij <u_i, u_j> = |sum_i u_i|^2."""
+    u = F.normalize(torch.as_tensor(f, dtype=torch.float64), dim=1)
+    n, s = len(u), u.sum(0)
+    return float((s @ s - n) / max(n * (n - 1), 1))
+
+
+@torch.no_grad()
+def feature_health(model, feats, step):
+    """Monitors of the val split's frozen features (N, D): effective rank, mean pairwise cosine, and
+    SIGReg of the tensor the loss tests next to the same SIGReg of a Gaussian batch of that shape
+    (~1.06 per slice; a collapsed batch scores ~0.4 N). docs/sigreg.md reads them."""
+    f = torch.as_tensor(feats, dtype=torch.float32)
+    out = dict(erank_val=effective_rank(f), cos_val=mean_cosine(f))
+    reg_in = model.sigreg_probe(f)
+    if reg_in is not None:
+        c, gen = model.cfg, torch.Generator().manual_seed(step)
+        out['sigreg_val'] = float(model.sigreg_loss(reg_in, step, local=True))
+        out['sigreg_gauss'] = float(sigreg(torch.randn(reg_in.shape, generator=gen), step, c['num_slices'], c['seed'], True))
+    return out
 
 
 def effective_rank(z):
@@ -1080,8 +1125,11 @@ def train(cfg, impl=None):
             scores = knn_predict(f_tr, train_split['labels'][knn_idx], f_va, meta['num_classes'])
             acc = float((scores.argmax(1) == val_split['labels']).mean())
             best_knn = max(best_knn, acc)
-            print(f'step {iter_num}: online kNN val accuracy {acc:.4f}')
-            log_record(dict(iter=iter_num, knn_val=acc))
+            health = feature_health(raw_model, f_va, iter_num)
+            print(f'step {iter_num}: online kNN val accuracy {acc:.4f} | val features: erank {health["erank_val"]:.1f}, '
+                  f'mean cos {health["cos_val"]:.3f}' + (f', SIGReg {health["sigreg_val"]:.2f} (Gaussian batch '
+                  f'{health["sigreg_gauss"]:.2f})' if 'sigreg_val' in health else ''))
+            log_record(dict(iter=iter_num, knn_val=acc, **health))
         if not all(v.isfinite().all() for v in raw_model.state_dict().values() if v.is_floating_point()):
             raise FloatingPointError(f"the weights hold NaN/inf at step {iter_num}: not saving them over {ckpt_path}. "
                                      + advice)

@@ -123,3 +123,28 @@ def test_weight_decay_applies_only_to_tensors_of_two_or_more_dimensions(objectiv
         assert (id(p) in decayed) == (p.dim() >= 2), n
     assert any('norm' in names[i] or 'bias' in names[i] for g in opt.param_groups if g['weight_decay'] == 0
                for i in map(id, g['params']))
+
+
+# ----------------------------------------------------------------------------- monitors
+
+
+def test_mean_cosine_equals_the_average_over_all_distinct_pairs():
+    f = np.random.default_rng(0).normal(size=(40, 6)) + 0.5
+    u = f / np.linalg.norm(f, axis=1, keepdims=True)
+    pairs = [u[i] @ u[j] for i in range(40) for j in range(40) if i != j]
+    assert mj.mean_cosine(f) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert mj.mean_cosine(np.ones((5, 3))) == pytest.approx(1.0)
+
+
+def test_feature_health_tells_a_gaussian_batch_from_a_shifted_or_collapsed_one():
+    """The val monitor tests the raw tensor: mean and scale count, so a shared offset fails it."""
+    model = _model(sigreg_on='pooled', num_slices=256)
+    g = torch.randn(999, 32, generator=torch.Generator().manual_seed(0))
+    ok = mj.feature_health(model, g.numpy(), step=5)
+    assert ok['sigreg_val'] < 1.5 * ok['sigreg_gauss'] and ok['erank_val'] > 25 and abs(ok['cos_val']) < 0.05
+    shifted = mj.feature_health(model, (g + 3).numpy(), step=5)
+    assert shifted['sigreg_val'] > 20 * ok['sigreg_gauss'] and shifted['cos_val'] > 0.8
+    collapsed = mj.feature_health(model, (0 * g + 1).numpy(), step=5)
+    assert collapsed['erank_val'] < 1.5 and collapsed['sigreg_val'] > 0.2 * 999
+    views = mj.feature_health(_model(objective='views').float(), g.numpy(), step=5)  # the projector's output is tested
+    assert set(views) == {'erank_val', 'cos_val', 'sigreg_val', 'sigreg_gauss'}
