@@ -588,11 +588,13 @@ class AllReduceSum(torch.autograd.Function):
         return g
 
 
+def distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def global_mean(x):
     """Mean over ranks that autograd can see through (identity when not distributed)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return AllReduceSum.apply(x) / dist.get_world_size()
-    return x
+    return AllReduceSum.apply(x) / dist.get_world_size() if distributed() else x
 
 
 _EP_T = torch.linspace(0, 3, 17, dtype=torch.float64)
@@ -630,10 +632,13 @@ def _sigreg(z, step, num_slices, seed, local=False):
     A = torch.randn(z.shape[1], num_slices, generator=gen, dtype=torch.float64).to(z, non_blocking=True)
     A = A / A.norm(dim=0, keepdim=True)  # (K, M) unit directions
     xt = (z @ A)[..., None] * _EP_T.to(z, non_blocking=True)  # (N, M, T)
-    mean = (lambda t: t) if local else global_mean
-    c = mean(xt.cos().mean(0))  # (M, T) empirical characteristic function, real part
-    s = mean(xt.sin().mean(0))  # imaginary part
-    n = z.shape[0] * (1 if local or not (dist.is_available() and dist.is_initialized()) else dist.get_world_size())
+    # sums and counts over ranks, not means of per-rank means: ranks may hold different numbers of
+    # rows (sigreg_on='tokens' with 3-D contexts of varying length)
+    c, s, n = xt.cos().sum(0), xt.sin().sum(0), torch.tensor(float(z.shape[0]), dtype=z.dtype, device=z.device)
+    if distributed() and not local:
+        c, s = AllReduceSum.apply(c), AllReduceSum.apply(s)
+        dist.all_reduce(n)  # (a count: no gradient)
+    c, s = c / n, s / n  # (M, T) empirical characteristic function over the global batch: real, imaginary part
     ep = ((c - _EP_PHI.to(z, non_blocking=True)) ** 2 + s ** 2) @ _EP_W.to(z, non_blocking=True)  # (M,)
     return n * ep.mean()
 

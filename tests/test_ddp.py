@@ -34,11 +34,11 @@ def _reference():
     return loss.item(), w.grad, z.grad
 
 
-def _worker(rank, world, init_file, out_file):
+def _worker(rank, world, init_file, out_file, sizes):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     x, w = _data()
     w = w.clone().requires_grad_()
-    shard = x.chunk(world)[rank]
+    shard = x.split(sizes)[rank]
     z = (shard @ w).detach().requires_grad_()
     zloss = mj.sigreg(z, step=7, num_slices=32)
     zloss.backward()
@@ -50,9 +50,12 @@ def _worker(rank, world, init_file, out_file):
     dist.destroy_process_group()
 
 
-def test_sigreg_on_two_gloo_processes_equals_one_process(tmp_path):
+@pytest.mark.parametrize('sizes', [(32, 32), (24, 40)])
+def test_sigreg_on_two_gloo_processes_equals_one_process(tmp_path, sizes):
+    """Also with shards of unequal size (3-D contexts vary in length, so sigreg_on='tokens' gives ranks
+    different row counts): the statistic pools sums and counts, not per-rank means."""
     world = 2
-    mp.spawn(_worker, args=(world, str(tmp_path / 'rdv'), str(tmp_path / 'out')), nprocs=world)
+    mp.spawn(_worker, args=(world, str(tmp_path / 'rdv'), str(tmp_path / 'out'), sizes), nprocs=world)
     ref_loss, ref_wgrad, ref_zgrad = _reference()
     outs = [torch.load(f'{tmp_path}/out.{r}', weights_only=True) for r in range(world)]
     for r, o in enumerate(outs):
@@ -60,7 +63,7 @@ def test_sigreg_on_two_gloo_processes_equals_one_process(tmp_path):
         torch.testing.assert_close(o['wgrad'], ref_wgrad, rtol=1e-4, atol=1e-6)  # parameter gradient after DDP
         # each rank's embedding gradient is world x its slice of the global one; DDP's averaging
         # over ranks then divides by world (a plain all_reduce would leave it world times too small)
-        torch.testing.assert_close(o['zgrad'] / world, ref_zgrad.chunk(world)[r], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(o['zgrad'] / world, ref_zgrad.split(sizes)[r], rtol=1e-4, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- a full training step under torchrun
