@@ -234,8 +234,10 @@ def validate_shared(c):
 def read_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no data set in '{data_dir}' (missing meta.json): run "
-                                f"'python prepare.py demo' or 'python prepare.py <dataset>' first")
+        import prepare
+        name = os.path.basename(os.path.normpath(data_dir))
+        raise FileNotFoundError(f"no data set in '{data_dir}' (missing meta.json): run 'python prepare.py "
+                                f"{name if name in prepare.DATASETS else '<dataset>'}' first (python prepare.py --help lists them)")
     with open(path) as f:
         return json.load(f)
 
@@ -963,10 +965,10 @@ def main(argv=None, impl=None):
     impl = impl or sys.modules[__name__]
     try:
         cfg = impl.validate(configure(sys.argv[1:] if argv is None else argv, impl.DEFAULTS))
-    except ConfigError as e:
-        print(f'{os.path.basename(impl.__file__)}: {e}', file=sys.stderr)
+        return train(cfg, impl)
+    except (ConfigError, FileNotFoundError) as e:  # wrong settings, missing data or checkpoint: one line, no traceback
+        print(f'{os.path.basename(impl.__file__)}: error: {e}', file=sys.stderr)
         sys.exit(2)
-    return train(cfg, impl)
 
 
 def setup_distributed(cfg):

@@ -1,6 +1,7 @@
 """Training loop, checkpoints and resume, on a tiny data set written in the project's format."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,4 +119,15 @@ def test_resume_refuses_a_different_architecture(tiny_data, tmp_path):
 
 def test_missing_data_dir_gives_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match='run .python prepare.py'):
-        mj.main(TINY + [f'--data_dir={tmp_path}/nothing', f'--out_dir={tmp_path}/o', '--max_iters=1'])
+        mj.train(mj.validate(mj.configure(TINY + [f'--data_dir={tmp_path}/nothing', f'--out_dir={tmp_path}/o'])))
+
+
+@pytest.mark.parametrize('args,says', [
+    (['--data_dir={tmp}/ham10000'], "no data set in '.*ham10000'.*run 'python prepare.py ham10000' first"),
+    (['--data_dir={data}', '--init_from=resume', '--out_dir={tmp}/none'], "checkpoint '.*none/ckpt.pt' not found"),
+    (['config/nothere.py'], "config file 'config/nothere.py' not found")])
+def test_user_errors_are_one_line_without_a_traceback(tiny_data, tmp_path, args, says):
+    args = [a.format(tmp=tmp_path, data=tiny_data) for a in args]
+    r = subprocess.run([sys.executable, 'medjepa.py', *TINY, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and re.search(says, r.stderr), r.stderr
