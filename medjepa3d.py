@@ -76,7 +76,7 @@ depth_scale = (0.5, 1.0)   # depth extent of each block, fraction of D (< 1 give
 min_keep = 4               # fewest context tokens a mask set may leave
 # optimisation
 batch_size = 32            # volumes per micro-step per process
-gradient_accumulation_steps = 1  # micro-steps per optimiser step, summed over all processes
+gradient_accumulation_steps = 1  # micro-steps per optimiser step in each process (global batch = batch_size x this x processes)
 max_iters = 1000           # optimiser steps
 learning_rate = 1e-3       # peak AdamW learning rate
 min_lr = 1e-5              # learning rate at the end of the cosine decay

@@ -46,7 +46,7 @@ def run(overrides, world=1, rank=0, accum=1, steps=2, poison=False):
     poison: NaN target images in the second quarter of step 0's global batch (rank 1's shard on 2 ranks):
     rank 1's loss and every rank's all-reduced gradients are NaN, rank 0's loss is finite."""
     B = GLOBAL_BATCH // (world * accum)
-    cfg = mj.validate(mj.configure(TINY + overrides + [f'--batch_size={B}', f'--gradient_accumulation_steps={accum * world}']))
+    cfg = mj.validate(mj.configure(TINY + overrides + [f'--batch_size={B}', f'--gradient_accumulation_steps={accum}']))
     torch.manual_seed(cfg['seed'])
     model = mj.build_model(cfg).double()  # float64: the sums over ranks and micro-steps reorder roundings,
     # which in float32 came within 0.8x of the gradient tolerance below (an occasional failure)

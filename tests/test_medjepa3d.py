@@ -304,7 +304,7 @@ def test_medjepa3d_trains_under_torchrun_and_resumes(demo3d, tmp_path):
     """The same DDP and resume behaviour as medjepa.py: 2 CPU ranks with 2 accumulation micro-steps
     each, one checkpoint saved by rank 0, then a one-process resume continues from its step."""
     out = tmp_path / 'out'
-    args = TINY + [f'--data_dir={demo3d}', f'--out_dir={out}', '--batch_size=4', '--gradient_accumulation_steps=4',
+    args = TINY + [f'--data_dir={demo3d}', f'--out_dir={out}', '--batch_size=4', '--gradient_accumulation_steps=2',
                    '--max_iters=3', '--log_interval=1', '--eval_interval=100']
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         'medjepa3d.py'] + args, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

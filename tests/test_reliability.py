@@ -279,11 +279,11 @@ def test_bad_3d_config_values_are_rejected_naming_the_key(arg, msg):
         m3.validate(mj.configure([arg], m3.DEFAULTS))
 
 
-def test_accumulation_must_split_over_the_ranks_before_any_work(monkeypatch):
-    monkeypatch.setenv('WORLD_SIZE', '4')
-    with pytest.raises(mj.ConfigError, match='gradient_accumulation_steps=2 must be a multiple of the number of processes .4.'):
-        mj.validate(mj.configure(['--gradient_accumulation_steps=2']))
-    mj.validate(mj.configure(['--gradient_accumulation_steps=8']))
+def test_accumulation_counts_micro_steps_per_process_so_any_world_size_validates(monkeypatch):
+    for world in ('1', '2', '3', '8'):
+        monkeypatch.setenv('WORLD_SIZE', world)
+        for accum in (1, 2, 3):
+            assert mj.validate(mj.configure([f'--gradient_accumulation_steps={accum}']))['gradient_accumulation_steps'] == accum
 
 
 def test_a_bad_value_on_the_command_line_exits_2_before_any_work(tmp_path):
