@@ -47,7 +47,8 @@ BENCH_DEFAULTS = dict(preset=preset, bench_warmup=bench_warmup, bench_iters=benc
                       breakdown_iters=breakdown_iters, bench_data=bench_data, loader_iters=loader_iters)
 
 # Model sizes at 224 px with 16 px patches (14 x 14 = 196 patches); the predictor stays 6 x 384 as
-# in I-JEPA's ViT-B/L recipes. 'ref' is the size the seed MedJEPA package was timed at (SPEC.md 8).
+# in I-JEPA's ViT-B/L recipes. 'ref' is the size an earlier MedJEPA implementation was timed at
+# (about 6.2 img/s on 2 CPU cores; docs/scaling.md compares).
 PRESETS = {
     'tiny': {},
     'ref': dict(image_size=224, patch_size=16, n_embd=192, n_layer=12, n_head=3,

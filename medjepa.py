@@ -454,7 +454,7 @@ class Predictor(nn.Module):
     Sequence = [context tokens (Nc) | mask tokens of block 1 (K) | ... | block M (K)]. A boolean
     attention mask lets every token read the context, mask tokens also read their own block, and
     nothing read another block: the M predictions stay independent, as if run one by one, at the
-    cost of one pass (SPEC.md section 8: four separate passes were ~1.9x slower).
+    cost of one pass (four separate passes were measured at ~1.9x the time of one).
     """
     positions = staticmethod(sincos_2d)  # medjepa3d.py: sincos_3d
 

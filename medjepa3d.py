@@ -4,7 +4,7 @@ MedJEPA-3D: the same JEPA, for CT / MRI volumes and for medical video (ultrasoun
 Everything that does not depend on the number of spatial axes comes from medjepa.py: the transformer
 blocks, the predictor with its block-diagonal attention, the objective (JEPA.mask_loss), SIGReg, the
 configurator, the optimiser, the training loop with its logs, checkpoints, DDP and resume. This file
-adds only what is 3-D (SPEC.md section 3, V-JEPA):
+adds only what is 3-D, after V-JEPA (Bardes et al. 2024, https://arxiv.org/abs/2404.08471):
 
     tubelets      a Conv3d patch embedding: a (pd, ph, pw) box of voxels -> one token. Volumes use
                   cubic or anisotropic boxes (8x8x8, or 4x8x8 for thick slices); video 2x16x16.

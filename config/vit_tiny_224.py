@@ -1,5 +1,5 @@
-# ViT-Tiny/16 at 224 px with a 6 x 384 predictor: the size the seed MedJEPA package was timed at
-# (SPEC.md section 8). Needs 224 px data:  python prepare.py demo --size=224 --out=data/demo224
+# ViT-Tiny/16 at 224 px with a 6 x 384 predictor: the size an earlier MedJEPA implementation was timed
+# at (bench.py's 'ref' preset). Needs 224 px data:  python prepare.py demo --size=224 --out=data/demo224
 out_dir = 'out-vit-tiny-224'
 data_dir = 'data/demo224'
 image_size = 224

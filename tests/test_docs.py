@@ -1,4 +1,4 @@
-"""The docs run as written and point at code that exists, so they cannot drift silently (issue 8).
+"""The docs run as written and point at code that exists, so they cannot drift silently.
 
 The conventions every page (README.md, docs/*.md) follows; docs/README.md repeats them for writers.
 
@@ -27,9 +27,6 @@ References (checked in every page, fenced blocks included):
       writing a .py line number (`medjepa.py:L120`, a bare #L120) is refused.
       After editing the code, `python tests/test_docs.py --fix-line-refs` rewrites every range to the
       symbol's current first and last line (then re-read the prose around each one).
-
-pages in PENDING are the existing pages that phase 2 of issue 8 converts to these conventions; the
-block-marking and runnability checks skip them until then (their references are still checked).
 """
 import ast
 import os
@@ -44,7 +41,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ['README.md'] + sorted(f'docs/{f}' for f in os.listdir(os.path.join(ROOT, 'docs')) if f.endswith('.md'))
-PENDING = set()  # phase 2 of issue 8 converted docs/3d.md, datasets.md, data_format.md and scaling.md
 SHOWN = {'console', 'text', 'json', 'slurm'}
 PLACEHOLDERS = {'config/x.py',  # "your config file" in command examples
                 'tests/test_x.py',  # docs/README.md: the form of a test reference
@@ -154,8 +150,6 @@ def run_command(state, cmd):
 @pytest.mark.parametrize('page', PAGES)
 def test_every_code_block_says_whether_it_runs(page):
     """Each block is python, bash (runnable commands only), text output after python, or shown-only."""
-    if page in PENDING:
-        pytest.skip('an existing page that phase 2 of issue 8 converts')
     bad, prev = [], None
     for line, info, text in blocks(page):
         if info == 'text output':
@@ -170,7 +164,7 @@ def test_every_code_block_says_whether_it_runs(page):
     assert not bad, '\n'.join(bad)
 
 
-@pytest.mark.parametrize('page', [p for p in PAGES if p not in PENDING])
+@pytest.mark.parametrize('page', PAGES)
 def test_snippets_run_as_written(page, scratch):
     """Runs the page's python and bash blocks in order in the scratch copy; compares `text output`."""
     found = blocks(page)

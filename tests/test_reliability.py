@@ -1,4 +1,4 @@
-"""Faults and bad input (issue 7; docs/reliability.md has the table): kill -9 during training and
+"""Faults and bad input (docs/reliability.md has the table): kill -9 during training and
 during a checkpoint write, torn checkpoints, a full disk, NaN/inf steps, bad config values, bad data."""
 import errno
 import io
