@@ -8,9 +8,11 @@ protocol, and draw the pictures that show what it learned.
     python eval.py --ckpt=out-demo-views/ckpt.pt --device=cuda --finetune_iters=3000 --seg_epochs=50
     python eval.py --help                                              # every flag, with its default
 
-On the demo data (6000/999/2001 images at 64 px, encoder 6 x 192) the default run takes about
-3-4 minutes on 2 CPU cores. It prints one markdown table per task and writes eval.json (every number,
-the settings, seeds and data set), eval.md (the tables) and figures/*.png next to the checkpoint.
+On the demo data (6000/999/2001 images at 64 px, encoder 6 x 192) the run without the supervised row
+(--baselines=random,pixels) takes about 3-4 minutes on 2 CPU cores; the supervised row adds its
+training (the pretraining's 600 steps of 64 images) and its tasks. It prints one markdown table per
+task and writes eval.json (every number, the settings, seeds and data set), eval.md (the tables) and
+figures/*.png next to the checkpoint.
 docs/evaluation.md explains each protocol at more length.
 
 The lesson: a representation is good if the label is easy to read out of it. Each task asks that
