@@ -8,13 +8,15 @@ protocol, and draw the pictures that show what it learned.
     python eval.py --ckpt=out-demo-views/ckpt.pt --device=cuda --finetune_iters=3000 --seg_epochs=50
     python eval.py --help                                              # every flag, with its default
 
-On the demo data (6000/999/2001 images at 64 px, encoder 6 x 192) the default run takes about
-3-4 minutes on 2 CPU cores. It prints one markdown table per task and writes eval.json (every number,
-the settings, seeds and data set), eval.md (the tables) and figures/*.png next to the checkpoint.
+On the demo data (6000/999/2001 images at 64 px, encoder 6 x 192) the run without the supervised row
+(--baselines=random,pixels) takes about 3-4 minutes on 2 CPU cores; the supervised row adds its
+training (the pretraining's 600 steps of 64 images) and its tasks. It prints one markdown table per
+task and writes eval.json (every number, the settings, seeds and data set), eval.md (the tables) and
+figures/*.png next to the checkpoint.
 docs/evaluation.md explains each protocol at more length.
 
 The lesson: a representation is good if the label is easy to read out of it. Each task asks that
-question in its own way (SPEC.md section 4), in its own table with one row per encoder:
+question in its own way, in its own table with one row per encoder:
 
     knn       no training at all: do the k most similar train images (cosine) share the label?
     linear    a logistic regression on frozen features: is the label linearly there?
@@ -25,7 +27,9 @@ question in its own way (SPEC.md section 4), in its own table with one row per e
     domain    kNN per hospital and across hospitals; can a linear probe tell the hospitals apart?
 
 Rows: the checkpoint; the same architecture untrained (random-init: what the architecture alone
-gives); raw pixels (what needs no learning); optionally an ImageNet ViT (what transfer gives).
+gives); raw pixels (what needs no learning); the same architecture trained with the labels for the
+pretraining's steps (supervised: the ceiling); optionally an ImageNet ViT (what transfer gives).
+A checkpoint evaluates on any data set (--data_dir): other image sizes, other channel counts.
 
 Honesty rules, enforced here and checked by tests/test_eval.py: every choice (a probe's C, the
 fine-tuning step, the segmentation epoch) is made on VAL; TEST is read once per reported number,
@@ -58,6 +62,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+import eval_figures
 import medjepa
 
 
@@ -66,7 +71,7 @@ import medjepa
 ckpt = 'out-demo/ckpt.pt'   # checkpoint written by medjepa.py; eval.json / eval.md / figures/ go next to it
 data_dir = ''               # data set folder; '' = the one the checkpoint was trained on
 tasks = 'auto'              # comma-separated: knn,linear,fewshot,finetune,seg,domain; auto = all the data support
-baselines = 'random,pixels' # rows besides the checkpoint: random-init encoder, raw pixels ('none' = no rows)
+baselines = 'random,pixels,supervised'  # rows besides the checkpoint: random-init, raw pixels, supervised ('none' = no rows)
 imagenet = ''               # path to an ImageNet ViT state dict (timm layout, e.g. ViT-B/16): adds an 'imagenet' row
 imagenet_size = 224         # images are resized to this for the ImageNet row (its training resolution)
 device = 'cpu'              # where networks run ('cpu', 'cuda', 'mps')
@@ -79,6 +84,7 @@ pixel_size = 16             # raw-pixel baseline: images area-averaged to pixel_
 shots = '1,5,10,20'         # few-shot: labelled train images per class
 fractions = '0.01,0.1,1'    # data efficiency: fractions of the train labels (stratified)
 fewshot_seeds = 5           # draws per few-shot / fraction setting; the table shows mean +- std
+fewshot_C = 1.0             # few-shot / fraction probes: C fixed in advance, never tuned on val (docs/evaluation.md)
 finetune_iters = 50         # fine-tuning steps (a short run on CPU; use thousands on a GPU)
 finetune_batch = 32         # fine-tuning images per step
 finetune_lr = 5e-4          # fine-tuning peak lr of the head and the last block; earlier layers get less
@@ -89,6 +95,9 @@ seg_epochs = 8              # segmentation: passes over those images; the best v
 seg_lr = 3e-3               # segmentation head learning rate (AdamW)
 seg_finetune_iters = 0      # segmentation: after the frozen fit, train encoder + head end to end this many steps (0 = off)
 seg_finetune_lr = 5e-4      # segmentation fine-tuning peak lr of head and last block (earlier: layer_decay; batch etc.: finetune_*)
+supervised_iters = -1       # supervised row: steps trained with the labels; -1 = the checkpoint's max_iters, 0 = no row
+supervised_lr = 1e-3        # supervised row: peak AdamW lr (warmup 10 % of the steps, then cosine)
+supervised_eval_every = 100 # supervised row: score val at step 0 and every this many steps; the best step is kept
 figures = True              # draw figures/*.png next to the checkpoint
 embedding = 'pca'           # 2-D embedding map: 'pca' (instant) or 'tsne' (slower, often clearer clusters)
 KEYS = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -285,6 +294,16 @@ class LearnedPosViT(medjepa.ViT):
         return pos.flatten(2)[0].T.to(device)  # (gh*gw, D)
 
 
+def adapt_patch_embed(w, in_chans):
+    """Patch-embedding filters (D, C, *patch) -> (D, in_chans, *patch), for weights trained on another
+    number of channels (ImageNet or our own RGB checkpoint on grey X-rays, a grey one on 4-channel MRI).
+    Every new channel gets the old filters' sum / in_chans, so an image whose channels are all equal,
+    (g, ..., g), gives the same tokens as before: RGB -> grey sums the filters, grey -> RGB repeats / 3."""
+    if w.shape[1] == in_chans:
+        return w
+    return (w.sum(1, keepdim=True) / in_chans).repeat(1, in_chans, *[1] * (w.ndim - 2))
+
+
 TIMM_VIT_KEY = re.compile(r'^(patch_embed\.proj|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)|norm)\.')
 
 
@@ -307,10 +326,7 @@ def imagenet_to_medjepa(sd, in_chans=3):
         raise ValueError(f"not a timm-layout ViT state dict: {f'unexpected keys {unknown[:5]}' if unknown else 'no pos_embed'}")
     out = {k: v for k, v in sd.items() if TIMM_VIT_KEY.match(k)}
     w = out['patch_embed.proj.weight']  # (D, 3, p, p)
-    if w.shape[1] != in_chans:
-        if in_chans != 1:
-            raise ValueError(f"ImageNet weights have {w.shape[1]} input channels; this data set has {in_chans}")
-        out['patch_embed.proj.weight'] = w.sum(1, keepdim=True)
+    out['patch_embed.proj.weight'] = adapt_patch_embed(w, in_chans)
     pos = sd['pos_embed']  # (1, prefix tokens + gh0*gw0, D)
     n_prefix = next(n for n in (0, 1, 2) if math.isqrt(pos.shape[1] - n) ** 2 == pos.shape[1] - n)
     out['learned_pos'] = pos[:, n_prefix:]
@@ -377,16 +393,22 @@ def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, Cs=CS, seed=0, 
 
     Standardisation statistics come from `unlabeled` (default train_x; few-shot runs pass the whole
     train set: statistics need no labels). Each C is fitted on train and scored on val (MAIN[task]);
-    only the best (ties -> the smaller C) sees test, once, with no refit.
+    only the best (ties -> the smaller C) sees test, once, with no refit. val_x = None: no selection,
+    Cs holds the one C fixed in advance (few-shot: no val set of that size exists to choose on).
     -> test metrics + 'C' (chosen) + 'val' {C: val score} + 'select' + 'n_iter' {C: iterations}."""
-    K = num_classes or int(max(train_y.max(), val_y.max(), test_y.max())) + 1
+    K = num_classes or int(max(train_y.max(), test_y.max(), -1 if val_y is None else val_y.max())) + 1
     # float32: each lbfgs step streams the features through memory twice; half the bytes is ~1.6x faster
-    train_x, val_x, test_x = (np.asarray(x, dtype=np.float32) for x in (train_x, val_x, test_x))
+    train_x, test_x = np.asarray(train_x, dtype=np.float32), np.asarray(test_x, dtype=np.float32)
     scaler = StandardScaler().fit(train_x if unlabeled is None else np.asarray(unlabeled, np.float32))
-    Xtr, Xva = scaler.transform(train_x), scaler.transform(val_x)
-    select, val, n_iter, best = MAIN[task], {}, {}, (-np.inf, None, None)
+    Xtr, Xva = scaler.transform(train_x), None if val_x is None else scaler.transform(np.asarray(val_x, np.float32))
+    if val_x is None and len(Cs) != 1:
+        raise ValueError(f'without a val set there is nothing to choose on: pass one C, not {Cs}')
+    select, val, n_iter, best = MAIN[task] if val_x is not None else None, {}, {}, (-np.inf, None, None)
     for C in sorted(Cs):
         scores, n_iter[C] = fit_logreg(Xtr, train_y, C, seed, K, task == 'multilabel', max_iter)
+        if Xva is None:
+            best = (None, C, scores)
+            break
         val[C] = classification_metrics(val_y, scores(Xva), task)[select]
         if val[C] > best[0]:  # strict: ties keep the smaller C
             best = (val[C], C, scores)
@@ -498,23 +520,46 @@ def end_to_end(model, head, loss_on, score_val, n, iters, lr, cfg):
     return best[1], val
 
 
-def finetune(encoder, prep, train_feats, data, cfg):
-    """Fine-tune a copy of the encoder + a linear head on the train labels (end_to_end, with crops and
-    flips); the step is picked on val; the best step's weights see test, once."""
-    images, labels, task, K = data['images'], data['labels'], data['task'], data['num_classes']
-    dev, amp = cfg['device'], cfg['dtype'] == 'bfloat16'
-    head = fit_head(train_feats, labels['train'], task, K).to(dev)
-    model, gen = copy.deepcopy(encoder).to(dev), torch.Generator().manual_seed(cfg['seed'])
+def train_classifier(model, head, prep, augment, data, iters, lr, cfg):
+    """Train model + a linear head on its mean-pooled tokens with the train labels (end_to_end; augment:
+    the batch's random crops); the step is picked on val; the best step's weights see test, once."""
+    images, labels, task, dev, amp = data['images'], data['labels'], data['task'], cfg['device'], cfg['dtype'] == 'bfloat16'
     def loss_on(idx):
-        x = prep(images['train'][idx])  # (B, C, S, S)
-        x = medjepa.random_resized_crop(x, x.shape[-1], (0.5, 1.0), gen)
+        x = augment(prep(images['train'][idx]))  # (B, C, *spatial)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = head(model(x).mean(1)).float()  # (B, K)
         return classifier_loss(logits, torch.as_tensor(labels['train'][idx], device=dev), task)
     score = lambda split: classification_metrics(labels[split], predict(model, head, prep, images[split], task, amp=amp), task)
-    step, val = end_to_end(model, head, loss_on, lambda: score('val')[MAIN[task]], len(labels['train']),
-                           cfg['finetune_iters'], cfg['finetune_lr'], cfg)
+    step, val = end_to_end(model, head, loss_on, lambda: score('val')[MAIN[task]], len(labels['train']), iters, lr, cfg)
     return {**score('test'), 'best_step': step, 'val': val, 'select': MAIN[task]}
+
+
+def finetune(encoder, prep, train_feats, data, cfg):
+    """Fine-tune a copy of the encoder + a linear head fitted on its frozen features (LP-FT), with crops
+    and flips."""
+    head = fit_head(train_feats, data['labels']['train'], data['task'], data['num_classes']).to(cfg['device'])
+    gen = torch.Generator().manual_seed(cfg['seed'])
+    crop = lambda x: medjepa.random_resized_crop(x, x.shape[-1], (0.5, 1.0), gen)
+    return train_classifier(copy.deepcopy(encoder).to(cfg['device']), head, prep, crop, data, cfg['finetune_iters'],
+                            cfg['finetune_lr'], cfg)
+
+
+def train_supervised(encoder, prep, data, config, cfg):
+    """The supervised row, the ceiling: the untrained architecture and a fresh linear head trained with
+    the labels for as many steps of as many images as the pretraining had (config), with its crops and
+    flips; AdamW, one lr for all layers, warmup + cosine, the step chosen on val. Trains encoder in place."""
+    torch.manual_seed(cfg['seed'])
+    head = nn.Linear(encoder.norm.normalized_shape[0], data['num_classes']).to(cfg['device'])
+    gen, scale = torch.Generator().manual_seed(cfg['seed']), config['crop_scale']
+    if data['images']['train'].ndim == 5:  # volumes: medjepa3d's crops (and flips of the W axis)
+        import medjepa3d
+        crop = lambda x: medjepa3d.random_crop_3d(x, x.shape[2:], scale, gen, config['flip'], config.get('video', False))
+    else:
+        crop = lambda x: medjepa.random_resized_crop(x, x.shape[-1], scale, gen)
+    batch = config['batch_size'] * config.get('gradient_accumulation_steps', 1)
+    run = {**cfg, 'layer_decay': 1.0, 'finetune_batch': batch, 'finetune_eval_every': cfg['supervised_eval_every']}
+    r = train_classifier(encoder, head, prep, crop, data, cfg['supervised_iters'], cfg['supervised_lr'], run)
+    return {**r, 'iters': cfg['supervised_iters'], 'batch': batch, 'lr': cfg['supervised_lr']}
 
 
 # -----------------------------------------------------------------------------
@@ -633,17 +678,18 @@ def task_linear(row, data, cfg):
 
 def task_fewshot(row, data, cfg):
     """Few-shot (k labels per class) and data efficiency (a fraction of the labels), fewshot_seeds
-    draws each; 100 % of the labels is the linear task's single deterministic run."""
+    draws each, with C fixed in advance (fewshot_C): choosing it on the labelled val set would use
+    more labels than the setting has (999 for "1-shot"). 100 % of the labels is the linear task."""
     X, y, task = row['X'], data['labels'], data['task']
     def probe(idx):
-        return linear_probe(X['train'][idx], y['train'][idx], X['val'], y['val'], X['test'], y['test'], Cs=cfg['Cs'],
+        return linear_probe(X['train'][idx], y['train'][idx], None, None, X['test'], y['test'], Cs=[cfg['fewshot_C']],
                             seed=cfg['seed'], num_classes=data['num_classes'], task=task, unlabeled=X['train'])
     settings = [('shots', k, few_shot_indices) for k in cfg['shots'] if task != 'multilabel']  # k per class: single-label only
     settings += [('fractions', f, fraction_indices) for f in cfg['fractions']]
     res, cells = {'shots': {}, 'fractions': {}}, {}
     for kind, value, draw in settings:
         if kind == 'fractions' and value >= 1:
-            runs = [{**(row['results'].get('linear') or probe(np.arange(len(y['train'])))), 'n_labelled': len(y['train'])}]
+            runs = [{**(row['results'].get('linear') or task_linear(row, data, cfg)[0]), 'n_labelled': len(y['train'])}]
         else:
             runs = [{**probe(idx), 'seed': s, 'n_labelled': len(idx)}
                     for s, idx in ((s, draw(y['train'], value, s)) for s in range(cfg['fewshot_seeds']))]
@@ -731,7 +777,8 @@ def captions(data, c):
             'linear': f"**Linear probe** (logistic regression on standardised frozen features): C from "
                       f"{{{', '.join(f'{C:g}' for C in c['Cs'])}}} {sel}; {test}; seed {c['seed']}.",
             'fewshot': f"**Few-shot and data efficiency**: the linear probe on k train images per class, or on a stratified "
-                       f"fraction of the train labels (C {sel} in each draw); {test}; {MAIN[data['task']]}, mean ± std over "
+                       f"fraction of the train labels, C = {c['fewshot_C']:g} fixed in advance (no val labels; 100 % is the "
+                       f"linear probe, C {sel}); {test}; {MAIN[data['task']]}, mean ± std over "
                        f"{c['fewshot_seeds']} draws (seeds 0-{c['fewshot_seeds'] - 1}).",
             'finetune': f"**Fine-tuning** end to end, LP-FT ({c['finetune_iters']} steps of {c['finetune_batch']} images, "
                         f"AdamW, lr {c['finetune_lr']:g}, layer decay {c['layer_decay']}, crops, flips): step {sel} at 0 (the "
@@ -746,158 +793,6 @@ def captions(data, c):
             'domain': f"**Domain shift** across sites (hospitals / devices): kNN (k=20) per test site with all train images; "
                       f"a→b = train images of site a, test images of site b; a linear probe predicting the site from the "
                       f"features, C {sel}; {test}."}
-
-
-# -----------------------------------------------------------------------------
-# figures (matplotlib, PNG), each readable on its own: title, axes, legend
-
-
-def finish(fig, axes, path, legend=True):
-    for a in axes:
-        if legend:
-            a.legend(fontsize=8)
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def fig_training_curves(plt, path, log_path):
-    recs = [json.loads(line) for line in open(log_path) if line.strip()]
-    steps, knn = [r for r in recs if 'loss' in r], [r for r in recs if 'knn_val' in r]
-    fig, ax = plt.subplots(1, 4, figsize=(18, 3.8))
-    for key in ('loss', 'pred', 'sigreg'):
-        ax[0].plot([r['iter'] for r in steps], [r[key] for r in steps], label=key)
-    ax[1].plot([r['iter'] for r in steps], [r['lr'] for r in steps], label='learning rate')
-    ax[2].plot([r['iter'] for r in knn], [100 * r['knn_val'] for r in knn], 'o-', label='online kNN (val)')
-    ax[3].plot([r['iter'] for r in steps], [r['erank'] for r in steps], label='effective rank (RankMe)')
-    ax[0].set(yscale='log', title='pretraining loss terms', xlabel='step', ylabel='value (log scale)')
-    ax[1].set(title='learning rate schedule', xlabel='step', ylabel='learning rate')
-    ax[2].set(title='online kNN accuracy on val', xlabel='step', ylabel='accuracy (%)')
-    ax[3].set(title='embedding effective rank (collapse monitor)', xlabel='step', ylabel='effective rank')
-    finish(fig, ax, path)
-
-
-def fig_embedding(plt, path, rows, data, method, seed_):
-    """The test features of each network row in 2-D (PCA or t-SNE), coloured by class and by site."""
-    rows = [r for r in rows if not isinstance(r['encoder'], PatchPixels)]
-    y, colourings = data['labels']['test'], [('class', data['meta'].get('classes'))]
-    y = y if y.ndim == 1 else y.argmax(1)  # multi-label: colour by the first present label
-    colourings += [('site', None)] if data['sites'] is not None else []
-    fig, ax = plt.subplots(len(colourings), len(rows), figsize=(6.5 * len(rows), 4.6 * len(colourings)), squeeze=False)
-    for j, row in enumerate(rows):
-        x = StandardScaler().fit_transform(row['X']['test'])
-        if method == 'tsne':
-            from sklearn.manifold import TSNE
-            z = TSNE(2, init='pca', random_state=seed_).fit_transform(x)
-        else:
-            z = x @ np.linalg.svd(x, full_matrices=False)[2][:2].T  # first two principal components (x is centred)
-        for i, (what, names) in enumerate(colourings):
-            c = y if what == 'class' else data['sites']['test']
-            for v in np.unique(c):
-                ax[i, j].scatter(*z[c == v].T, s=4, alpha=0.6, label=names[v] if names else f'{what} {v}')
-            ax[i, j].set(title=f"{row['name']}: test features by {what}", xlabel=f'{method} 1', ylabel=f'{method} 2')
-            ax[i, j].legend(markerscale=3, fontsize=7, loc='center left', bbox_to_anchor=(1, 0.5))
-    finish(fig, ax.flat, path, legend=False)
-
-
-@torch.no_grad()
-def attention_received(encoder, x):
-    """Mean attention each patch RECEIVES in the last block, over heads and all query patches: what the
-    encoder reads to build every token (it has no class token to ask). (B, C, H, W) -> (B, gh, gw)."""
-    attn, grab = encoder.blocks[-1].attn, {}
-    hook = attn.register_forward_pre_hook(lambda m, args: grab.setdefault('x', args[0]))
-    encoder.eval()(x)
-    hook.remove()
-    B, T, D = grab['x'].shape
-    q, k, _ = attn.qkv(grab['x']).view(B, T, 3, attn.n_head, D // attn.n_head).permute(2, 0, 3, 1, 4)
-    a = (q @ k.transpose(-2, -1) / math.sqrt(D // attn.n_head)).softmax(-1)  # (B, nh, T, T)
-    return a.mean((1, 2)).view(B, x.shape[2] // encoder.patch_size, x.shape[3] // encoder.patch_size)
-
-
-def show(a, img, title=None):
-    a.imshow(img.squeeze(), cmap='gray' if img.shape[-1] == 1 else None)
-    a.set(xticks=[], yticks=[], title=title)
-    a.title.set_fontsize(7)
-
-
-def fig_attention(plt, path, rows, data, idx):
-    rows = [r for r in rows if isinstance(r['encoder'], medjepa.ViT)]
-    images, y, classes = data['images']['test'][idx], data['labels']['test'][idx], data['meta'].get('classes')
-    fig, ax = plt.subplots(1 + len(rows), len(idx), figsize=(1.9 * len(idx), 2.1 * (1 + len(rows))), squeeze=False)
-    for j in range(len(idx)):
-        show(ax[0, j], images[j], classes[y[j]] if classes and y.ndim == 1 else f'test #{idx[j]}')
-    for r, row in enumerate(rows, start=1):
-        att = attention_received(row['encoder'], row['prep'](images))[:, None].float()
-        att = F.interpolate(att, size=images.shape[1:3], mode='bilinear')[:, 0].cpu().numpy()
-        for j in range(len(idx)):
-            show(ax[r, j], images[j])
-            ax[r, j].imshow(att[j], cmap='inferno', alpha=0.6)
-        ax[r, 0].set_ylabel(row['name'], fontsize=8)
-    ax[0, 0].set_ylabel('test image', fontsize=8)
-    fig.suptitle('last-block attention received by each patch (bright = attended; mean over heads and queries)')
-    finish(fig, [], path)
-
-
-def fig_data_efficiency(plt, path, results, task):
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4), subplot_kw={'xscale': 'log'})
-    for name, res in results.items():
-        for a, kind, scale in ((ax[0], 'shots', 1), (ax[1], 'fractions', 100)):
-            pts = sorted(res.get('fewshot', {}).get(kind, {}).items())
-            if pts:
-                a.errorbar([scale * k for k, _ in pts], [100 * m['mean'] for _, m in pts],
-                           yerr=[100 * m['std'] for _, m in pts], marker='o', capsize=3, label=name)
-                a.set_xticks([scale * k for k, _ in pts], [f'{scale * k:g}' for k, _ in pts], minor=False)
-                a.minorticks_off()
-    metric = METRIC_NAMES[MAIN[task]]
-    ax[0].set(title='few-shot linear probe (mean ± std over draws)',
-              xlabel='labelled train images per class', ylabel=f'test {metric} (%)')
-    ax[1].set(title='data efficiency: linear probe', xlabel='% of the train labels', ylabel=f'test {metric} (%)')
-    finish(fig, ax, path)
-
-
-def fig_segmentation(plt, path, rows, data):
-    rows = [r for r in rows if 'seg_pred' in r]
-    n = min(6, len(rows[0]['seg_pred']))
-    fig, ax = plt.subplots(len(rows), n, figsize=(2 * n, 2.2 * len(rows)), squeeze=False)
-    for r, row in enumerate(rows):
-        for j, i in enumerate(row['token_idx']['test'][:n]):
-            image, mask, pred = data['images']['test'][i], data['masks']['test'][i], row['seg_pred'][j]
-            if image.ndim == 4:  # a volume: its middle slice
-                image, mask, pred = image[len(image) // 2], mask[len(mask) // 2], pred[len(pred) // 2]
-            show(ax[r, j], image)
-            ax[r, j].contour(mask > 0, levels=[0.5], colors='lime', linewidths=1)
-            ax[r, j].contour(pred > 0, levels=[0.5], colors='magenta', linewidths=1, linestyles='--')
-        ax[r, 0].set_ylabel(row['name'], fontsize=8)
-    ax[0, 0].plot([], [], color='lime', label='ground truth')
-    ax[0, 0].plot([], [], color='magenta', ls='--', label='prediction')
-    fig.legend(loc='lower center', ncol=2)
-    fig.suptitle('segmentation of test images: frozen patch tokens + linear head (foreground contours)')
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
-
-
-def draw_figures(rows, results, data, cfg, out_dir):
-    """Every figure the run can feed, into out_dir/figures/ -> their paths relative to out_dir."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    y = data['labels']['test']
-    idx = [int(np.flatnonzero(y == c)[0]) for c in np.unique(y)][:8] if y.ndim == 1 else list(range(8))
-    log = os.path.join(out_dir, 'log.jsonl')
-    todo = [('training_curves', fig_training_curves, (log,), os.path.isfile(log)),
-            ('embedding', fig_embedding, (rows, data, cfg['embedding'], cfg['seed']), True),
-            ('attention', fig_attention, (rows, data, idx), any(isinstance(r['encoder'], medjepa.ViT) for r in rows)
-             and data['images']['test'].ndim == 4),
-            ('data_efficiency', fig_data_efficiency, (results, data['task']), any('fewshot' in r for r in results.values())),
-            ('segmentation', fig_segmentation, (rows, data), any('seg_pred' in r for r in rows))]
-    os.makedirs(os.path.join(out_dir, 'figures'), exist_ok=True)
-    made = []
-    for name, fn, args, ok in todo:
-        if ok:
-            made.append(os.path.join('figures', f'{name}.png'))
-            fn(plt, os.path.join(out_dir, made[-1]), *args)
-            plt.close('all')
-    return made
 
 
 # -----------------------------------------------------------------------------
@@ -969,14 +864,18 @@ def parse_args(argv=None):
     for u in unknown:
         close = difflib.get_close_matches(u.split('=', 1)[0].lstrip('-'), KEYS, n=1)
         p.error(f"unknown flag {u!r}; " + (f"did you mean --{close[0]}?" if close else f"valid flags: --{', --'.join(KEYS)}"))
-    for key, valid in (('tasks', ['auto', *TASKS]), ('baselines', ['random', 'pixels', 'none'])):
+    for key, valid in (('tasks', ['auto', *TASKS]), ('baselines', ['random', 'pixels', 'supervised', 'none'])):
         setattr(args, key, [v for v in getattr(args, key).split(',') if v not in ('', 'none')])
         for v in set(getattr(args, key)) - set(valid):
             p.error(f"unknown {key[:-1]} {v!r} in --{key}; choose from {', '.join(valid)}")
     for key, valid in (('dtype', ('auto', 'float32', 'bfloat16')), ('embedding', ('pca', 'tsne'))):
         if getattr(args, key) not in valid:
             p.error(f"--{key} must be one of {', '.join(valid)}, got {getattr(args, key)!r}")
-    for key in ('batch_size', 'fewshot_seeds', 'finetune_batch', 'finetune_eval_every', 'seg_epochs'):
+    if args.fewshot_C <= 0:
+        p.error(f"--fewshot_C must be positive, got {args.fewshot_C}")
+    if args.supervised_iters < -1:
+        p.error(f"--supervised_iters must be -1 (the checkpoint's max_iters), 0 (no row) or a number of steps, got {args.supervised_iters}")
+    for key in ('batch_size', 'fewshot_seeds', 'finetune_batch', 'finetune_eval_every', 'seg_epochs', 'supervised_eval_every'):
         if getattr(args, key) < 1:
             p.error(f"--{key} must be at least 1, got {getattr(args, key)}")
     for key, typ, top in (('knn_ks', int, np.inf), ('shots', int, np.inf), ('fractions', float, 1)):
@@ -989,7 +888,8 @@ def parse_args(argv=None):
 
 
 def build_rows(args, ckpt, data):
-    """The encoders compared, each a dict(name, make: () -> encoder module, prep: uint8 -> input tensor)."""
+    """The encoders compared, each a dict(name, make: () -> encoder module, prep: uint8 -> input tensor,
+    and for the supervised row fit: (encoder, cfg) -> its classifier's results, training the encoder)."""
     config, dev, in_chans = ckpt['config'], args.device, data['images']['train'].shape[-1]
     mean, std = data['meta']['mean'], data['meta']['std']
     dims = medjepa.checkpoint_dims(ckpt)
@@ -1002,12 +902,18 @@ def build_rows(args, ckpt, data):
     def jepa(trained):
         torch.manual_seed(args.seed)
         model = build(config, in_chans)
-        if trained:
-            model.load_state_dict(ckpt['model'])  # strict: a mismatch is a bug, not a warning
+        if trained:  # another data set may have other channels: adapt the filters; any image size works
+            sd = {k: adapt_patch_embed(v, in_chans) if k.endswith('patch_embed.proj.weight') else v
+                  for k, v in ckpt['model'].items()}
+            model.load_state_dict(sd)  # strict: a mismatch is a bug, not a warning
         return model.encoder.to(dev)
     rows = [dict(name='pretrained', make=lambda: jepa(True), prep=make_prep(mean, std, dev))]
     if 'random' in args.baselines:
         rows.append(dict(name='random-init', make=lambda: jepa(False), prep=make_prep(mean, std, dev)))
+    if 'supervised' in args.baselines and args.supervised_iters != 0 and data['task'] != 'segmentation':
+        prep = make_prep(mean, std, dev)
+        rows.append(dict(name='supervised', make=lambda: jepa(False), prep=prep,
+                         fit=lambda enc, cfg: train_supervised(enc, prep, data, config, cfg)))
     if 'pixels' in args.baselines:
         rows.append(dict(name='raw pixels', make=lambda: PatchPixels(config['patch_size']), prep=make_prep(mean, std, 'cpu')))
     if args.imagenet:
@@ -1025,6 +931,7 @@ def main(argv=None):
                  f"(it writes out-demo/ckpt.pt), or pass --ckpt=path/to/ckpt.pt")
     ckpt = medjepa.load_checkpoint(args.ckpt)
     config = ckpt['config']
+    args.supervised_iters = int(config['max_iters']) if args.supervised_iters < 0 else args.supervised_iters
     ddir = args.data_dir or config['data_dir']
     data = load_data(ddir)
     n, task, K = data['counts'], data['task'], data['num_classes']
@@ -1060,6 +967,8 @@ def main(argv=None):
     for row in rows:
         t1 = time.time()
         row['encoder'], row['token_idx'] = row.pop('make')(), token_idx
+        fit = row.pop('fit')(row['encoder'], cfg) if 'fit' in row else None  # the supervised row learns first
+        t_fit, t1 = time.time() - t1, time.time()
         pixels = isinstance(row['encoder'], PatchPixels)
         row['X'], row['tokens'] = {}, {}
         for s in SPLITS:  # one frozen pass per split: pooled features for every task, patch tokens for seg
@@ -1068,6 +977,8 @@ def main(argv=None):
             if pixels:  # the probes see area-averaged pixels; segmentation sees each patch's pixels
                 row['X'][s] = pixel_features(data['images'][s], args.pixel_size, data['meta']['mean'], data['meta']['std'])
         res = row['results'] = {'feature_dim': int(row['X']['train'].shape[1]), 'feature_time_s': round(time.time() - t1, 2)}
+        if fit:
+            res.update(classifier=fit, train_time_s=round(t_fit, 2))
         for t in todo:
             t2 = time.time()
             r, cells = TASKS[t](row, data, cfg)
@@ -1076,17 +987,28 @@ def main(argv=None):
                 tables[t] += [{'encoder': row['name'], **c} for c in (cells if isinstance(cells, list) else [cells])]
         row['tokens'] = None  # the biggest arrays: free them before the next row
         results[row['name']] = res
-        print(f"{row['name']}: {res['feature_dim']}-dim features in {res['feature_time_s']:.1f}s, "
+        print(f"{row['name']}: " + (f"trained with the labels in {t_fit:.1f}s, " if fit else '')
+              + f"{res['feature_dim']}-dim features in {res['feature_time_s']:.1f}s, "
               + ', '.join(f"{t} in {res[t + '_time_s']:.1f}s" for t in todo if t + '_time_s' in res), flush=True)
 
     out_dir = os.path.dirname(os.path.abspath(args.ckpt))
-    figs = draw_figures(rows, results, data, cfg, out_dir) if args.figures else []
+    figs = eval_figures.draw_figures(rows, results, data, cfg, out_dir, METRIC_NAMES[MAIN[task]]) if args.figures else []
     caps = captions(data, cfg)
     notes = ["Rows: pretrained = the checkpoint's encoder (mean-pooled tokens); random-init = the same architecture "
              f"untrained (torch.manual_seed({args.seed})); raw pixels = images area-averaged to "
              + (f"{args.pixel_size}x{args.pixel_size}" if data['images']['train'].ndim == 4 else f"{max(1, args.pixel_size // 2)}^3")
              + " and normalised (segmentation: each patch's pixels)"
              + (f"; imagenet = {args.imagenet} at {args.imagenet_size} px" if args.imagenet else '') + f". Features in {dtype}."]
+    if 'supervised' in results:
+        c, m = results['supervised']['classifier'], METRIC_NAMES[MAIN[task]]
+        notes.append(f"supervised = the same architecture trained with the train labels ({c['iters']} steps of {c['batch']} "
+                     f"images as in pretraining, its crops and flips, AdamW lr {c['lr']:g}, warmup + cosine, linear head on "
+                     f"mean-pooled tokens), step {c['best_step']} chosen on val: the ceiling; its own classifier scores "
+                     f"test {m} {100 * c[MAIN[task]]:.1f}.")
+    w = ckpt['model'].get('encoder.patch_embed.proj.weight')
+    if w is not None and w.shape[1] != data['images']['train'].shape[-1]:
+        notes.append(f"The checkpoint saw {w.shape[1]}-channel images; its patch filters were adapted to "
+                     f"{data['images']['train'].shape[-1]} (adapt_patch_embed).")
     if leaky:
         notes.append(f"**WARNING: leakage between splits** (shared groups / identical images): {leaks}")
     if set(args.knn_ks) - set(cfg['knn_ks']):

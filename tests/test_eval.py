@@ -225,17 +225,18 @@ def test_missing_checkpoint_names_the_path_and_how_to_make_one(tmp_path):
     assert path in str(e.value.code) and 'python medjepa.py' in str(e.value.code)
 
 
-def write_tiny_data(data, corrupt_test=False):
-    """A 3-class data set of 16 px images whose class is the colour, with a bright square as the
-    lesion mask, two sites and one group per image. corrupt_test: the same train and val, but the test
-    split's labels and masks shuffled and its images replaced by noise."""
+def write_tiny_data(data, corrupt_test=False, chans=3, size=16):
+    """A 3-class data set of 16 px RGB images whose class is the colour (other channel counts: the
+    brightness), with a bright square as the lesion mask, two sites and one group per image.
+    corrupt_test: the same train and val, but the test split's labels and masks shuffled and its
+    images replaced by noise."""
     rng = np.random.default_rng(0)
     data.mkdir()
     for split, n in (('train', 60), ('val', 30), ('test', 30)):
         y = np.arange(n) % 3
-        x = rng.integers(0, 60, (n, 16, 16, 3)) + 80 * np.eye(3)[y][:, None, None, :]  # class = colour
-        masks = np.zeros((n, 16, 16), np.uint8)
-        for i, (r, c) in enumerate(rng.integers(0, 9, (n, 2))):
+        x = rng.integers(0, 60, (n, size, size, chans)) + (80 * np.eye(3)[y] if chans == 3 else 40 * y[:, None])[:, None, None]
+        masks = np.zeros((n, size, size), np.uint8)
+        for i, (r, c) in enumerate(rng.integers(0, size - 7, (n, 2))):
             masks[i, r:r + 7, c:c + 7] = 1
         x = x + 100 * masks[..., None]  # the lesion is brighter
         sites = (np.arange(n) // 3) % 2
@@ -246,15 +247,16 @@ def write_tiny_data(data, corrupt_test=False):
         for key, a in arrays.items():
             np.save(data / f'{split}_{key}.npy', a if key in ('images', 'masks') else a.astype(np.int64))
     json.dump({'name': 'tiny', 'task': 'multiclass', 'classes': ['r', 'g', 'b'], 'num_classes': 3,
-               'mean': [0.2, 0.2, 0.2], 'std': [0.2, 0.2, 0.2]}, open(data / 'meta.json', 'w'))
+               'mean': [0.2] * chans, 'std': [0.2] * chans}, open(data / 'meta.json', 'w'))
 
 
-def write_tiny_checkpoint(out, data):
-    """An untrained tiny encoder (built, not trained) and a short training log, as medjepa.py writes."""
+def write_tiny_checkpoint(out, data, chans=3):
+    """An untrained tiny encoder (built, not trained; its config: 6 steps of 16 images) and a short
+    training log, as medjepa.py writes."""
     cfg = dict(medjepa.DEFAULTS, data_dir=str(data), patch_size=4, n_layer=1, n_embd=24, n_head=2,
-               pred_n_layer=1, pred_n_embd=12, pred_n_head=2)
+               pred_n_layer=1, pred_n_embd=12, pred_n_head=2, max_iters=6, batch_size=16)
     torch.manual_seed(0)
-    model = medjepa.build_model(cfg, 3)
+    model = medjepa.build_model(cfg, chans)
     out.mkdir()
     torch.save({'model': model.state_dict(), 'config': cfg, 'iter_num': 7}, out / 'ckpt.pt')
     with open(out / 'log.jsonl', 'w') as f:
@@ -272,14 +274,14 @@ def tiny_run(tmp_path):
 
 # every task, shrunk to seconds on the tiny data
 FAST = ['--shots=1,5', '--fractions=0.5,1', '--fewshot_seeds=2', '--finetune_iters=4', '--finetune_eval_every=2',
-        '--finetune_batch=16', '--seg_epochs=20', '--seg_lr=0.03', '--seg_finetune_iters=4']
+        '--finetune_batch=16', '--seg_epochs=20', '--seg_lr=0.03', '--seg_finetune_iters=4', '--supervised_eval_every=2']
 
 
 def test_end_to_end_writes_tables_json_and_figures_next_to_the_checkpoint(tiny_run, capsys):
     report = ev.main([f'--ckpt={tiny_run}', '--knn_ks=10,20,100'] + FAST)
     out = capsys.readouterr().out
     assert report['tasks'] == ['knn', 'linear', 'fewshot', 'finetune', 'seg', 'domain']  # all the data support
-    for name in ('pretrained', 'random-init', 'raw pixels'):
+    for name in ('pretrained', 'random-init', 'raw pixels', 'supervised'):
         assert f'| {name} |' in out
     assert '| raw pixels |' not in out.split('**Fine-tuning**')[1].split('**Segmentation**')[0]  # nothing to tune
     assert '| pretrained, fine-tuned |' in out and '| raw pixels, fine-tuned |' not in out  # segmentation too
@@ -300,6 +302,10 @@ def test_end_to_end_writes_tables_json_and_figures_next_to_the_checkpoint(tiny_r
     assert pix['seg']['mean_dice'] > 0.8  # a bright square: pixels segment it
     assert set(pre['seg']['finetuned']['val_mean_dice']) == {'0', '2', '4'} and 'finetuned' not in pix['seg']
     assert set(pre['domain']['cross_site']) == {'0->0', '0->1', '1->0', '1->1'}
+    sup = saved['results']['supervised']
+    assert (sup['classifier']['iters'], sup['classifier']['batch']) == (6, 16)  # the checkpoint's steps and batch
+    assert set(sup['classifier']['val']) == {'0', '2', '4', '6'} and 'its own classifier scores test acc' in out
+    assert set(sup) >= {'knn', 'linear', 'fewshot', 'finetune', 'seg', 'domain'}  # its features go through every task
     assert (tiny_run.parent / 'eval.md').read_text() in out
     assert report['results']['pretrained']['knn']['k=20']['k'] == 20
     for fig in ('training_curves', 'embedding', 'attention', 'data_efficiency', 'segmentation'):
@@ -361,6 +367,8 @@ def test_end_to_end_on_multilabel_and_ordinal_labels(tmp_path, capsys, task):
     report = ev.main([f'--ckpt={ckpt}'] + FAST)
     assert report['tasks'] == ['knn', 'linear', 'fewshot', 'finetune']  # no masks, no sites
     pix = report['results']['raw pixels']
+    sup = report['results']['supervised']['classifier']  # trained with BCE per label / classes, chosen on val
+    assert sup['select'] == pix['linear']['select'] and sup['iters'] == 6
     if task == 'multilabel':
         assert pix['linear']['select'] == 'auroc' and pix['linear']['auroc'] == 1.0
         assert len(pix['linear']['per_label_auroc']) == 3 and pix['fewshot']['shots'] == {}
@@ -381,3 +389,19 @@ def test_imagenet_row_runs_every_frozen_task_from_a_weights_file(tiny_run, capsy
     assert report['results']['imagenet']['feature_dim'] == 64
     assert report['results']['imagenet']['seg']['n'] == 30  # 4x4 tokens of 8 px -> 32 px logits -> 16 px masks
     assert '| imagenet |' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('chans', [1, 4])
+def test_an_rgb_checkpoint_evaluates_on_grey_or_multichannel_images_of_another_size(tmp_path, capsys, chans):
+    """Cross-data-set transfer: the checkpoint saw 16 px RGB images, the data set holds 24 px images with
+    1 channel (X-ray) or 4 (MRI sequences). The patch filters are adapted (ev.adapt_patch_embed), the
+    sin-cos positions fit any grid; every task runs, and the notes say what was adapted."""
+    write_tiny_data(tmp_path / 'rgb')
+    ckpt = write_tiny_checkpoint(tmp_path / 'out', tmp_path / 'rgb')
+    write_tiny_data(tmp_path / 'other', chans=chans, size=24)
+    report = ev.main([f'--ckpt={ckpt}', f'--data_dir={tmp_path / "other"}', '--tasks=knn,linear,seg', '--figures=false',
+                      '--seg_epochs=2', '--supervised_iters=0'])
+    assert set(report['results']) == {'pretrained', 'random-init', 'raw pixels'}  # --supervised_iters=0: no such row
+    pre = report['results']['pretrained']
+    assert pre['feature_dim'] == 24 and pre['seg']['n'] == 30 and pre['knn']['k=10']['n'] == 30  # every task scored test
+    assert f'The checkpoint saw 3-channel images; its patch filters were adapted to {chans}' in capsys.readouterr().out

@@ -111,6 +111,30 @@ def test_fraction_sampling_is_stratified_and_keeps_every_class():
     assert len(ev.fraction_indices(multi, 0.1, seed=0)) == 100
 
 
+def test_few_shot_probes_use_no_val_label_and_a_C_fixed_in_advance():
+    """A 1-shot probe that picks C on 999 labelled val images has used 1000 labels, not 1 per class.
+    So the few-shot and fraction probes must give the same results whatever the val split holds
+    (here: noise features, shuffled labels); only 100 % (the linear probe) chooses C on val."""
+    rng = np.random.default_rng(0)
+    def split(n):  # 4 overlapping classes: the choice of C would matter
+        y = np.arange(n) % 4
+        return (np.eye(16)[y] + 0.8 * rng.standard_normal((n, 16))).astype(np.float32), y
+    (xtr, ytr), (xva, yva), (xte, yte) = split(400), split(200), split(200)
+    cfg = dict(shots=[1, 5], fractions=[0.1, 1], fewshot_seeds=2, fewshot_C=1.0, seed=0, Cs=ev.CS)
+    def run(xva, yva):
+        row = dict(X={'train': xtr, 'val': xva, 'test': xte}, results={})
+        data = dict(labels={'train': ytr, 'val': yva, 'test': yte}, task='multiclass', num_classes=4)
+        return ev.task_fewshot(row, data, cfg)[0], ev.task_linear(row, data, cfg)[0]
+    (clean, linear), (noisy, noisy_linear) = run(xva, yva), run(rng.standard_normal(xva.shape), rng.permutation(yva))
+    for kind, value in (('shots', 1), ('shots', 5), ('fractions', 0.1)):
+        runs = clean[kind][value]['runs']
+        assert runs == noisy[kind][value]['runs'], (kind, value)  # val changed, few-shot results did not
+        assert all(r['C'] == 1.0 for r in runs) and 0.3 < clean[kind][value]['mean'] < 1  # neither trivial nor useless
+    assert [r['n_labelled'] for r in clean['shots'][1]['runs']] == [4, 4]
+    assert clean['fractions'][1]['mean'] == linear['acc'] and noisy['fractions'][1]['mean'] == noisy_linear['acc']
+    assert linear['val'] != noisy_linear['val']  # the full-label probe does choose on val
+
+
 # -----------------------------------------------------------------------------
 # segmentation: Dice, the token-grid decoder, the head
 
@@ -282,6 +306,24 @@ def test_imagenet_file_loads_with_grey_input_and_foreign_layouts_are_refused(tmp
         ev.imagenet_to_medjepa(bad)
 
 
+def test_patch_filters_adapt_to_another_channel_count_keeping_what_a_grey_image_gives():
+    """One rule for ImageNet weights and our own checkpoints: a grey image g is (g, ..., g) in any
+    number of channels, so the adapted encoder must give on g the tokens the original gave on
+    (g, ..., g): RGB -> grey sums the filters, RGB -> 4 channels spreads their sum over 4; tubelets alike."""
+    torch.manual_seed(0)
+    rgb = medjepa.ViT(3, 4, 24, 1, 2)
+    g = torch.randn(2, 1, 16, 16, dtype=torch.float32)
+    for chans in (1, 4):
+        sd = dict(rgb.state_dict(), **{'patch_embed.proj.weight': ev.adapt_patch_embed(rgb.patch_embed.proj.weight, chans)})
+        enc = medjepa.ViT(chans, 4, 24, 1, 2)
+        enc.load_state_dict(sd)
+        with torch.no_grad():
+            torch.testing.assert_close(enc(g.expand(-1, chans, -1, -1)), rgb(g.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-5)
+    w = torch.randn(8, 1, 2, 4, 4, dtype=torch.float32)  # a grey 3-D checkpoint's tubelet filters
+    torch.testing.assert_close(ev.adapt_patch_embed(w, 2), torch.cat([w / 2, w / 2], 1))
+    assert ev.adapt_patch_embed(w, 1) is w  # the same channels: untouched
+
+
 # -----------------------------------------------------------------------------
 # fine-tuning and leakage
 
@@ -328,3 +370,35 @@ def test_leakage_report_catches_a_test_image_copied_into_val_and_a_shared_patien
     assert report['train/val'] == {'groups': 0, 'images': 0}
     data['groups'] = None  # data sets without groups: only the pixel check
     assert ev.leakage_report(data)['val/test'] == {'groups': 0, 'images': 1}
+
+
+@pytest.mark.parametrize('dims', [2, 3])
+def test_supervised_row_trains_the_encoder_with_the_labels_like_the_pretraining_and_chooses_on_val(dims, monkeypatch):
+    """The ceiling row. An encoder with a zeroed patch embedding sees every image alike (its tokens carry
+    only their position): its frozen features are at chance. Trained with the labels (fresh head, the
+    pretraining's crops with its crop_scale, its batch size) it must learn to read the class (the
+    brightness), score val at step 0 and every supervised_eval_every steps, and keep the best step."""
+    import medjepa3d
+    rng = np.random.default_rng(0)
+    shape, patch = ((16, 16), 4) if dims == 2 else ((8, 16, 16), (2, 4, 4))
+    def split(n):
+        y = np.arange(n) % 2
+        return (rng.integers(0, 100, (n, *shape, 1)) + 120 * y.reshape(-1, *[1] * (dims + 1))).astype(np.uint8), y
+    (xtr, ytr), (xva, yva), (xte, yte) = split(64), split(32), split(32)
+    data = dict(images={'train': xtr, 'val': xva, 'test': xte}, labels={'train': ytr, 'val': yva, 'test': yte},
+                task='multiclass', num_classes=2)
+    torch.manual_seed(0)
+    enc = medjepa.ViT(1, patch, 24, 1, 2) if dims == 2 else medjepa3d.ViT3D(1, patch, 24, 1, 2)
+    nn.init.zeros_(enc.patch_embed.proj.weight), nn.init.zeros_(enc.patch_embed.proj.bias)
+    module, fn = (medjepa, 'random_resized_crop') if dims == 2 else (medjepa3d, 'random_crop_3d')
+    crop, crops = getattr(module, fn), []  # (batch, scale) of every crop drawn
+    monkeypatch.setattr(module, fn, lambda x, size, scale, *a, **k: crops.append((len(x), scale)) or crop(x, size, scale, *a, **k))
+    config = dict(batch_size=16, gradient_accumulation_steps=1, crop_scale=(0.3, 1.0), flip=True)
+    cfg = dict(seed=0, device='cpu', dtype='float32', supervised_iters=40, supervised_lr=1e-2, supervised_eval_every=10)
+    prep = ev.make_prep([0.5], [0.3], 'cpu')
+    r = ev.train_supervised(enc, prep, data, config, cfg)
+    assert r['val'][0] == 0.5 and r['acc'] > 0.9  # untrained: one answer for all; trained: reads the class
+    assert set(r['val']) == {0, 10, 20, 30, 40} and r['best_step'] == max(r['val'], key=r['val'].get)
+    assert len(crops) == 40 and set(crops) == {(16, (0.3, 1.0))}  # one crop per step, the pretraining's batch and scale
+    (ftr, _), (fte, _) = ev.encode(enc, prep, xtr), ev.encode(enc, prep, xte)  # the frozen features the row's tasks see
+    assert ev.knn_accuracy(ftr, ytr, fte, yte, 2)['acc'] > 0.9
