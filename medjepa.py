@@ -962,8 +962,19 @@ def main(argv=None, impl=None):
     impl = impl or sys.modules[__name__]
     try:
         cfg = impl.validate(configure(sys.argv[1:] if argv is None else argv, impl.DEFAULTS))
-        return train(cfg, impl)
-    except (ConfigError, FileNotFoundError) as e:  # wrong settings, missing data or checkpoint: one line, no traceback
+    except ConfigError as e:
+        print(f'{os.path.basename(impl.__file__)}: {e}', file=sys.stderr)
+        sys.exit(2)
+    return train(cfg, impl)
+
+
+def cli(impl=None):
+    """The command line: wrong settings, missing data or a missing checkpoint found once training has
+    started are one line on stderr and exit code 2, not a traceback (main() itself raises them)."""
+    impl = impl or sys.modules[__name__]
+    try:
+        main(impl=impl)
+    except (ConfigError, FileNotFoundError) as e:
         print(f'{os.path.basename(impl.__file__)}: error: {e}', file=sys.stderr)
         sys.exit(2)
 
@@ -1206,4 +1217,4 @@ def train(cfg, impl=None):
 
 
 if __name__ == '__main__':
-    main()
+    cli()

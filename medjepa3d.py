@@ -271,4 +271,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    mj.cli(impl=sys.modules[__name__])

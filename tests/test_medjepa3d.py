@@ -239,7 +239,7 @@ def test_eval_on_volumes_segments_every_organ_against_random_init(demo3d, tmp_pa
     report = ev.main([f'--ckpt={out}/ckpt.pt', '--tasks=knn,linear,seg', '--seg_epochs=2', '--knn_ks=5',
                       '--figures=true', '--seg_finetune_iters=2', '--finetune_eval_every=1'])
     res = report['results']
-    assert set(res) == {'pretrained', 'random-init', 'raw pixels'}
+    assert set(res) == {'pretrained', 'random-init', 'supervised', 'raw pixels'}
     for row in res.values():
         assert len(row['seg']['dice']) == len(prepare.DEMO3D_LABELS) - 1 and 0 <= row['seg']['mean_dice'] <= 1
         assert 0 <= row['knn']['k=5']['acc'] <= 1 and 0 <= row['linear']['acc'] <= 1
