@@ -269,47 +269,110 @@ def download(url, dest, md5=None):
     return dest
 
 
+def resolve_member(name, links, follow_last=True, depth=0):
+    """Where an archive member named `name` really lands, as a tuple of path parts under the folder it
+    unpacks into, following the symbolic links that earlier members made (links: {parts: target}) the
+    way the operating system will; None if it leaves the folder (an absolute path, a '..' too many, a
+    link that points out, a loop). follow_last=False: the name itself is being made (a link), not opened."""
+    if depth > 40 or name.startswith(('/', '\\')) or re.match(r'[A-Za-z]:', name):
+        return None
+    parts = [c for c in name.split('/') if c not in ('', '.')]
+    out = []
+    for i, c in enumerate(parts):
+        if c == '..':
+            if not out:
+                return None
+            out.pop()
+            continue
+        out.append(c)
+        target = links.get(tuple(out))
+        if target is not None and (follow_last or i < len(parts) - 1):
+            real = resolve_member('/'.join(out[:-1] + [target]) if not target.startswith('/') else target,
+                                  links, True, depth + 1)
+            if real is None:
+                return None
+            out = list(real)
+    return tuple(out)
+
+
+def check_members(archive, members):
+    """Refuse, before anything is written, an archive with a member that would land outside the folder it
+    unpacks into. members: (name, kind, link target) in archive order, kind 'file', 'dir', 'symlink' or
+    'hardlink'. Each destination is resolved through the links made before it, and every link again at
+    the end (a link made harmless-looking can be redirected by a later member), so a tar with x -> '.',
+    x/y -> '..', then y/file is refused. Does not rely on tarfile's extraction filters."""
+    links = {}
+
+    def refuse(name, what='member'):
+        raise UnsafeArchiveError(f"{archive.name}: {what} {name!r} points outside the folder it unpacks into; "
+                                 f"refusing to unpack this archive (nothing was written)")
+    for name, kind, target in members:
+        where = resolve_member(name, links, follow_last=kind != 'symlink')
+        if not where:
+            refuse(name)
+        if kind == 'symlink':
+            if resolve_member('/'.join(where[:-1] + (target,)) if not target.startswith('/') else target, links) is None:
+                refuse(name, 'link')
+            links[where] = target
+        elif kind == 'hardlink' and not resolve_member(target, links):  # relative to the archive's root
+            refuse(name, 'link')
+    for where, target in links.items():
+        if resolve_member('/'.join(where), links) is None:
+            refuse('/'.join(where), 'link')
+
+
+def archive_stamp(archive):
+    """What ties an unpacked copy to its archive: name, size, modification time (and, once read, md5)."""
+    st = Path(archive).stat()
+    return {'archive': str(Path(archive).resolve()), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
+
+
 def extract(archive, dest):
     """Unpack a zip or tar(.gz/.bz2/.xz) into dest. Refuses, before writing anything, members that
-    would land outside dest (absolute paths, '..') and links that point outside it; skips devices.
-    Unpacks into dest.tmp and renames, so a dest that exists is complete (and is not redone)."""
+    would land outside dest, through links included (check_members); skips devices. Unpacks into
+    dest.tmp and renames, then records the archive's size, time and md5 in <dest>.archive.json: an
+    unchanged archive is not unpacked again, a changed one (or another archive with the same name) is."""
     archive, dest = Path(archive), Path(dest)
+    marker = dest.with_name(dest.name + '.archive.json')
+    stamp = archive_stamp(archive)
     if dest.exists():
-        return dest
+        old = json.loads(marker.read_text()) if marker.exists() else {}
+        if all(old.get(k) == v for k, v in stamp.items()):
+            return dest
+        if old.get('archive') == stamp['archive'] and old.get('size') == stamp['size'] and old.get('md5') == md5sum(archive):
+            marker.write_text(json.dumps({**stamp, 'md5': old['md5']}))  # touched or copied, not changed
+            return dest
+        print(f"{archive.name} is not the archive {dest} was unpacked from (or it changed): unpacking it again")
+    md5 = md5sum(archive)
     tmp = dest.with_name(dest.name + '.tmp')
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    root = os.path.realpath(tmp)
-
-    def check(name, what='member'):
-        target = os.path.normpath(os.path.join(root, name))
-        if target != root and not target.startswith(root + os.sep):
-            raise UnsafeArchiveError(f"{archive.name}: {what} {name!r} points outside the folder it "
-                                     f"unpacks into; refusing to unpack this archive")
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as z:
-                for info in z.infolist():
-                    check(info.filename)
-                    if stat.S_ISLNK(info.external_attr >> 16):  # zipfile writes a link as a file holding
-                        check(os.path.join(os.path.dirname(info.filename), z.read(info).decode()), 'link')
+                infos = z.infolist()
+                check_members(archive, [  # zipfile writes a link as a file holding its target: checked as a link
+                    (i.filename, 'symlink', z.read(i).decode(errors='replace')) if stat.S_ISLNK(i.external_attr >> 16)
+                    else (i.filename, 'dir' if i.is_dir() else 'file', None) for i in infos])
                 z.extractall(tmp)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as t:
-                members = []
-                for m in t.getmembers():
-                    check(m.name)
-                    if m.issym():  # a symbolic link is relative to its own folder, a hard link to the root
-                        check(os.path.join(os.path.dirname(m.name), m.linkname), 'link')
-                    elif m.islnk():
-                        check(m.linkname, 'link')
-                    if m.isfile() or m.isdir() or m.issym() or m.islnk():
-                        members.append(m)
-                # Python >= 3.12 (and 3.11.4+) also checks with its own 'data' filter
+                members = [m for m in t.getmembers() if m.isfile() or m.isdir() or m.issym() or m.islnk()]
+                check_members(archive, [(m.name, 'symlink' if m.issym() else 'hardlink' if m.islnk() else
+                                         'dir' if m.isdir() else 'file', m.linkname or None) for m in members])
+                # Python >= 3.12 (and 3.11.4+) also checks with its own 'data' filter: a second lock, not the first
                 t.extractall(tmp, members=members, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
         else:
             raise ValueError(f"{archive}: not a zip or tar archive")
+        if dest.exists():
+            shutil.rmtree(dest)  # an unpacked copy of another archive, or of an older version of this one
+        marker.unlink(missing_ok=True)
         os.rename(tmp, dest)
+        marker.write_text(json.dumps({**stamp, 'md5': md5}))
+    except getattr(tarfile, 'FilterError', ()) as e:  # the second lock caught what the first let through
+        raise UnsafeArchiveError(f"{archive.name}: {e}; refusing to unpack this archive") from e
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
+        raise ValueError(f"{archive}: damaged archive ({type(e).__name__}: {e}): delete it and fetch it again") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -355,14 +418,20 @@ def get_raw(name, out_dir, source='', files=None, how_to_get=None):
             if found and md5:
                 verify(found[0], md5)
     # unpack archives inside (HAM10000's image zips, ChestX-ray14's tarballs, an MSD task's tar), once
-    done, todo = set(), True
+    done, todo, claimed = set(), True, set()
     while todo:
         todo = [p for r in roots for p in sorted(r.rglob('*')) if p.is_file() and is_archive(p)
                 and visible(p) and p not in done]
         for p in todo:
             done.add(p)
             stem = p.name[:-len(next(s for s in ARCHIVE_SUFFIXES if p.name.lower().endswith(s)))]
-            unpacked = extract(p, downloads / 'unpacked' / stem)
+            dest = downloads / 'unpacked' / stem
+            marker = dest.with_name(stem + '.archive.json')
+            owner = json.loads(marker.read_text()).get('archive') if marker.exists() else None
+            if dest in claimed or owner not in (None, str(p.resolve())):  # two archives of one name: both kept
+                dest = dest.with_name(f"{stem}-{hashlib.md5(str(p.resolve()).encode()).hexdigest()[:8]}")
+            claimed.add(dest)
+            unpacked = extract(p, dest)
             if not any(r == unpacked or r in unpacked.parents for r in roots):  # else a root covers it
                 roots.append(unpacked)
     return roots
@@ -377,6 +446,18 @@ def find(roots, pattern, required=True):
     if required:
         raise FileNotFoundError(f"no file named {pattern} under {', '.join(map(str, roots))}")
     return None
+
+
+def files_under(root):
+    """Every visible file under root, sorted, following symbolic links to folders (a class folder that
+    is a link to another disk is common; Path.rglob skips them). A link back to a folder already being
+    walked (a loop) or to one walked already is not followed again."""
+    out, seen = [], {os.path.realpath(root)}
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in sorted(dirs) if os.path.realpath(os.path.join(folder, d)) not in seen]
+        seen.update(os.path.realpath(os.path.join(folder, d)) for d in dirs)
+        out += [Path(folder) / n for n in names]
+    return sorted(p for p in out if p.is_file() and visible(p))
 
 
 def index_files(roots, suffixes):
@@ -1876,8 +1957,7 @@ def prepare_folder(out_dir='data/folder', source: str = '', csv: str = '', size:
         groups = [r['group'] for r in rows] if rows and 'group' in rows[0] else None
     else:
         roots = get_raw('folder', out_dir, source, how_to_get="Give the folder with --source.")
-        paths = sorted(p for r in roots for p in r.rglob('*') if p.is_file() and visible(p)
-                       and p.suffix.lower() in PICTURE_SUFFIXES)
+        paths = [p for r in roots for p in files_under(r) if p.suffix.lower() in PICTURE_SUFFIXES]
         flat = all(p.parent in roots for p in paths)
         names = None if flat else [p.parent.name for p in paths]
         groups = None
@@ -2160,7 +2240,7 @@ def is_dicom(path):
 def find_clips(roots):
     """Every clip under roots: the folders that hold frame pictures, and the clip files (GIF, TIFF, DICOM,
     and movies, which are reported) outside those folders."""
-    files = [p for r in roots for p in sorted(Path(r).rglob('*')) if p.is_file() and visible(p)]
+    files = [p for r in roots for p in files_under(r)]
     frame_dirs = {p.parent for p in files if p.suffix.lower() in FRAME_SUFFIXES}
     clips = [p for p in files if p.parent not in frame_dirs
              and (p.suffix.lower() in CLIP_SUFFIXES + MOVIE_SUFFIXES or is_dicom(p))]
