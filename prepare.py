@@ -1270,6 +1270,28 @@ HAM_FILES = {'dataverse_files.zip': (
     'https://dataverse.harvard.edu/api/access/dataset/:persistentId/?persistentId=doi:10.7910/DVN/DBW86T', None)}
 
 
+HAM_PAGE = 'https://dataverse.harvard.edu/dataset.xhtml?persistentId=doi:10.7910/DVN/DBW86T'
+
+
+def dataverse_missing(roots):
+    """What a Dataverse bundle left out. Its zip holds MANIFEST.TXT, one line per file: 'NAME (type) N bytes.'
+    when the file is in the zip, any other text (over the bundle's size limit, an I/O error) when it is
+    not. Returns a line for every file that is left out (and not found elsewhere under roots, e.g.
+    fetched by hand since) or whose size differs from the manifest's."""
+    problems = []
+    for manifest in (p for r in roots for p in sorted(Path(r).rglob('MANIFEST.TXT')) if visible(p)):
+        for line in filter(None, map(str.strip, manifest.read_text(errors='replace').splitlines())):
+            included = re.fullmatch(r'(.+?) \([^()]*\) (\d+) bytes\.', line)
+            name = included.group(1) if included else line.split(' (')[0]
+            here = [p for r in roots for p in Path(r).rglob(name) if p.is_file() and visible(p)] if name else []
+            if not included and not here:
+                problems.append(f"{name}: {line[len(name):].strip()}")
+            elif included and not any(p.stat().st_size == int(included.group(2)) for p in here):
+                problems.append(f"{name}: MANIFEST.TXT says {included.group(2)} bytes, "
+                                f"{'not found' if not here else f'{here[0].stat().st_size} bytes here'}")
+    return problems
+
+
 def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224, isic_test: bool = True,
                      val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
     """
@@ -1277,11 +1299,15 @@ def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224,
 
     Why groups. Many lesions were photographed several times; an image-level split would put
     near-copies of a test lesion in train. So splits are made of whole lesions (lesion_id), stratified
-    by diagnosis. When the ISIC 2018 Task 3 test set with its ground truth is in the download (Dataverse
-    added it in 2023) it is the test split (isic_test=true) and HAM10000 is split into train/val only;
-    lesions that also appear in it are kept out of train/val. Lesion masks
-    (HAM10000_segmentations_lesion_tschandl) are saved when every image of every split has one.
-    Images: centre square crop, resized to size.
+    by diagnosis. With isic_test=true (the default) the ISIC 2018 Task 3 test set with its ground truth
+    (Dataverse added it in 2023) is the test split and HAM10000 is split into train/val only; a download
+    without it is an error, not a quiet switch to another rule (isic_test=false: test = test_fraction of
+    the HAM10000 lesions). The test set's ground truth names no HAM10000 lesion, so a lesion photographed
+    for both cannot be found; a photo in both (the same ISIC image id) can, and its lesion is kept out of
+    train/val. Every file the download should hold must be there: a file left out of the Dataverse bundle
+    (its MANIFEST.TXT) or an image listed in the metadata but absent is an error; a file that is there but
+    does not decode is skipped and listed. Lesion masks (HAM10000_segmentations_lesion_tschandl) are
+    saved when every image of every split has one. Images: centre square crop, resized to size.
     """
     t0 = time.time()
     args = {'source': source, 'size': size, 'isic_test': isic_test, 'val_fraction': val_fraction,
@@ -1290,18 +1316,31 @@ def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224,
         return Path(out_dir)
     info = announce('ham10000')
     roots = get_raw('ham10000', out_dir, source, HAM_FILES)
+    if missing := dataverse_missing(roots):
+        raise FileNotFoundError(f"the HAM10000 download is incomplete: {len(missing)} file(s) left out of the Dataverse "
+                                f"bundle ({'; '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}). Download "
+                                f"each from {HAM_PAGE} into {Path(out_dir).parent / 'downloads' / 'ham10000'} "
+                                f"(or next to your --source) and run again")
     rows = read_table(find(roots, 'HAM10000_metadata*'))
     jpgs, masks = index_files(roots, ['.jpg']), index_files(roots, ['_segmentation.png'])
     gt = find(roots, 'ISIC2018_Task3_Test_GroundTruth*', required=False) if isic_test else None
-    test_rows = []
+    if isic_test and not gt:
+        raise FileNotFoundError(f"no ISIC2018_Task3_Test_GroundTruth file in the download, so the ISIC 2018 test set "
+                                f"cannot be the test split: get it from {HAM_PAGE}, or run with --isic_test=false "
+                                f"to draw the test split from HAM10000's lesions (test_fraction {test_fraction})")
+    test_rows, overlap = [], set()
     if gt:  # two layouts exist: HAM10000-style columns (dx, lesion_id), or one 0/1 column per class
         for r in read_table(gt):
             image = r.get('image_id') or r.get('image')
             dx = r['dx'] if 'dx' in r else HAM_CLASSES[int(np.argmax([float(r[c.upper()]) for c in HAM_CLASSES]))]
             test_rows.append({'image_id': image, 'dx': dx, 'lesion_id': r.get('lesion_id') or f'test:{image}',
                               'dataset': r.get('dataset', '')})
-        test_lesions = {r['lesion_id'] for r in test_rows}
-        rows = [r for r in rows if r['lesion_id'] not in test_lesions]
+        # the lesion ids of the two sets do not share a namespace; ISIC image ids do: a HAM10000 lesion with
+        # a photo in the test set (or, where the ground truth has lesion ids, the same id) leaves train/val
+        test_ids = {r['image_id'] for r in test_rows} | {r['lesion_id'] for r in test_rows}
+        overlap = {r['lesion_id'] for r in rows if r['image_id'] in test_ids or r['lesion_id'] in test_ids}
+        rows = [r for r in rows if r['lesion_id'] not in overlap]
+        print(f"  {len(overlap)} HAM10000 lesion(s) with a photo in the ISIC 2018 test set kept out of train/val")
     lesion_ids = {l: i for i, l in enumerate(sorted({r['lesion_id'] for r in rows + test_rows}))}
     site_names = sorted({r.get('dataset', '') for r in rows + test_rows} - {''})
     split = split_by_group([r['lesion_id'] for r in rows], val_fraction, 0 if gt else test_fraction, seed,
@@ -1312,11 +1351,15 @@ def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224,
     all_rows = [r for s in SPLITS for r in parts[s]]
     with_masks = bool(masks) and all(r['image_id'] in masks for r in all_rows)
     with_sites = bool(site_names) and all(r.get('dataset') for r in all_rows)
-    skipped = [{'file': r['image_id'] + '.jpg', 'reason': 'listed in the metadata but not found'}
-               for r in all_rows if r['image_id'] not in jpgs]
+    absent = [r['image_id'] + '.jpg' for r in all_rows if r['image_id'] not in jpgs]
+    if absent:
+        raise FileNotFoundError(f"{len(absent)} image(s) listed in the metadata or ground truth are not in the "
+                                f"download ({', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}): an image "
+                                f"zip is missing or incomplete. Get the files from {HAM_PAGE} and run again")
+    skipped = []
     with staging_dir(out_dir) as tmp:
         for s in SPLITS:
-            part = [r for r in parts[s] if r['image_id'] in jpgs]
+            part = parts[s]
             print(f"  {s}: {len(part)} images of {len({r['lesion_id'] for r in part})} lesions")
             convert_split(tmp, s, [jpgs[r['image_id']] for r in part], decode_2d, (size, size, 3), skipped,
                           default_workers(workers),
@@ -1326,9 +1369,10 @@ def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224,
                           sites=[site_names.index(r['dataset']) for r in part] if with_sites else None)
         write_meta(tmp, 'ham10000', HAM_CLASSES, args=args, **info,
                    split_rule=("grouped by lesion_id, stratified by dx; " +
-                               ("test = ISIC 2018 Task 3 test set (with ground truth); train/val from "
-                                "HAM10000 without its lesions" if gt else
-                                f"val/test fractions {val_fraction}/{test_fraction} of lesions")) + f", seed {seed}",
+                               ("test = ISIC 2018 Task 3 test set (with ground truth); train/val from HAM10000 "
+                                "without the lesions that have a photo in it" if gt else
+                                f"val/test fractions {val_fraction}/{test_fraction} of lesions (--isic_test=false)"))
+                   + f", seed {seed}", test_overlap_lesions_removed=len(overlap) if gt else None,
                    site_names=site_names if with_sites else None, masks_note=None if with_masks else
                    "no masks: the lesion masks are missing for some images (the ISIC 2018 test set has none)",
                    skipped=report_skipped(skipped))
@@ -1337,6 +1381,31 @@ def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224,
 # --- MedMNIST ------------------------------------------------------------------------------------
 
 MEDMNIST = json.loads((Path(__file__).resolve().parent / 'tables' / 'medmnist.json').read_text())
+
+
+def copy_npy_data(f, shape, fortran, dtype, out, name, block=2**26):
+    """Copy the data of an .npy file (f just past its header) into out (shape `shape`), about `block` bytes
+    at a time. The header's fortran_order flag says the array is stored column-major: the bytes are then
+    those of out's transpose, so they are read along out's last axes instead of its first."""
+    if len(shape) == 0 or math.prod(shape) == 0:
+        return
+    order = shape[::-1] if fortran else shape  # the shape of the bytes as stored, C order
+    # walk the first d stored axes one index at a time and axis d in steps, so a read is at most `block`
+    d = next(k for k in range(len(order)) if math.prod(order[k + 1:]) * dtype.itemsize <= block)
+    rest = math.prod(order[d + 1:])
+    step = max(1, block // (rest * dtype.itemsize))
+    for index in np.ndindex(*order[:d]):
+        for i in range(0, order[d], step):
+            n = min(step, order[d] - i)
+            data = f.read(n * rest * dtype.itemsize)
+            if len(data) != n * rest * dtype.itemsize:
+                raise ValueError(f"{name}: the file ends early (truncated download?): delete it and run again")
+            a = np.frombuffer(data, dtype).reshape(n, *order[d + 1:])
+            where = (*index, slice(i, i + n))
+            if fortran:  # stored axes are out's in reverse: index from the end, and transpose the block
+                out[(Ellipsis, *where[::-1])] = a.T
+            else:
+                out[where] = a
 
 
 def prepare_medmnist(flag, out_dir=None, size: int = 28, source: str = ''):
@@ -1364,16 +1433,12 @@ def prepare_medmnist(flag, out_dir=None, size: int = 28, source: str = ''):
         for s in SPLITS:
             with z.open(f'{s}_images.npy') as f:  # stream the array out of the (compressed) npz
                 version = np.lib.format.read_magic(f)
-                shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
-                                   np.lib.format.read_array_header_2_0)(f)
+                shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                                         np.lib.format.read_array_header_2_0)(f)
                 colour = '3d' not in flag and len(shape) == 4
                 images = np.lib.format.open_memmap(tmp / f'.{s}_partial.npy', 'w+', np.uint8,
                                                    shape if colour else (*shape, 1))
-                step = max(1, 2**26 // (math.prod(shape[1:]) * dtype.itemsize))
-                for i in range(0, shape[0], step):
-                    n = min(step, shape[0] - i)
-                    block = np.frombuffer(f.read(n * math.prod(shape[1:]) * dtype.itemsize), dtype)
-                    images[i:i + n] = block.reshape(n, *shape[1:], *(() if colour else (1,)))
+                copy_npy_data(f, shape, fortran, dtype, images if colour else images[..., 0], f'{npz.name}: {s}_images')
             with z.open(f'{s}_labels.npy') as f:
                 labels = np.load(f).astype(np.int64)  # (N, 1), or (N, 14) for chestmnist
             write_split(tmp, s, images, labels if task.startswith('multi-label') else labels[:, 0])
@@ -1427,7 +1492,8 @@ def prepare_aptos2019(out_dir='data/aptos2019', source: str = '', size: int = 22
 # --- PatchCamelyon -------------------------------------------------------------------------------
 
 PCAM_URL = 'https://zenodo.org/records/2546921/files/{file}?download=1'
-PCAM_MD5 = {  # of the .h5.gz files, as published in the PCam README (github.com/basveeling/pcam)
+PCAM_MD5 = {  # of the .h5.gz files as Zenodo (and the Google Drive copy) serve them, the values torchvision checks.
+    # The PCam README (github.com/basveeling/pcam) lists the valid and test md5s swapped; these are the files' own.
     'camelyonpatch_level_2_split_train_x.h5.gz': '1571f514728f59376b705fc836ff4b63',
     'camelyonpatch_level_2_split_train_y.h5.gz': '35c2d7259d906cfc8143347bb8e05be7',
     'camelyonpatch_level_2_split_valid_x.h5.gz': 'd5b63470df7cfa627aeec8b9dc0c066e',
@@ -1492,23 +1558,40 @@ CXR14_FILES = {f'images_{i + 1:03d}.tar.gz': (f'https://nihcc.box.com/shared/sta
                           'hhq8fkdgvcari67vfhs7ppg2w6ni4jze', 'ioqwiy20ihqwyr8pf4c24eazhh281pbu'])}
 
 
+CXR14_ENTRIES = ['Data_Entry_2017_v2020.csv', 'Data_Entry_2017.csv', 'Data_Entry_2017*.csv']  # newest first
+CXR14_LISTS = ['Data_Entry_2017*.csv', 'train_val_list.txt', 'test_list.txt']
+
+
 def prepare_chestxray14(out_dir='data/chestxray14', source: str = '', size: int = 224, val_fraction: float = 0.1,
                         seed: int = 0, workers: int = 0):
     """
     NIH ChestX-ray14: 112,120 frontal radiographs (1024x1024 PNG) of 30,805 patients; labels are the 14
-    findings of Data_Entry_2017*.csv ('Finding Labels', '|'-separated; 'No Finding' = all zeros) as
+    findings of Data_Entry_2017_v2020.csv (the 2020 relabelling; else Data_Entry_2017.csv) ('Finding
+    Labels', '|'-separated; 'No Finding' = all zeros) as
     (N, 14) 0/1 targets ("task": "multilabel"). Test = the official test_list.txt; val = a patient-grouped
     part of train_val_list.txt (the official lists are already patient-wise). groups = Patient ID.
     Grey, 1 channel. The 12 image tarballs download by script; the csv and the two lists are on the
-    NIH Box page only (put them in data/downloads/chestxray14/ or in --source).
+    NIH Box page only (put them in data/downloads/chestxray14/ or in --source): checked before any download.
     """
     t0 = time.time()
     args = {'source': source, 'size': size, 'val_fraction': val_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
         return Path(out_dir)
     info = announce('chestxray14')
+    # the lists and the csv are on the Box web page only: look for them before 45 GB of tarballs download
+    where = Path(source) if source and Path(source).is_dir() else None if source else \
+        Path(out_dir).parent / 'downloads' / 'chestxray14'
+    if where is not None:
+        missing = [name for name in CXR14_LISTS if find([where], name, required=False) is None]
+        if missing:
+            raise FileNotFoundError(f"{', '.join(missing)} not found in {where}: they are on the NIH Box page only "
+                                    f"(https://nihcc.app.box.com/v/ChestXray-NIHCC); save them there and run again "
+                                    f"(nothing was downloaded)")
     roots = get_raw('chestxray14', out_dir, source, CXR14_FILES)
-    entries = {r['Image Index']: r for r in read_table(find(roots, 'Data_Entry_2017*.csv'))}
+    entry_file = next(filter(None, (find(roots, name, required=False) for name in CXR14_ENTRIES)), None) \
+        or find(roots, CXR14_ENTRIES[-1])  # (raises, naming it)
+    print(f"  labels from {entry_file.name}")
+    entries = {r['Image Index']: r for r in read_table(entry_file)}
     lists = {name: find(roots, f'{name}.txt').read_text().split() for name in ('train_val_list', 'test_list')}
     pngs = index_files(roots, ['.png'])
     skipped = [{'file': f, 'reason': 'listed but not found (or not in the Data_Entry csv)'}
@@ -1527,7 +1610,7 @@ def prepare_chestxray14(out_dir='data/chestxray14', source: str = '', size: int 
                           groups=[int(entries[f]['Patient ID']) for f in parts[s]])
         write_meta(tmp, 'chestxray14', CXR14_FINDINGS, args=args, **info, task='multilabel',
                    split_rule=f"test = official test_list.txt; train/val from train_val_list.txt grouped by "
-                              f"Patient ID (val fraction {val_fraction}, seed {seed})",
+                              f"Patient ID (val fraction {val_fraction}, seed {seed})", labels_file=entry_file.name,
                    skipped=report_skipped(skipped))
     return finish(out_dir, t0)
 
