@@ -621,15 +621,17 @@ def private_path(path):
     return 'sha256:' + hashlib.sha256(str(path).encode()).hexdigest()[:16] if path else ''
 
 
-def report_skipped(skipped, private=False):
+def report_skipped(skipped, private=False, title='skipped {n} unreadable input(s)', limit=20):
     """Print the inputs that were left out; returns what meta.json records about them (with
-    private=True, for DICOM and clinical video, hashes of their paths: the console has the names)."""
+    private=True, for DICOM and clinical video, hashes of their paths: the console has the names).
+    title says what they are: unreadable, or refused by a policy (DICOM's burned-in text).
+    limit: how many to print (None: all, where no meta.json keeps the list)."""
     if skipped:
-        print(f"skipped {len(skipped)} unreadable input(s):")
-        for s in skipped[:20]:
+        print(title.format(n=len(skipped)) + ':')
+        for s in skipped[:limit]:
             print(f"  {s['file']}: {s['reason']}")
-        if len(skipped) > 20:
-            print(f"  ... and {len(skipped) - 20} more (all listed in meta.json{', as path hashes' if private else ''})")
+        if limit is not None and len(skipped) > limit:
+            print(f"  ... and {len(skipped) - limit} more (all listed in meta.json{', as path hashes' if private else ''})")
     files = [dict(file=private_path(s['file']), reason=private_reason(s['reason'], s['file'])) for s in skipped[:10000]] \
         if private else skipped[:10000]
     return {'count': len(skipped), 'files': files}
@@ -2078,8 +2080,10 @@ def prepare_folder(out_dir='data/folder', source: str = '', csv: str = '', size:
 #   - UIDs map through a keyed hash: new = 2.25.<first 128 bits of HMAC-SHA256(run key, old)>. The
 #     same old UID gives the same new one for the whole run (a series stays a series, references
 #     stay valid) and the key is random and never stored, so nobody can go back;
-#   - Burned In Annotation (0028,0301) other than NO means the pixels may show a name: such images
-#     are refused (burned_in='refuse', the default) or kept and flagged (burned_in='flag');
+#   - person names (VR PN) the table does not explicitly keep are emptied, also those it does not list;
+#   - pixels are never edited, so burned-in text is a policy (burned_in_refusal, docs/datasets.md):
+#     Burned In Annotation (0028,0301) YES is refused; absent, it is refused for the kinds of images that
+#     often show text unless the user checked the pixels (burned_in='flag');
 #   - Patient Identity Removed (0012,0062) = YES and De-identification Method (0012,0063) are set.
 
 DEID_TABLE = Path(__file__).resolve().parent / 'tables' / 'dicom_ps3.15_table_E.1-1.tsv'
@@ -2125,6 +2129,8 @@ class Deidentifier:
                 del ds[elem.tag]
                 continue
             a, vr = self.action(elem.tag), str(elem.VR)
+            if vr == 'PN' and a == 'K' and self.exact.get(int(elem.tag)) != 'K':
+                a = 'Z'  # a person's name the table does not list (e.g. Evaluator Name): emptied, never kept
             if a == 'X':
                 del ds[elem.tag]
             elif vr == 'SQ':
@@ -2158,46 +2164,128 @@ class Deidentifier:
         return ds
 
 
-def burned_in_ok(ds, policy):
-    """True if the image may be used: Burned In Annotation is NO, or the policy is 'flag'."""
-    if policy not in ('refuse', 'flag'):
+BURNED_IN_POLICIES = ('refuse', 'flag')
+BURNED_IN_RARE = ('CT', 'MR', 'CR', 'DX', 'MG')  # modalities whose original images rarely carry burned-in text
+SECONDARY_CAPTURE = '1.2.840.10008.5.1.4.1.1.7'  # SOP Class UID prefix of the secondary capture images
+
+
+def burned_in_refusal(ds, policy):
+    """Why an image is refused under the burned-in text policy (docs/datasets.md), or '' if it may be used.
+    Pixels are never cleaned here, so Burned In Annotation (0028,0301) YES is always refused. When the
+    attribute is absent (or empty), the risk depends on where the image comes from: screen captures,
+    ultrasound, angiography, endoscopy and derived or secondary images often show the patient's name;
+    the original images of CT, MR, CR, DX and MG rarely do. 'refuse' keeps only the latter (with a
+    warning); 'flag' means the user looked at the pixels, and keeps every image without the attribute."""
+    if policy not in BURNED_IN_POLICIES:
         raise ValueError(f"--burned_in must be 'refuse' or 'flag', got {policy!r}")
-    return str(ds.get('BurnedInAnnotation', '')).upper() == 'NO' or policy == 'flag'
+    value = str(ds.get('BurnedInAnnotation', '') or '').strip().upper()
+    if value == 'NO':
+        return ''
+    if value == 'YES':
+        return ("refused: Burned In Annotation is YES (the pixels show text, maybe a name; prepare.py does not "
+                "clean pixels: blank the text with an imaging tool and set it to NO)")
+    if policy == 'flag':
+        return ''
+    modality = str(ds.get('Modality', '') or '').strip().upper()
+    image_type = ds.get('ImageType') or []
+    image_type = {str(v).strip().upper() for v in ([image_type] if isinstance(image_type, str) else image_type)}
+    why = ('a secondary capture' if str(ds.get('SOPClassUID', '')).startswith(SECONDARY_CAPTURE) else
+           f"ImageType {'/'.join(sorted(image_type & {'DERIVED', 'SECONDARY'}))}" if image_type & {'DERIVED', 'SECONDARY'}
+           else f"modality {modality or 'not given'}" if modality not in BURNED_IN_RARE else '')
+    if not why:
+        return ''
+    return (f"refused: Burned In Annotation is {'absent' if not value else repr(value)} and the image is {why}, "
+            f"where text in the pixels is common (look at them, then use --burned_in=flag)")
+
+
+def burned_in_unknown(ds):
+    """True if the image does not say whether its pixels hold text (kept with a warning, or flagged)."""
+    return str(ds.get('BurnedInAnnotation', '') or '').strip().upper() != 'NO'
 
 
 def dicom_files(root):
-    return [p for p in sorted(Path(root).rglob('*')) if p.is_file() and visible(p) and p.name != 'DICOMDIR']
+    return [p for p in files_under(root) if p.name != 'DICOMDIR']
+
+
+UID_NAME = re.compile(r'[0-9]+(\.[0-9]+)*')
+
+
+def uid_name(value, fallback):
+    """A UID as a file or folder name, or fallback when it is empty or holds anything but digits and dots
+    (never an empty name, a hidden '.dcm', a '/' or '..')."""
+    value = str(value or '').strip().rstrip('\x00')
+    return value if UID_NAME.fullmatch(value) and len(value) <= 64 else fallback
+
+
+def check_input_folder(path, what):
+    """A folder of inputs given on the command line: missing or a file is a one-line error."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist: give the folder that holds the files")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{what} {path} is a file, not a folder: give the folder that holds the files "
+                                 f"(put a single file in a folder of its own)")
+    return path
 
 
 def anonymize_folder(in_dir, out_dir, burned_in='refuse'):
     """`python prepare.py dicom --anonymize_only IN OUT`: every DICOM file under IN, de-identified, into
     OUT/<new study UID>/<new series UID>/<new SOP instance UID>.dcm (the original names and folders
-    may carry names, so they are not reused). Unreadable files and refused images are reported."""
-    out_dir = Path(out_dir)
+    may carry names, so they are not reused). Every input ends as exactly one output file, a refusal or
+    an unreadable file, each listed with its reason. Inputs that share a SOP Instance UID (one image in
+    two encodings, or copies) are kept apart as <uid>_2.dcm, ... and listed. Nothing written at all is an
+    error: OUT is then not created."""
+    in_dir, out_dir = check_input_folder(in_dir, 'IN'), Path(out_dir)
+    burned_in_refusal(pydicom.Dataset(), burned_in)  # the policy's spelling, before any work
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; pick another OUT")
-    deid, skipped, n = Deidentifier(), [], 0
+    files = dicom_files(in_dir)
+    if not files:
+        raise FileNotFoundError(f"no files under IN {in_dir}")
+    deid, unreadable, refused, renamed, unknown = Deidentifier(), [], [], [], []
     with staging_dir(out_dir) as tmp:
-        for p in dicom_files(in_dir):
+        for p in files:
             try:  # pydicom decodes values lazily: a damaged file can fail in dcmread, de-identification or encoding
                 ds = pydicom.dcmread(p)
-                refused = not burned_in_ok(ds, burned_in)
-                if not refused:
+                refusal = burned_in_refusal(ds, burned_in)
+                if not refusal:
+                    flagged = burned_in_unknown(ds)
                     encoded = io.BytesIO()
                     deid(ds).save_as(encoded, enforce_file_format=False)
             except Exception as e:
-                skipped.append({'file': str(p), 'reason': f"not a readable DICOM file ({type(e).__name__}: {e})"})
+                unreadable.append({'file': str(p), 'reason': f"not a readable DICOM file ({type(e).__name__}: {e})"})
                 continue
-            if refused:
-                skipped.append({'file': str(p), 'reason': 'Burned In Annotation is not NO (use --burned_in=flag '
-                                                          'after checking the pixels)'})
+            if refusal:
+                refused.append({'file': str(p), 'reason': refusal})
                 continue
-            dest = tmp / str(ds.get('StudyInstanceUID', 'no-study')) / str(ds.get('SeriesInstanceUID', 'no-series'))
-            dest.mkdir(parents=True, exist_ok=True)
-            (dest / f"{ds.get('SOPInstanceUID', n)}.dcm").write_bytes(encoded.getvalue())  # (a full disk is not skipped)
-            n += 1
-    report_skipped(skipped)
-    print(f"de-identified {n} file(s) into {out_dir}")
+            folder = tmp / uid_name(ds.get('StudyInstanceUID'), 'no-study-uid') / \
+                uid_name(ds.get('SeriesInstanceUID'), 'no-series-uid')
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = uid_name(ds.get('SOPInstanceUID'), 'no-instance-uid')
+            dest, k = folder / f'{stem}.dcm', 1
+            while dest.exists():  # never over another output: one UID in two files, or no UID at all
+                k += 1
+                dest = folder / f'{stem}_{k}.dcm'
+            with open(dest, 'xb') as f:  # (a full disk is not skipped)
+                f.write(encoded.getvalue())
+            if k > 1:
+                renamed.append({'file': str(p), 'reason': f"shares its SOP Instance UID with an earlier input: "
+                                                          f"written as {dest.relative_to(tmp)}"})
+            if flagged:
+                unknown.append(p)
+        written = sum(1 for _ in tmp.rglob('*.dcm'))  # what is on disk, not what we meant to write
+        report_skipped(unreadable, limit=None)  # no meta.json here: the console is the only list
+        report_skipped(refused, title='refused {n} input(s) for burned-in text (docs/datasets.md, dicom)', limit=None)
+        report_skipped(renamed, title='kept apart {n} input(s) whose SOP Instance UID another input has', limit=None)
+        if unknown:
+            print(f"warning: {len(unknown)} written image(s) do not say whether their pixels show text (no Burned "
+                  f"In Annotation): " + ('you checked them (--burned_in=flag)' if burned_in == 'flag' else
+                                         f"{'/'.join(BURNED_IN_RARE)} originals, where it is rare; look at a few"))
+        print(f"de-identified {written} file(s) into {out_dir} ({len(files)} input(s): {written} written, "
+              f"{len(refused)} refused, {len(unreadable)} unreadable)")
+        if not written:
+            raise ValueError(f"nothing written: none of the {len(files)} file(s) under {in_dir} could be de-identified "
+                             f"(the reasons are listed above)")
     return out_dir
 
 
@@ -2252,32 +2340,38 @@ def prepare_dicom(out_dir='data/dicom', source: str = '', size: int = 224, windo
             'val_fraction': val_fraction, 'test_fraction': test_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
         return Path(out_dir)
+    burned_in_refusal(pydicom.Dataset(), burned_in)  # the policy's spelling, before any work
     roots = get_raw('dicom', out_dir, source, how_to_get="Give the folder with --source.")
-    deid, skipped, images, headers, patients = Deidentifier(), [], [], [], []
-    n_flagged = 0
-    for p in (p for r in roots for p in dicom_files(r)):
+    deid, skipped, refused, images, headers, patients = Deidentifier(), [], [], [], [], []
+    n_flagged = n_used = 0
+    files = [p for r in roots for p in dicom_files(r)]
+    for p in files:
         try:
             ds = pydicom.dcmread(p)
             if 'PixelData' not in ds:
-                raise ValueError("no pixel data")
-            if not burned_in_ok(ds, burned_in):
-                skipped.append({'file': str(p), 'reason': 'Burned In Annotation is not NO (refused; use '
-                                                          '--burned_in=flag after checking the pixels)'})
+                raise ValueError("no pixel data: not an image")
+            refusal = burned_in_refusal(ds, burned_in)
+            if refusal:
+                refused.append({'file': str(p), 'reason': refusal})
                 continue
             frames = dicom_frames(ds, size, window)
             patient = str(ds.get('PatientID', '')) or str(ds.get('StudyInstanceUID', p))  # read before de-id
-            flagged = str(ds.get('BurnedInAnnotation', '')).upper() != 'NO'
+            flagged = burned_in_unknown(ds)
             del ds.PixelData
             header = deid(ds).to_json_dict(bulk_data_threshold=1 << 30, bulk_data_element_handler=lambda e: None)
         except Exception as e:  # pydicom: InvalidDicomError, missing pixel handlers, truncated data...
             skipped.append({'file': str(p), 'reason': f"{type(e).__name__}: {e}"})
             continue
+        n_used += 1
         n_flagged += flagged * len(frames)
         patients += [patient] * len(frames)
         headers += [{'frame': k, 'burned_in_flag': flagged, 'header': header} for k in range(len(frames))]
         images += frames
+    print(f"{len(files)} input file(s): {n_used} converted ({len(images)} image(s)), {len(refused)} refused, "
+          f"{len(skipped)} unreadable or not images")
     if not images:
-        report_skipped(skipped)
+        report_skipped(skipped, title='skipped {n} input(s), unreadable or not images')
+        report_skipped(refused, title='refused {n} input(s) for burned-in text (docs/datasets.md, dicom)')
         raise ValueError(f"no usable DICOM image under {source}")
     groups = np.unique(patients, return_inverse=True)[1]
     split = split_by_group(groups, val_fraction, test_fraction, seed)
@@ -2290,8 +2384,14 @@ def prepare_dicom(out_dir='data/dicom', source: str = '', size: int = 224, windo
                     f.write(json.dumps(headers[i]) + '\n')
         write_meta(tmp, 'dicom', [], args=args, **SOURCES['local'], task='unlabeled',
                    split_rule=f"grouped by patient, val/test fractions {val_fraction}/{test_fraction}, seed {seed}",
-                   deidentification=deid.method, burned_in_flagged=n_flagged,
-                   metadata_files=[f'{s}_metadata.jsonl' for s in SPLITS], skipped=report_skipped(skipped, private=True))
+                   deidentification=deid.method, burned_in_policy=burned_in, burned_in_flagged=n_flagged,
+                   metadata_files=[f'{s}_metadata.jsonl' for s in SPLITS], inputs=len(files),
+                   skipped=report_skipped(skipped, private=True, title='skipped {n} input(s), unreadable or not images'),
+                   refused=report_skipped(refused, private=True, title='refused {n} input(s) for burned-in text '
+                                                                      '(docs/datasets.md, dicom)'))
+        if n_flagged:
+            print(f"warning: {n_flagged} image(s) do not say whether their pixels show text (no Burned In "
+                  f"Annotation); each has burned_in_flag in its metadata line")
     return finish(out_dir, t0)
 
 # --- video: clips from frame folders, GIF / multi-page TIFF, multi-frame DICOM ------------------
@@ -2350,8 +2450,8 @@ def load_clip(path, frames, stride, size, channels, window='', burned_in='refuse
         ds = pydicom.dcmread(path)
         if 'PixelData' not in ds:
             raise ValueError("no pixel data")
-        if not burned_in_ok(ds, burned_in):
-            raise ValueError("Burned In Annotation is not NO (refused; use --burned_in=flag after checking the pixels)")
+        if refusal := burned_in_refusal(ds, burned_in):
+            raise ValueError(refusal)
         keep = sample_frames(int(ds.get('NumberOfFrames', 1) or 1), frames, stride)
         return np.stack(dicom_frames(ds, size, window, channels, keep))
     pages = []
@@ -2405,7 +2505,7 @@ def prepare_video(out_dir='data/video', source: str = '', frames: int = 16, stri
             'test_fraction': test_fraction, 'seed': seed}
     if channels not in (1, 3) or frames < 1 or stride < 1:
         raise ValueError(f"--channels must be 1 or 3 and --frames, --stride at least 1; got {channels}, {frames}, {stride}")
-    burned_in_ok(pydicom.Dataset(), burned_in)  # checks the policy's spelling before any work
+    burned_in_refusal(pydicom.Dataset(), burned_in)  # checks the policy's spelling before any work
     if is_up_to_date(out_dir, args):
         return Path(out_dir)
     roots = get_raw('video', out_dir, source, how_to_get="Give the folder with --source.")
