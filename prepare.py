@@ -269,47 +269,110 @@ def download(url, dest, md5=None):
     return dest
 
 
+def resolve_member(name, links, follow_last=True, depth=0):
+    """Where an archive member named `name` really lands, as a tuple of path parts under the folder it
+    unpacks into, following the symbolic links that earlier members made (links: {parts: target}) the
+    way the operating system will; None if it leaves the folder (an absolute path, a '..' too many, a
+    link that points out, a loop). follow_last=False: the name itself is being made (a link), not opened."""
+    if depth > 40 or name.startswith(('/', '\\')) or re.match(r'[A-Za-z]:', name):
+        return None
+    parts = [c for c in name.split('/') if c not in ('', '.')]
+    out = []
+    for i, c in enumerate(parts):
+        if c == '..':
+            if not out:
+                return None
+            out.pop()
+            continue
+        out.append(c)
+        target = links.get(tuple(out))
+        if target is not None and (follow_last or i < len(parts) - 1):
+            real = resolve_member('/'.join(out[:-1] + [target]) if not target.startswith('/') else target,
+                                  links, True, depth + 1)
+            if real is None:
+                return None
+            out = list(real)
+    return tuple(out)
+
+
+def check_members(archive, members):
+    """Refuse, before anything is written, an archive with a member that would land outside the folder it
+    unpacks into. members: (name, kind, link target) in archive order, kind 'file', 'dir', 'symlink' or
+    'hardlink'. Each destination is resolved through the links made before it, and every link again at
+    the end (a link made harmless-looking can be redirected by a later member), so a tar with x -> '.',
+    x/y -> '..', then y/file is refused. Does not rely on tarfile's extraction filters."""
+    links = {}
+
+    def refuse(name, what='member'):
+        raise UnsafeArchiveError(f"{archive.name}: {what} {name!r} points outside the folder it unpacks into; "
+                                 f"refusing to unpack this archive (nothing was written)")
+    for name, kind, target in members:
+        where = resolve_member(name, links, follow_last=kind != 'symlink')
+        if not where:
+            refuse(name)
+        if kind == 'symlink':
+            if resolve_member('/'.join(where[:-1] + (target,)) if not target.startswith('/') else target, links) is None:
+                refuse(name, 'link')
+            links[where] = target
+        elif kind == 'hardlink' and not resolve_member(target, links):  # relative to the archive's root
+            refuse(name, 'link')
+    for where, target in links.items():
+        if resolve_member('/'.join(where), links) is None:
+            refuse('/'.join(where), 'link')
+
+
+def archive_stamp(archive):
+    """What ties an unpacked copy to its archive: name, size, modification time (and, once read, md5)."""
+    st = Path(archive).stat()
+    return {'archive': str(Path(archive).resolve()), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
+
+
 def extract(archive, dest):
     """Unpack a zip or tar(.gz/.bz2/.xz) into dest. Refuses, before writing anything, members that
-    would land outside dest (absolute paths, '..') and links that point outside it; skips devices.
-    Unpacks into dest.tmp and renames, so a dest that exists is complete (and is not redone)."""
+    would land outside dest, through links included (check_members); skips devices. Unpacks into
+    dest.tmp and renames, then records the archive's size, time and md5 in <dest>.archive.json: an
+    unchanged archive is not unpacked again, a changed one (or another archive with the same name) is."""
     archive, dest = Path(archive), Path(dest)
+    marker = dest.with_name(dest.name + '.archive.json')
+    stamp = archive_stamp(archive)
     if dest.exists():
-        return dest
+        old = json.loads(marker.read_text()) if marker.exists() else {}
+        if all(old.get(k) == v for k, v in stamp.items()):
+            return dest
+        if old.get('archive') == stamp['archive'] and old.get('size') == stamp['size'] and old.get('md5') == md5sum(archive):
+            marker.write_text(json.dumps({**stamp, 'md5': old['md5']}))  # touched or copied, not changed
+            return dest
+        print(f"{archive.name} is not the archive {dest} was unpacked from (or it changed): unpacking it again")
+    md5 = md5sum(archive)
     tmp = dest.with_name(dest.name + '.tmp')
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    root = os.path.realpath(tmp)
-
-    def check(name, what='member'):
-        target = os.path.normpath(os.path.join(root, name))
-        if target != root and not target.startswith(root + os.sep):
-            raise UnsafeArchiveError(f"{archive.name}: {what} {name!r} points outside the folder it "
-                                     f"unpacks into; refusing to unpack this archive")
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as z:
-                for info in z.infolist():
-                    check(info.filename)
-                    if stat.S_ISLNK(info.external_attr >> 16):  # zipfile writes a link as a file holding
-                        check(os.path.join(os.path.dirname(info.filename), z.read(info).decode()), 'link')
+                infos = z.infolist()
+                check_members(archive, [  # zipfile writes a link as a file holding its target: checked as a link
+                    (i.filename, 'symlink', z.read(i).decode(errors='replace')) if stat.S_ISLNK(i.external_attr >> 16)
+                    else (i.filename, 'dir' if i.is_dir() else 'file', None) for i in infos])
                 z.extractall(tmp)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as t:
-                members = []
-                for m in t.getmembers():
-                    check(m.name)
-                    if m.issym():  # a symbolic link is relative to its own folder, a hard link to the root
-                        check(os.path.join(os.path.dirname(m.name), m.linkname), 'link')
-                    elif m.islnk():
-                        check(m.linkname, 'link')
-                    if m.isfile() or m.isdir() or m.issym() or m.islnk():
-                        members.append(m)
-                # Python >= 3.12 (and 3.11.4+) also checks with its own 'data' filter
+                members = [m for m in t.getmembers() if m.isfile() or m.isdir() or m.issym() or m.islnk()]
+                check_members(archive, [(m.name, 'symlink' if m.issym() else 'hardlink' if m.islnk() else
+                                         'dir' if m.isdir() else 'file', m.linkname or None) for m in members])
+                # Python >= 3.12 (and 3.11.4+) also checks with its own 'data' filter: a second lock, not the first
                 t.extractall(tmp, members=members, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
         else:
             raise ValueError(f"{archive}: not a zip or tar archive")
+        if dest.exists():
+            shutil.rmtree(dest)  # an unpacked copy of another archive, or of an older version of this one
+        marker.unlink(missing_ok=True)
         os.rename(tmp, dest)
+        marker.write_text(json.dumps({**stamp, 'md5': md5}))
+    except getattr(tarfile, 'FilterError', ()) as e:  # the second lock caught what the first let through
+        raise UnsafeArchiveError(f"{archive.name}: {e}; refusing to unpack this archive") from e
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
+        raise ValueError(f"{archive}: damaged archive ({type(e).__name__}: {e}): delete it and fetch it again") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -355,14 +418,20 @@ def get_raw(name, out_dir, source='', files=None, how_to_get=None):
             if found and md5:
                 verify(found[0], md5)
     # unpack archives inside (HAM10000's image zips, ChestX-ray14's tarballs, an MSD task's tar), once
-    done, todo = set(), True
+    done, todo, claimed = set(), True, set()
     while todo:
         todo = [p for r in roots for p in sorted(r.rglob('*')) if p.is_file() and is_archive(p)
                 and visible(p) and p not in done]
         for p in todo:
             done.add(p)
             stem = p.name[:-len(next(s for s in ARCHIVE_SUFFIXES if p.name.lower().endswith(s)))]
-            unpacked = extract(p, downloads / 'unpacked' / stem)
+            dest = downloads / 'unpacked' / stem
+            marker = dest.with_name(stem + '.archive.json')
+            owner = json.loads(marker.read_text()).get('archive') if marker.exists() else None
+            if dest in claimed or owner not in (None, str(p.resolve())):  # two archives of one name: both kept
+                dest = dest.with_name(f"{stem}-{hashlib.md5(str(p.resolve()).encode()).hexdigest()[:8]}")
+            claimed.add(dest)
+            unpacked = extract(p, dest)
             if not any(r == unpacked or r in unpacked.parents for r in roots):  # else a root covers it
                 roots.append(unpacked)
     return roots
@@ -377,6 +446,18 @@ def find(roots, pattern, required=True):
     if required:
         raise FileNotFoundError(f"no file named {pattern} under {', '.join(map(str, roots))}")
     return None
+
+
+def files_under(root):
+    """Every visible file under root, sorted, following symbolic links to folders (a class folder that
+    is a link to another disk is common; Path.rglob skips them). A link back to a folder already being
+    walked (a loop) or to one walked already is not followed again."""
+    out, seen = [], {os.path.realpath(root)}
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in sorted(dirs) if os.path.realpath(os.path.join(folder, d)) not in seen]
+        seen.update(os.path.realpath(os.path.join(folder, d)) for d in dirs)
+        out += [Path(folder) / n for n in names]
+    return sorted(p for p in out if p.is_file() and visible(p))
 
 
 def index_files(roots, suffixes):
@@ -540,15 +621,17 @@ def private_path(path):
     return 'sha256:' + hashlib.sha256(str(path).encode()).hexdigest()[:16] if path else ''
 
 
-def report_skipped(skipped, private=False):
+def report_skipped(skipped, private=False, title='skipped {n} unreadable input(s)', limit=20):
     """Print the inputs that were left out; returns what meta.json records about them (with
-    private=True, for DICOM and clinical video, hashes of their paths: the console has the names)."""
+    private=True, for DICOM and clinical video, hashes of their paths: the console has the names).
+    title says what they are: unreadable, or refused by a policy (DICOM's burned-in text).
+    limit: how many to print (None: all, where no meta.json keeps the list)."""
     if skipped:
-        print(f"skipped {len(skipped)} unreadable input(s):")
-        for s in skipped[:20]:
+        print(title.format(n=len(skipped)) + ':')
+        for s in skipped[:limit]:
             print(f"  {s['file']}: {s['reason']}")
-        if len(skipped) > 20:
-            print(f"  ... and {len(skipped) - 20} more (all listed in meta.json{', as path hashes' if private else ''})")
+        if limit is not None and len(skipped) > limit:
+            print(f"  ... and {len(skipped) - limit} more (all listed in meta.json{', as path hashes' if private else ''})")
     files = [dict(file=private_path(s['file']), reason=private_reason(s['reason'], s['file'])) for s in skipped[:10000]] \
         if private else skipped[:10000]
     return {'count': len(skipped), 'files': files}
@@ -1189,6 +1272,28 @@ HAM_FILES = {'dataverse_files.zip': (
     'https://dataverse.harvard.edu/api/access/dataset/:persistentId/?persistentId=doi:10.7910/DVN/DBW86T', None)}
 
 
+HAM_PAGE = 'https://dataverse.harvard.edu/dataset.xhtml?persistentId=doi:10.7910/DVN/DBW86T'
+
+
+def dataverse_missing(roots):
+    """What a Dataverse bundle left out. Its zip holds MANIFEST.TXT, one line per file: 'NAME (type) N bytes.'
+    when the file is in the zip, any other text (over the bundle's size limit, an I/O error) when it is
+    not. Returns a line for every file that is left out (and not found elsewhere under roots, e.g.
+    fetched by hand since) or whose size differs from the manifest's."""
+    problems = []
+    for manifest in (p for r in roots for p in sorted(Path(r).rglob('MANIFEST.TXT')) if visible(p)):
+        for line in filter(None, map(str.strip, manifest.read_text(errors='replace').splitlines())):
+            included = re.fullmatch(r'(.+?) \([^()]*\) (\d+) bytes\.', line)
+            name = included.group(1) if included else line.split(' (')[0]
+            here = [p for r in roots for p in Path(r).rglob(name) if p.is_file() and visible(p)] if name else []
+            if not included and not here:
+                problems.append(f"{name}: {line[len(name):].strip()}")
+            elif included and not any(p.stat().st_size == int(included.group(2)) for p in here):
+                problems.append(f"{name}: MANIFEST.TXT says {included.group(2)} bytes, "
+                                f"{'not found' if not here else f'{here[0].stat().st_size} bytes here'}")
+    return problems
+
+
 def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224, isic_test: bool = True,
                      val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0, workers: int = 0):
     """
@@ -1196,11 +1301,15 @@ def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224,
 
     Why groups. Many lesions were photographed several times; an image-level split would put
     near-copies of a test lesion in train. So splits are made of whole lesions (lesion_id), stratified
-    by diagnosis. When the ISIC 2018 Task 3 test set with its ground truth is in the download (Dataverse
-    added it in 2023) it is the test split (isic_test=true) and HAM10000 is split into train/val only;
-    lesions that also appear in it are kept out of train/val. Lesion masks
-    (HAM10000_segmentations_lesion_tschandl) are saved when every image of every split has one.
-    Images: centre square crop, resized to size.
+    by diagnosis. With isic_test=true (the default) the ISIC 2018 Task 3 test set with its ground truth
+    (Dataverse added it in 2023) is the test split and HAM10000 is split into train/val only; a download
+    without it is an error, not a quiet switch to another rule (isic_test=false: test = test_fraction of
+    the HAM10000 lesions). The test set's ground truth names no HAM10000 lesion, so a lesion photographed
+    for both cannot be found; a photo in both (the same ISIC image id) can, and its lesion is kept out of
+    train/val. Every file the download should hold must be there: a file left out of the Dataverse bundle
+    (its MANIFEST.TXT) or an image listed in the metadata but absent is an error; a file that is there but
+    does not decode is skipped and listed. Lesion masks (HAM10000_segmentations_lesion_tschandl) are
+    saved when every image of every split has one. Images: centre square crop, resized to size.
     """
     t0 = time.time()
     args = {'source': source, 'size': size, 'isic_test': isic_test, 'val_fraction': val_fraction,
@@ -1209,18 +1318,31 @@ def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224,
         return Path(out_dir)
     info = announce('ham10000')
     roots = get_raw('ham10000', out_dir, source, HAM_FILES)
+    if missing := dataverse_missing(roots):
+        raise FileNotFoundError(f"the HAM10000 download is incomplete: {len(missing)} file(s) left out of the Dataverse "
+                                f"bundle ({'; '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}). Download "
+                                f"each from {HAM_PAGE} into {Path(out_dir).parent / 'downloads' / 'ham10000'} "
+                                f"(or next to your --source) and run again")
     rows = read_table(find(roots, 'HAM10000_metadata*'))
     jpgs, masks = index_files(roots, ['.jpg']), index_files(roots, ['_segmentation.png'])
     gt = find(roots, 'ISIC2018_Task3_Test_GroundTruth*', required=False) if isic_test else None
-    test_rows = []
+    if isic_test and not gt:
+        raise FileNotFoundError(f"no ISIC2018_Task3_Test_GroundTruth file in the download, so the ISIC 2018 test set "
+                                f"cannot be the test split: get it from {HAM_PAGE}, or run with --isic_test=false "
+                                f"to draw the test split from HAM10000's lesions (test_fraction {test_fraction})")
+    test_rows, overlap = [], set()
     if gt:  # two layouts exist: HAM10000-style columns (dx, lesion_id), or one 0/1 column per class
         for r in read_table(gt):
             image = r.get('image_id') or r.get('image')
             dx = r['dx'] if 'dx' in r else HAM_CLASSES[int(np.argmax([float(r[c.upper()]) for c in HAM_CLASSES]))]
             test_rows.append({'image_id': image, 'dx': dx, 'lesion_id': r.get('lesion_id') or f'test:{image}',
                               'dataset': r.get('dataset', '')})
-        test_lesions = {r['lesion_id'] for r in test_rows}
-        rows = [r for r in rows if r['lesion_id'] not in test_lesions]
+        # the lesion ids of the two sets do not share a namespace; ISIC image ids do: a HAM10000 lesion with
+        # a photo in the test set (or, where the ground truth has lesion ids, the same id) leaves train/val
+        test_ids = {r['image_id'] for r in test_rows} | {r['lesion_id'] for r in test_rows}
+        overlap = {r['lesion_id'] for r in rows if r['image_id'] in test_ids or r['lesion_id'] in test_ids}
+        rows = [r for r in rows if r['lesion_id'] not in overlap]
+        print(f"  {len(overlap)} HAM10000 lesion(s) with a photo in the ISIC 2018 test set kept out of train/val")
     lesion_ids = {l: i for i, l in enumerate(sorted({r['lesion_id'] for r in rows + test_rows}))}
     site_names = sorted({r.get('dataset', '') for r in rows + test_rows} - {''})
     split = split_by_group([r['lesion_id'] for r in rows], val_fraction, 0 if gt else test_fraction, seed,
@@ -1231,11 +1353,15 @@ def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224,
     all_rows = [r for s in SPLITS for r in parts[s]]
     with_masks = bool(masks) and all(r['image_id'] in masks for r in all_rows)
     with_sites = bool(site_names) and all(r.get('dataset') for r in all_rows)
-    skipped = [{'file': r['image_id'] + '.jpg', 'reason': 'listed in the metadata but not found'}
-               for r in all_rows if r['image_id'] not in jpgs]
+    absent = [r['image_id'] + '.jpg' for r in all_rows if r['image_id'] not in jpgs]
+    if absent:
+        raise FileNotFoundError(f"{len(absent)} image(s) listed in the metadata or ground truth are not in the "
+                                f"download ({', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}): an image "
+                                f"zip is missing or incomplete. Get the files from {HAM_PAGE} and run again")
+    skipped = []
     with staging_dir(out_dir) as tmp:
         for s in SPLITS:
-            part = [r for r in parts[s] if r['image_id'] in jpgs]
+            part = parts[s]
             print(f"  {s}: {len(part)} images of {len({r['lesion_id'] for r in part})} lesions")
             convert_split(tmp, s, [jpgs[r['image_id']] for r in part], decode_2d, (size, size, 3), skipped,
                           default_workers(workers),
@@ -1245,9 +1371,10 @@ def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224,
                           sites=[site_names.index(r['dataset']) for r in part] if with_sites else None)
         write_meta(tmp, 'ham10000', HAM_CLASSES, args=args, **info,
                    split_rule=("grouped by lesion_id, stratified by dx; " +
-                               ("test = ISIC 2018 Task 3 test set (with ground truth); train/val from "
-                                "HAM10000 without its lesions" if gt else
-                                f"val/test fractions {val_fraction}/{test_fraction} of lesions")) + f", seed {seed}",
+                               ("test = ISIC 2018 Task 3 test set (with ground truth); train/val from HAM10000 "
+                                "without the lesions that have a photo in it" if gt else
+                                f"val/test fractions {val_fraction}/{test_fraction} of lesions (--isic_test=false)"))
+                   + f", seed {seed}", test_overlap_lesions_removed=len(overlap) if gt else None,
                    site_names=site_names if with_sites else None, masks_note=None if with_masks else
                    "no masks: the lesion masks are missing for some images (the ISIC 2018 test set has none)",
                    skipped=report_skipped(skipped))
@@ -1256,6 +1383,31 @@ def prepare_ham10000(out_dir='data/ham10000', source: str = '', size: int = 224,
 # --- MedMNIST ------------------------------------------------------------------------------------
 
 MEDMNIST = json.loads((Path(__file__).resolve().parent / 'tables' / 'medmnist.json').read_text())
+
+
+def copy_npy_data(f, shape, fortran, dtype, out, name, block=2**26):
+    """Copy the data of an .npy file (f just past its header) into out (shape `shape`), about `block` bytes
+    at a time. The header's fortran_order flag says the array is stored column-major: the bytes are then
+    those of out's transpose, so they are read along out's last axes instead of its first."""
+    if len(shape) == 0 or math.prod(shape) == 0:
+        return
+    order = shape[::-1] if fortran else shape  # the shape of the bytes as stored, C order
+    # walk the first d stored axes one index at a time and axis d in steps, so a read is at most `block`
+    d = next(k for k in range(len(order)) if math.prod(order[k + 1:]) * dtype.itemsize <= block)
+    rest = math.prod(order[d + 1:])
+    step = max(1, block // (rest * dtype.itemsize))
+    for index in np.ndindex(*order[:d]):
+        for i in range(0, order[d], step):
+            n = min(step, order[d] - i)
+            data = f.read(n * rest * dtype.itemsize)
+            if len(data) != n * rest * dtype.itemsize:
+                raise ValueError(f"{name}: the file ends early (truncated download?): delete it and run again")
+            a = np.frombuffer(data, dtype).reshape(n, *order[d + 1:])
+            where = (*index, slice(i, i + n))
+            if fortran:  # stored axes are out's in reverse: index from the end, and transpose the block
+                out[(Ellipsis, *where[::-1])] = a.T
+            else:
+                out[where] = a
 
 
 def prepare_medmnist(flag, out_dir=None, size: int = 28, source: str = ''):
@@ -1283,16 +1435,12 @@ def prepare_medmnist(flag, out_dir=None, size: int = 28, source: str = ''):
         for s in SPLITS:
             with z.open(f'{s}_images.npy') as f:  # stream the array out of the (compressed) npz
                 version = np.lib.format.read_magic(f)
-                shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
-                                   np.lib.format.read_array_header_2_0)(f)
+                shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                                         np.lib.format.read_array_header_2_0)(f)
                 colour = '3d' not in flag and len(shape) == 4
                 images = np.lib.format.open_memmap(tmp / f'.{s}_partial.npy', 'w+', np.uint8,
                                                    shape if colour else (*shape, 1))
-                step = max(1, 2**26 // (math.prod(shape[1:]) * dtype.itemsize))
-                for i in range(0, shape[0], step):
-                    n = min(step, shape[0] - i)
-                    block = np.frombuffer(f.read(n * math.prod(shape[1:]) * dtype.itemsize), dtype)
-                    images[i:i + n] = block.reshape(n, *shape[1:], *(() if colour else (1,)))
+                copy_npy_data(f, shape, fortran, dtype, images if colour else images[..., 0], f'{npz.name}: {s}_images')
             with z.open(f'{s}_labels.npy') as f:
                 labels = np.load(f).astype(np.int64)  # (N, 1), or (N, 14) for chestmnist
             write_split(tmp, s, images, labels if task.startswith('multi-label') else labels[:, 0])
@@ -1346,7 +1494,8 @@ def prepare_aptos2019(out_dir='data/aptos2019', source: str = '', size: int = 22
 # --- PatchCamelyon -------------------------------------------------------------------------------
 
 PCAM_URL = 'https://zenodo.org/records/2546921/files/{file}?download=1'
-PCAM_MD5 = {  # of the .h5.gz files, as published in the PCam README (github.com/basveeling/pcam)
+PCAM_MD5 = {  # of the .h5.gz files as Zenodo (and the Google Drive copy) serve them, the values torchvision checks.
+    # The PCam README (github.com/basveeling/pcam) lists the valid and test md5s swapped; these are the files' own.
     'camelyonpatch_level_2_split_train_x.h5.gz': '1571f514728f59376b705fc836ff4b63',
     'camelyonpatch_level_2_split_train_y.h5.gz': '35c2d7259d906cfc8143347bb8e05be7',
     'camelyonpatch_level_2_split_valid_x.h5.gz': 'd5b63470df7cfa627aeec8b9dc0c066e',
@@ -1411,23 +1560,40 @@ CXR14_FILES = {f'images_{i + 1:03d}.tar.gz': (f'https://nihcc.box.com/shared/sta
                           'hhq8fkdgvcari67vfhs7ppg2w6ni4jze', 'ioqwiy20ihqwyr8pf4c24eazhh281pbu'])}
 
 
+CXR14_ENTRIES = ['Data_Entry_2017_v2020.csv', 'Data_Entry_2017.csv', 'Data_Entry_2017*.csv']  # newest first
+CXR14_LISTS = ['Data_Entry_2017*.csv', 'train_val_list.txt', 'test_list.txt']
+
+
 def prepare_chestxray14(out_dir='data/chestxray14', source: str = '', size: int = 224, val_fraction: float = 0.1,
                         seed: int = 0, workers: int = 0):
     """
     NIH ChestX-ray14: 112,120 frontal radiographs (1024x1024 PNG) of 30,805 patients; labels are the 14
-    findings of Data_Entry_2017*.csv ('Finding Labels', '|'-separated; 'No Finding' = all zeros) as
+    findings of Data_Entry_2017_v2020.csv (the 2020 relabelling; else Data_Entry_2017.csv) ('Finding
+    Labels', '|'-separated; 'No Finding' = all zeros) as
     (N, 14) 0/1 targets ("task": "multilabel"). Test = the official test_list.txt; val = a patient-grouped
     part of train_val_list.txt (the official lists are already patient-wise). groups = Patient ID.
     Grey, 1 channel. The 12 image tarballs download by script; the csv and the two lists are on the
-    NIH Box page only (put them in data/downloads/chestxray14/ or in --source).
+    NIH Box page only (put them in data/downloads/chestxray14/ or in --source): checked before any download.
     """
     t0 = time.time()
     args = {'source': source, 'size': size, 'val_fraction': val_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
         return Path(out_dir)
     info = announce('chestxray14')
+    # the lists and the csv are on the Box web page only: look for them before 45 GB of tarballs download
+    where = Path(source) if source and Path(source).is_dir() else None if source else \
+        Path(out_dir).parent / 'downloads' / 'chestxray14'
+    if where is not None:
+        missing = [name for name in CXR14_LISTS if find([where], name, required=False) is None]
+        if missing:
+            raise FileNotFoundError(f"{', '.join(missing)} not found in {where}: they are on the NIH Box page only "
+                                    f"(https://nihcc.app.box.com/v/ChestXray-NIHCC); save them there and run again "
+                                    f"(nothing was downloaded)")
     roots = get_raw('chestxray14', out_dir, source, CXR14_FILES)
-    entries = {r['Image Index']: r for r in read_table(find(roots, 'Data_Entry_2017*.csv'))}
+    entry_file = next(filter(None, (find(roots, name, required=False) for name in CXR14_ENTRIES)), None) \
+        or find(roots, CXR14_ENTRIES[-1])  # (raises, naming it)
+    print(f"  labels from {entry_file.name}")
+    entries = {r['Image Index']: r for r in read_table(entry_file)}
     lists = {name: find(roots, f'{name}.txt').read_text().split() for name in ('train_val_list', 'test_list')}
     pngs = index_files(roots, ['.png'])
     skipped = [{'file': f, 'reason': 'listed but not found (or not in the Data_Entry csv)'}
@@ -1446,7 +1612,7 @@ def prepare_chestxray14(out_dir='data/chestxray14', source: str = '', size: int 
                           groups=[int(entries[f]['Patient ID']) for f in parts[s]])
         write_meta(tmp, 'chestxray14', CXR14_FINDINGS, args=args, **info, task='multilabel',
                    split_rule=f"test = official test_list.txt; train/val from train_val_list.txt grouped by "
-                              f"Patient ID (val fraction {val_fraction}, seed {seed})",
+                              f"Patient ID (val fraction {val_fraction}, seed {seed})", labels_file=entry_file.name,
                    skipped=report_skipped(skipped))
     return finish(out_dir, t0)
 
@@ -1876,8 +2042,7 @@ def prepare_folder(out_dir='data/folder', source: str = '', csv: str = '', size:
         groups = [r['group'] for r in rows] if rows and 'group' in rows[0] else None
     else:
         roots = get_raw('folder', out_dir, source, how_to_get="Give the folder with --source.")
-        paths = sorted(p for r in roots for p in r.rglob('*') if p.is_file() and visible(p)
-                       and p.suffix.lower() in PICTURE_SUFFIXES)
+        paths = [p for r in roots for p in files_under(r) if p.suffix.lower() in PICTURE_SUFFIXES]
         flat = all(p.parent in roots for p in paths)
         names = None if flat else [p.parent.name for p in paths]
         groups = None
@@ -1915,8 +2080,10 @@ def prepare_folder(out_dir='data/folder', source: str = '', csv: str = '', size:
 #   - UIDs map through a keyed hash: new = 2.25.<first 128 bits of HMAC-SHA256(run key, old)>. The
 #     same old UID gives the same new one for the whole run (a series stays a series, references
 #     stay valid) and the key is random and never stored, so nobody can go back;
-#   - Burned In Annotation (0028,0301) other than NO means the pixels may show a name: such images
-#     are refused (burned_in='refuse', the default) or kept and flagged (burned_in='flag');
+#   - person names (VR PN) the table does not explicitly keep are emptied, also those it does not list;
+#   - pixels are never edited, so burned-in text is a policy (burned_in_refusal, docs/datasets.md):
+#     Burned In Annotation (0028,0301) YES is refused; absent, it is refused for the kinds of images that
+#     often show text unless the user checked the pixels (burned_in='flag');
 #   - Patient Identity Removed (0012,0062) = YES and De-identification Method (0012,0063) are set.
 
 DEID_TABLE = Path(__file__).resolve().parent / 'tables' / 'dicom_ps3.15_table_E.1-1.tsv'
@@ -1962,6 +2129,8 @@ class Deidentifier:
                 del ds[elem.tag]
                 continue
             a, vr = self.action(elem.tag), str(elem.VR)
+            if vr == 'PN' and a == 'K' and self.exact.get(int(elem.tag)) != 'K':
+                a = 'Z'  # a person's name the table does not list (e.g. Evaluator Name): emptied, never kept
             if a == 'X':
                 del ds[elem.tag]
             elif vr == 'SQ':
@@ -1995,46 +2164,128 @@ class Deidentifier:
         return ds
 
 
-def burned_in_ok(ds, policy):
-    """True if the image may be used: Burned In Annotation is NO, or the policy is 'flag'."""
-    if policy not in ('refuse', 'flag'):
+BURNED_IN_POLICIES = ('refuse', 'flag')
+BURNED_IN_RARE = ('CT', 'MR', 'CR', 'DX', 'MG')  # modalities whose original images rarely carry burned-in text
+SECONDARY_CAPTURE = '1.2.840.10008.5.1.4.1.1.7'  # SOP Class UID prefix of the secondary capture images
+
+
+def burned_in_refusal(ds, policy):
+    """Why an image is refused under the burned-in text policy (docs/datasets.md), or '' if it may be used.
+    Pixels are never cleaned here, so Burned In Annotation (0028,0301) YES is always refused. When the
+    attribute is absent (or empty), the risk depends on where the image comes from: screen captures,
+    ultrasound, angiography, endoscopy and derived or secondary images often show the patient's name;
+    the original images of CT, MR, CR, DX and MG rarely do. 'refuse' keeps only the latter (with a
+    warning); 'flag' means the user looked at the pixels, and keeps every image without the attribute."""
+    if policy not in BURNED_IN_POLICIES:
         raise ValueError(f"--burned_in must be 'refuse' or 'flag', got {policy!r}")
-    return str(ds.get('BurnedInAnnotation', '')).upper() == 'NO' or policy == 'flag'
+    value = str(ds.get('BurnedInAnnotation', '') or '').strip().upper()
+    if value == 'NO':
+        return ''
+    if value == 'YES':
+        return ("refused: Burned In Annotation is YES (the pixels show text, maybe a name; prepare.py does not "
+                "clean pixels: blank the text with an imaging tool and set it to NO)")
+    if policy == 'flag':
+        return ''
+    modality = str(ds.get('Modality', '') or '').strip().upper()
+    image_type = ds.get('ImageType') or []
+    image_type = {str(v).strip().upper() for v in ([image_type] if isinstance(image_type, str) else image_type)}
+    why = ('a secondary capture' if str(ds.get('SOPClassUID', '')).startswith(SECONDARY_CAPTURE) else
+           f"ImageType {'/'.join(sorted(image_type & {'DERIVED', 'SECONDARY'}))}" if image_type & {'DERIVED', 'SECONDARY'}
+           else f"modality {modality or 'not given'}" if modality not in BURNED_IN_RARE else '')
+    if not why:
+        return ''
+    return (f"refused: Burned In Annotation is {'absent' if not value else repr(value)} and the image is {why}, "
+            f"where text in the pixels is common (look at them, then use --burned_in=flag)")
+
+
+def burned_in_unknown(ds):
+    """True if the image does not say whether its pixels hold text (kept with a warning, or flagged)."""
+    return str(ds.get('BurnedInAnnotation', '') or '').strip().upper() != 'NO'
 
 
 def dicom_files(root):
-    return [p for p in sorted(Path(root).rglob('*')) if p.is_file() and visible(p) and p.name != 'DICOMDIR']
+    return [p for p in files_under(root) if p.name != 'DICOMDIR']
+
+
+UID_NAME = re.compile(r'[0-9]+(\.[0-9]+)*')
+
+
+def uid_name(value, fallback):
+    """A UID as a file or folder name, or fallback when it is empty or holds anything but digits and dots
+    (never an empty name, a hidden '.dcm', a '/' or '..')."""
+    value = str(value or '').strip().rstrip('\x00')
+    return value if UID_NAME.fullmatch(value) and len(value) <= 64 else fallback
+
+
+def check_input_folder(path, what):
+    """A folder of inputs given on the command line: missing or a file is a one-line error."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist: give the folder that holds the files")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{what} {path} is a file, not a folder: give the folder that holds the files "
+                                 f"(put a single file in a folder of its own)")
+    return path
 
 
 def anonymize_folder(in_dir, out_dir, burned_in='refuse'):
     """`python prepare.py dicom --anonymize_only IN OUT`: every DICOM file under IN, de-identified, into
     OUT/<new study UID>/<new series UID>/<new SOP instance UID>.dcm (the original names and folders
-    may carry names, so they are not reused). Unreadable files and refused images are reported."""
-    out_dir = Path(out_dir)
+    may carry names, so they are not reused). Every input ends as exactly one output file, a refusal or
+    an unreadable file, each listed with its reason. Inputs that share a SOP Instance UID (one image in
+    two encodings, or copies) are kept apart as <uid>_2.dcm, ... and listed. Nothing written at all is an
+    error: OUT is then not created."""
+    in_dir, out_dir = check_input_folder(in_dir, 'IN'), Path(out_dir)
+    burned_in_refusal(pydicom.Dataset(), burned_in)  # the policy's spelling, before any work
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; pick another OUT")
-    deid, skipped, n = Deidentifier(), [], 0
+    files = dicom_files(in_dir)
+    if not files:
+        raise FileNotFoundError(f"no files under IN {in_dir}")
+    deid, unreadable, refused, renamed, unknown = Deidentifier(), [], [], [], []
     with staging_dir(out_dir) as tmp:
-        for p in dicom_files(in_dir):
+        for p in files:
             try:  # pydicom decodes values lazily: a damaged file can fail in dcmread, de-identification or encoding
                 ds = pydicom.dcmread(p)
-                refused = not burned_in_ok(ds, burned_in)
-                if not refused:
+                refusal = burned_in_refusal(ds, burned_in)
+                if not refusal:
+                    flagged = burned_in_unknown(ds)
                     encoded = io.BytesIO()
                     deid(ds).save_as(encoded, enforce_file_format=False)
             except Exception as e:
-                skipped.append({'file': str(p), 'reason': f"not a readable DICOM file ({type(e).__name__}: {e})"})
+                unreadable.append({'file': str(p), 'reason': f"not a readable DICOM file ({type(e).__name__}: {e})"})
                 continue
-            if refused:
-                skipped.append({'file': str(p), 'reason': 'Burned In Annotation is not NO (use --burned_in=flag '
-                                                          'after checking the pixels)'})
+            if refusal:
+                refused.append({'file': str(p), 'reason': refusal})
                 continue
-            dest = tmp / str(ds.get('StudyInstanceUID', 'no-study')) / str(ds.get('SeriesInstanceUID', 'no-series'))
-            dest.mkdir(parents=True, exist_ok=True)
-            (dest / f"{ds.get('SOPInstanceUID', n)}.dcm").write_bytes(encoded.getvalue())  # (a full disk is not skipped)
-            n += 1
-    report_skipped(skipped)
-    print(f"de-identified {n} file(s) into {out_dir}")
+            folder = tmp / uid_name(ds.get('StudyInstanceUID'), 'no-study-uid') / \
+                uid_name(ds.get('SeriesInstanceUID'), 'no-series-uid')
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = uid_name(ds.get('SOPInstanceUID'), 'no-instance-uid')
+            dest, k = folder / f'{stem}.dcm', 1
+            while dest.exists():  # never over another output: one UID in two files, or no UID at all
+                k += 1
+                dest = folder / f'{stem}_{k}.dcm'
+            with open(dest, 'xb') as f:  # (a full disk is not skipped)
+                f.write(encoded.getvalue())
+            if k > 1:
+                renamed.append({'file': str(p), 'reason': f"shares its SOP Instance UID with an earlier input: "
+                                                          f"written as {dest.relative_to(tmp)}"})
+            if flagged:
+                unknown.append(p)
+        written = sum(1 for _ in tmp.rglob('*.dcm'))  # what is on disk, not what we meant to write
+        report_skipped(unreadable, limit=None)  # no meta.json here: the console is the only list
+        report_skipped(refused, title='refused {n} input(s) for burned-in text (docs/datasets.md, dicom)', limit=None)
+        report_skipped(renamed, title='kept apart {n} input(s) whose SOP Instance UID another input has', limit=None)
+        if unknown:
+            print(f"warning: {len(unknown)} written image(s) do not say whether their pixels show text (no Burned "
+                  f"In Annotation): " + ('you checked them (--burned_in=flag)' if burned_in == 'flag' else
+                                         f"{'/'.join(BURNED_IN_RARE)} originals, where it is rare; look at a few"))
+        print(f"de-identified {written} file(s) into {out_dir} ({len(files)} input(s): {written} written, "
+              f"{len(refused)} refused, {len(unreadable)} unreadable)")
+        if not written:
+            raise ValueError(f"nothing written: none of the {len(files)} file(s) under {in_dir} could be de-identified "
+                             f"(the reasons are listed above)")
     return out_dir
 
 
@@ -2089,32 +2340,38 @@ def prepare_dicom(out_dir='data/dicom', source: str = '', size: int = 224, windo
             'val_fraction': val_fraction, 'test_fraction': test_fraction, 'seed': seed}
     if is_up_to_date(out_dir, args):
         return Path(out_dir)
+    burned_in_refusal(pydicom.Dataset(), burned_in)  # the policy's spelling, before any work
     roots = get_raw('dicom', out_dir, source, how_to_get="Give the folder with --source.")
-    deid, skipped, images, headers, patients = Deidentifier(), [], [], [], []
-    n_flagged = 0
-    for p in (p for r in roots for p in dicom_files(r)):
+    deid, skipped, refused, images, headers, patients = Deidentifier(), [], [], [], [], []
+    n_flagged = n_used = 0
+    files = [p for r in roots for p in dicom_files(r)]
+    for p in files:
         try:
             ds = pydicom.dcmread(p)
             if 'PixelData' not in ds:
-                raise ValueError("no pixel data")
-            if not burned_in_ok(ds, burned_in):
-                skipped.append({'file': str(p), 'reason': 'Burned In Annotation is not NO (refused; use '
-                                                          '--burned_in=flag after checking the pixels)'})
+                raise ValueError("no pixel data: not an image")
+            refusal = burned_in_refusal(ds, burned_in)
+            if refusal:
+                refused.append({'file': str(p), 'reason': refusal})
                 continue
             frames = dicom_frames(ds, size, window)
             patient = str(ds.get('PatientID', '')) or str(ds.get('StudyInstanceUID', p))  # read before de-id
-            flagged = str(ds.get('BurnedInAnnotation', '')).upper() != 'NO'
+            flagged = burned_in_unknown(ds)
             del ds.PixelData
             header = deid(ds).to_json_dict(bulk_data_threshold=1 << 30, bulk_data_element_handler=lambda e: None)
         except Exception as e:  # pydicom: InvalidDicomError, missing pixel handlers, truncated data...
             skipped.append({'file': str(p), 'reason': f"{type(e).__name__}: {e}"})
             continue
+        n_used += 1
         n_flagged += flagged * len(frames)
         patients += [patient] * len(frames)
         headers += [{'frame': k, 'burned_in_flag': flagged, 'header': header} for k in range(len(frames))]
         images += frames
+    print(f"{len(files)} input file(s): {n_used} converted ({len(images)} image(s)), {len(refused)} refused, "
+          f"{len(skipped)} unreadable or not images")
     if not images:
-        report_skipped(skipped)
+        report_skipped(skipped, title='skipped {n} input(s), unreadable or not images')
+        report_skipped(refused, title='refused {n} input(s) for burned-in text (docs/datasets.md, dicom)')
         raise ValueError(f"no usable DICOM image under {source}")
     groups = np.unique(patients, return_inverse=True)[1]
     split = split_by_group(groups, val_fraction, test_fraction, seed)
@@ -2127,8 +2384,14 @@ def prepare_dicom(out_dir='data/dicom', source: str = '', size: int = 224, windo
                     f.write(json.dumps(headers[i]) + '\n')
         write_meta(tmp, 'dicom', [], args=args, **SOURCES['local'], task='unlabeled',
                    split_rule=f"grouped by patient, val/test fractions {val_fraction}/{test_fraction}, seed {seed}",
-                   deidentification=deid.method, burned_in_flagged=n_flagged,
-                   metadata_files=[f'{s}_metadata.jsonl' for s in SPLITS], skipped=report_skipped(skipped, private=True))
+                   deidentification=deid.method, burned_in_policy=burned_in, burned_in_flagged=n_flagged,
+                   metadata_files=[f'{s}_metadata.jsonl' for s in SPLITS], inputs=len(files),
+                   skipped=report_skipped(skipped, private=True, title='skipped {n} input(s), unreadable or not images'),
+                   refused=report_skipped(refused, private=True, title='refused {n} input(s) for burned-in text '
+                                                                      '(docs/datasets.md, dicom)'))
+        if n_flagged:
+            print(f"warning: {n_flagged} image(s) do not say whether their pixels show text (no Burned In "
+                  f"Annotation); each has burned_in_flag in its metadata line")
     return finish(out_dir, t0)
 
 # --- video: clips from frame folders, GIF / multi-page TIFF, multi-frame DICOM ------------------
@@ -2160,7 +2423,7 @@ def is_dicom(path):
 def find_clips(roots):
     """Every clip under roots: the folders that hold frame pictures, and the clip files (GIF, TIFF, DICOM,
     and movies, which are reported) outside those folders."""
-    files = [p for r in roots for p in sorted(Path(r).rglob('*')) if p.is_file() and visible(p)]
+    files = [p for r in roots for p in files_under(r)]
     frame_dirs = {p.parent for p in files if p.suffix.lower() in FRAME_SUFFIXES}
     clips = [p for p in files if p.parent not in frame_dirs
              and (p.suffix.lower() in CLIP_SUFFIXES + MOVIE_SUFFIXES or is_dicom(p))]
@@ -2187,8 +2450,8 @@ def load_clip(path, frames, stride, size, channels, window='', burned_in='refuse
         ds = pydicom.dcmread(path)
         if 'PixelData' not in ds:
             raise ValueError("no pixel data")
-        if not burned_in_ok(ds, burned_in):
-            raise ValueError("Burned In Annotation is not NO (refused; use --burned_in=flag after checking the pixels)")
+        if refusal := burned_in_refusal(ds, burned_in):
+            raise ValueError(refusal)
         keep = sample_frames(int(ds.get('NumberOfFrames', 1) or 1), frames, stride)
         return np.stack(dicom_frames(ds, size, window, channels, keep))
     pages = []
@@ -2242,7 +2505,7 @@ def prepare_video(out_dir='data/video', source: str = '', frames: int = 16, stri
             'test_fraction': test_fraction, 'seed': seed}
     if channels not in (1, 3) or frames < 1 or stride < 1:
         raise ValueError(f"--channels must be 1 or 3 and --frames, --stride at least 1; got {channels}, {frames}, {stride}")
-    burned_in_ok(pydicom.Dataset(), burned_in)  # checks the policy's spelling before any work
+    burned_in_refusal(pydicom.Dataset(), burned_in)  # checks the policy's spelling before any work
     if is_up_to_date(out_dir, args):
         return Path(out_dir)
     roots = get_raw('video', out_dir, source, how_to_get="Give the folder with --source.")

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,10 +66,12 @@ def assert_groups_disjoint(out):
 # --- HAM10000 ------------------------------------------------------------------------------------
 
 
-def fabricate_ham(root, with_test=True):
+def fabricate_ham(root, with_test=True, leave_out=(), also_in_test=()):
     """dataverse_files.zip as Dataverse serves it: two image zips, the metadata, the lesion masks,
-    and the ISIC 2018 Task 3 test images with ground truth. 7 classes x 6 lesions x 2 photos; one
-    photo is a truncated JPEG and one a zero-byte file."""
+    and the ISIC 2018 Task 3 test images with ground truth, plus Dataverse's MANIFEST.TXT. 7 classes x 6
+    lesions x 2 photos; one photo is a truncated JPEG and one a zero-byte file. leave_out: members the
+    bundle leaves out (over its size limit), as the MANIFEST then says; also_in_test: HAM10000 image ids
+    that the test set holds too."""
     rows, jpgs, masks = [], {}, {}
     k = 0
     for dx_i, dx in enumerate(prepare.HAM_CLASSES):
@@ -94,11 +97,18 @@ def fabricate_ham(root, with_test=True):
                    f'HAM10000_segmentations_lesion_tschandl/{i}_segmentation.png': masks[i] for i in ids}).read_bytes()}
     if with_test:  # 7 new lesions, one photo each, one-hot ground truth columns
         test = {f'ISIC_{9000 + c:07d}': c for c in range(7)}
+        test.update({i: prepare.HAM_CLASSES.index(next(r[2] for r in rows if r[1] == i)) for i in also_in_test})
         write_csv(root / 'gt.csv', ['image'] + [c.upper() for c in prepare.HAM_CLASSES],
                   [[i] + [float(c == j) for j in range(7)] for i, c in test.items()])
         members['ISIC2018_Task3_Test_GroundTruth.csv'] = (root / 'gt.csv').read_bytes()
         members['ISIC2018_Task3_Test_Images.zip'] = zip_of(root / 't.zip', {
             f'ISIC2018_Task3_Test_Images/{i}.jpg': picture(c) for i, c in test.items()}).read_bytes()
+    manifest = ''.join(f'{name} (application/zip) {len(data)} bytes.\r\n' for name, data in members.items()
+                       if name not in leave_out)
+    manifest += ''.join(f'{name} (application/zip)  skipped because the total size of the download bundle exceeded '
+                        f'the limit of 2147483648 bytes.\r\n' for name in leave_out)
+    members = {k: v for k, v in members.items() if k not in leave_out}
+    members['MANIFEST.TXT'] = manifest.encode()
     return zip_of(root / 'dataverse_files.zip', members), rows
 
 
@@ -129,7 +139,7 @@ def test_ham10000_from_source_folder_without_isic_test_has_masks_and_sites(tmp_p
     archive, _ = fabricate_ham(tmp_path, with_test=False)
     src = prepare.extract(archive, tmp_path / 'my_download')  # a folder the user unpacked
     out = prepare.prepare_ham10000(tmp_path / 'data' / 'ham', source=str(src), size=SIZE, workers=2,
-                                   val_fraction=0.2, test_fraction=0.2)
+                                   val_fraction=0.2, test_fraction=0.2, isic_test=False)
     m = meta(out)
     assert m['has_masks'] and m['has_sites'] and m['site_names'] == ['rosendahl', 'vidir_modern']
     assert sum(m['counts'].values()) == 82
@@ -139,6 +149,49 @@ def test_ham10000_from_source_folder_without_isic_test_has_masks_and_sites(tmp_p
         assert set(np.unique(masks)) == {0, 1} and 0.2 < masks.mean() < 0.7
         assert set(load(out, s, 'labels').tolist()) == set(range(7))  # stratified: all classes everywhere
     assert not (src / 'HAM10000_images_part_1').exists()  # the user's folder was only read
+
+
+
+@pytest.mark.parametrize('left_out', ['HAM10000_images_part_2.zip', 'ISIC2018_Task3_Test_GroundTruth.csv'])
+def test_ham10000_bundle_that_leaves_files_out_is_an_error_naming_them(tmp_path, monkeypatch, left_out):
+    """Dataverse's bulk zip has a size limit: files over it are left out and named in MANIFEST.TXT."""
+    archive, _ = fabricate_ham(tmp_path, leave_out=[left_out])
+    monkeypatch.setattr(prepare, 'HAM_FILES', {'dataverse_files.zip': (archive.as_uri(), None)})
+    with pytest.raises(FileNotFoundError, match=left_out.replace('.', r'\.') + '.*skipped because'):
+        prepare.prepare_ham10000(tmp_path / 'data' / 'ham10000', size=SIZE, workers=1)
+    assert not (tmp_path / 'data' / 'ham10000').exists()
+
+
+def test_ham10000_image_listed_but_absent_is_an_error_not_a_skip(tmp_path):
+    archive, _ = fabricate_ham(tmp_path)
+    src = prepare.extract(archive, tmp_path / 'my_download')
+    (src / 'MANIFEST.TXT').unlink()  # e.g. the files were gathered by hand
+    with zipfile.ZipFile(src / 'HAM10000_images_part_2.zip') as z:
+        kept = {n: z.read(n) for n in z.namelist()[1:]}  # one image fewer
+    zip_of(src / 'HAM10000_images_part_2.zip', kept)
+    with pytest.raises(FileNotFoundError, match='1 image'):
+        prepare.prepare_ham10000(tmp_path / 'data' / 'ham', source=str(src), size=SIZE, workers=1)
+    assert not (tmp_path / 'data' / 'ham').exists()
+
+
+def test_ham10000_without_the_isic_ground_truth_says_so_instead_of_changing_the_test_split(tmp_path):
+    archive, _ = fabricate_ham(tmp_path, with_test=False)
+    with pytest.raises(FileNotFoundError, match='isic_test=false'):
+        prepare.prepare_ham10000(tmp_path / 'data' / 'ham', source=str(archive), size=SIZE, workers=1)
+    out = prepare.prepare_ham10000(tmp_path / 'data' / 'ham', source=str(archive), size=SIZE, workers=1,
+                                   isic_test=False, val_fraction=0.2, test_fraction=0.2)
+    assert 'isic_test=false' in meta(out)['split_rule'] and meta(out)['args']['isic_test'] is False
+
+
+def test_ham10000_lesions_with_a_photo_in_the_isic_test_set_leave_train_and_val(tmp_path, monkeypatch):
+    """The ISIC ground truth has no HAM10000 lesion ids; image ids are shared, and a HAM10000 photo that is
+    also a test image takes its whole lesion (both photos) out of train/val."""
+    archive, rows = fabricate_ham(tmp_path, also_in_test=['ISIC_0000010'])
+    monkeypatch.setattr(prepare, 'HAM_FILES', {'dataverse_files.zip': (archive.as_uri(), None)})
+    out = prepare.prepare_ham10000(tmp_path / 'data' / 'ham10000', size=SIZE, workers=1)
+    m = meta(out)
+    assert m['counts']['test'] == 8 and m['counts']['train'] + m['counts']['val'] == 84 - 2 - 2
+    assert m['test_overlap_lesions_removed'] == 1
 
 # --- MedMNIST ------------------------------------------------------------------------------------
 
@@ -175,6 +228,26 @@ def test_medmnist_official_splits_shapes_and_md5(tmp_path, monkeypatch, flag, si
         assert labels.shape == ((len(images), 14) if cols == 14 else (len(images),))
     assert m['task'] == ('multilabel' if flag == 'chestmnist' else 'multiclass')
     assert m.get('spatial_dims') == (3 if '3d' in flag else None) and m['image_size'] == list(shape[:3] if '3d' in flag else shape[:2])
+
+
+def test_medmnist_images_stored_in_fortran_order_are_read_in_their_true_order(tmp_path, monkeypatch):
+    """An .npy header can say fortran_order: the bytes are then column-major. Read as C order, every
+    picture would be scrambled; each must come out as stored."""
+    www = tmp_path / 'zenodo'
+    www.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {f'{s}_images': np.asfortranarray(rng.integers(0, 256, (k, 28, 28, 3), dtype=np.uint8))
+              for s, k in zip(SPLITS, (10, 4, 6))}
+    arrays.update({f'{s}_labels': (np.arange(k) % 3)[:, None] for s, k in zip(SPLITS, (10, 4, 6))})
+    np.savez_compressed(www / 'bloodmnist.npz', **arrays)
+    with zipfile.ZipFile(www / 'bloodmnist.npz') as z, z.open('train_images.npy') as f:
+        np.lib.format.read_magic(f)
+        assert np.lib.format.read_array_header_1_0(f)[1]  # fortran_order: True
+    monkeypatch.setitem(prepare.MEDMNIST['flags']['bloodmnist']['md5'], '28', hashlib.md5((www / 'bloodmnist.npz').read_bytes()).hexdigest())
+    monkeypatch.setitem(prepare.MEDMNIST, 'url', www.as_uri() + '/{file}')
+    out = prepare.DATASETS['bloodmnist'](out_dir=tmp_path / 'data' / 'bloodmnist')
+    for s in SPLITS:
+        assert np.array_equal(load(out, s, 'images'), arrays[f'{s}_images'])
 
 
 def test_medmnist_checksum_mismatch_names_the_file_and_writes_nothing(tmp_path, monkeypatch):
@@ -284,6 +357,53 @@ def test_chestxray14_multilabel_official_test_list_and_patient_grouped_val(tmp_p
         for y, g in zip(labels, groups):
             assert [c for c, v in zip(prepare.CXR14_FINDINGS, y) if v] == expected[g % 4]
     assert set(load(out, 'test', 'groups').tolist()) == set(range(33, 41))
+
+
+
+def fabricate_cxr14(src, old_entries=False):
+    """The Box page's csv and lists (v2020 labels: patient % 4 picks the findings) and one tarball."""
+    src.mkdir()
+    entries, names = [], []
+    for patient in range(1, 13):
+        name = f'{patient:08d}_000.png'
+        entries.append([name, ['No Finding', 'Effusion|Mass', 'Hernia', 'Atelectasis'][patient % 4], 0, patient])
+        names.append(name)
+    header = ['Image Index', 'Finding Labels', 'Follow-up #', 'Patient ID']
+    write_csv(src / 'Data_Entry_2017_v2020.csv', header, entries)
+    if old_entries:  # the 2017 labels: here all 'Hernia', so that reading this file shows
+        write_csv(src / 'Data_Entry_2017.csv', header, [[e[0], 'Hernia', 0, e[3]] for e in entries])
+    (src / 'test_list.txt').write_text('\n'.join(names[8:]) + '\n')
+    (src / 'train_val_list.txt').write_text('\n'.join(names[:8]) + '\n')
+    with tarfile.open(src / 'images_001.tar.gz', 'w:gz') as t:
+        for name in names:
+            data = picture(int(name[:8]) % 4, 'PNG', (20, 20), mode='L')
+            info = tarfile.TarInfo(f'images/{name}')
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+
+def test_chestxray14_prefers_the_2020_labels_and_records_which_file(tmp_path):
+    fabricate_cxr14(tmp_path / 'nih', old_entries=True)
+    out = prepare.prepare_chestxray14(tmp_path / 'data' / 'cxr', source=str(tmp_path / 'nih'), size=SIZE, workers=1,
+                                      val_fraction=0.25)
+    assert meta(out)['labels_file'] == 'Data_Entry_2017_v2020.csv'
+    hernia = prepare.CXR14_FINDINGS.index('Hernia')
+    labels = np.concatenate([load(out, s, 'labels') for s in SPLITS])
+    assert labels[:, hernia].sum() == 3  # patients 2, 6, 10; the 2017 file would say all 12
+
+
+def test_chestxray14_missing_lists_stop_it_before_any_download(tmp_path, monkeypatch):
+    fabricate_cxr14(tmp_path / 'box')
+    monkeypatch.setattr(prepare, 'CXR14_FILES', {'images_001.tar.gz': ((tmp_path / 'box' / 'images_001.tar.gz').as_uri(), None)})
+    with pytest.raises(FileNotFoundError, match='train_val_list.txt, test_list.txt'):
+        prepare.prepare_chestxray14(tmp_path / 'data' / 'cxr', size=SIZE, workers=1)
+    downloads = tmp_path / 'data' / 'downloads' / 'chestxray14'
+    assert not downloads.exists() or not list(downloads.rglob('*.tar.gz*'))  # not one byte of a tarball
+    downloads.mkdir(parents=True, exist_ok=True)
+    for name in ('Data_Entry_2017_v2020.csv', 'train_val_list.txt', 'test_list.txt'):
+        shutil.copy(tmp_path / 'box' / name, downloads / name)
+    out = prepare.prepare_chestxray14(tmp_path / 'data' / 'cxr', size=SIZE, workers=1, val_fraction=0.25)
+    assert sum(meta(out)['counts'].values()) == 12
 
 # --- folder --------------------------------------------------------------------------------------
 

@@ -172,7 +172,10 @@ def test_dicom_converter_groups_by_patient_and_stores_deidentified_headers(tmp_p
     out = prepare.prepare_dicom(tmp_path / 'data' / 'dicom', source=str(src), size=64, val_fraction=0.2,
                                 test_fraction=0.2)
     m = meta(out)
-    assert sum(m['counts'].values()) == 17 and m['skipped']['count'] == 2 and m['task'] == 'unlabeled'
+    assert sum(m['counts'].values()) == 17 and m['task'] == 'unlabeled'
+    # empty.dcm is unreadable; broken.dcm (MR_small cut short: a secondary image without Burned In
+    # Annotation) is refused before its pixels are read
+    assert m['skipped']['count'] == 1 and m['refused']['count'] == 1
     assert m['deidentification'].startswith('DICOM PS3.15')
     groups = {s: set(np.load(out / f'{s}_groups.npy').tolist()) for s in SPLITS}
     assert not groups['train'] & groups['val'] and not groups['train'] & groups['test'] and not groups['val'] & groups['test']
@@ -275,3 +278,195 @@ def test_meta_json_keeps_no_input_path_when_folders_are_named_after_patients(tmp
     with contextlib.redirect_stdout(io.StringIO()) as again:
         prepare.prepare_dicom(out, source=str(src), size=32, val_fraction=0.34, test_fraction=0.34)
     assert 'nothing to do' in again.getvalue()
+
+# --- every input accounted for: written, refused or unreadable, never lost or overwritten -----------
+
+
+def bundled_images():
+    """Every file shipped with pydicom that has a patient's name and pixel data (about 90: CT, MR, CR,
+    US, NM, secondary captures, RT dose, segmentations; raw, RLE, JPEG, JPEG 2000 and big-endian)."""
+    out = []
+    for path in map(Path, pydicom.data.get_testdata_files()):
+        try:
+            ds = pydicom.dcmread(path, defer_size=256, force=True)  # large values (the pixels) are not read
+            if 'PatientName' in ds and 'PixelData' in ds:
+                out.append(path)
+        except Exception:
+            pass
+    return out
+
+
+def anonymize(src, out, **kw):
+    """Run the anonymiser; returns (stdout, {input path: its reported line}, output files)."""
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        prepare.anonymize_folder(src, out, **kw)
+    listed = {line.split(': ', 1)[0].strip(): line for line in printed.getvalue().splitlines() if line.startswith('  ')}
+    return printed.getvalue(), listed, sorted(out.rglob('*.dcm'))
+
+
+@pytest.fixture(scope='module')
+def bundled(tmp_path_factory):
+    """The bundled images copied into one folder, and the anonymiser's run on them for each policy."""
+    root = tmp_path_factory.mktemp('bundled')
+    (root / 'in').mkdir()
+    inputs = []
+    for i, path in enumerate(bundled_images()):
+        inputs.append(root / 'in' / f'{i:03d}_{path.name}')
+        shutil.copy(path, inputs[-1])
+    runs = {policy: anonymize(root / 'in', root / policy, burned_in=policy) for policy in ('refuse', 'flag')}
+    return root, inputs, runs
+
+
+@pytest.mark.parametrize('policy', ['refuse', 'flag'])
+def test_every_bundled_pydicom_image_is_written_once_or_listed_with_its_reason(bundled, policy):
+    """Some of these files are one image in several encodings (MR_small*: same SOP Instance UID,
+    different bytes): each must still become its own output file. Counts printed = files on disk."""
+    _, inputs, runs = bundled
+    assert len(inputs) > 60
+    printed, listed, outputs = runs[policy]
+    refused = {p for p in inputs if str(p) in listed and 'refused' in listed[str(p)]}
+    unreadable = {p for p in inputs if str(p) in listed and 'not a readable DICOM file' in listed[str(p)]}
+    written = [p for p in inputs if p not in refused | unreadable]
+    assert len(outputs) == len(written) and f'de-identified {len(outputs)} file(s)' in printed
+    assert f'{len(refused)} refused, {len(unreadable)} unreadable' in printed
+    assert f'refused {len(refused)} input(s)' in printed or not refused
+    # no output stands for two inputs: the pixel data of the written inputs are exactly those of the outputs
+    pixels = lambda paths: sorted(pydicom.dcmread(p, force=True).PixelData for p in paths)
+    assert pixels(written) == pixels(outputs)
+    assert not any(p.name.startswith('.') for p in outputs)
+    shared = [p for p in written if '_2.dcm' in listed.get(str(p), '') or 'shares its SOP Instance UID' in listed.get(str(p), '')]
+    assert shared if policy == 'flag' else True  # MR_small's four encodings are all written
+    if policy == 'flag':
+        assert not refused and not unreadable
+    else:  # the default: images that say NO, and originals of CT/MR/CR/DX/MG without the attribute
+        for p in written:
+            ds = pydicom.dcmread(p, force=True)
+            assert ds.get('BurnedInAnnotation') == 'NO' or 'BurnedInAnnotation' not in ds and \
+                ds.Modality in prepare.BURNED_IN_RARE and not {'DERIVED', 'SECONDARY'} & {v.strip() for v in ds.ImageType}
+        assert any(pydicom.dcmread(p, force=True).get('Modality') == 'US' for p in refused) and written
+
+
+def test_no_identifier_of_any_bundled_pydicom_image_is_in_its_output(bundled):
+    root, inputs, runs = bundled
+    secrets = identifying_strings(inputs)
+    assert {'CompressedSamples^CT1', 'CompressedSamples^MR1', 'Lestrade^G', 'Doe^Peter'} <= secrets
+    _, _, outputs = runs['flag']
+    assert len(outputs) == len(inputs)
+    new_uid = re.compile(rb'2\.25\.[0-9]+')
+    leaks = {s for p in outputs for s in secrets
+             if s.encode() in new_uid.sub(b'', header_bytes(p) + b'\n' + bytes(p.relative_to(root)))}
+    assert not leaks, sorted(leaks)
+
+
+def header_bytes(path):
+    """Every byte of a file except its pixel data (pixel values such as '111' would match short strings by
+    chance; burned-in text is the policy's business), plus the header decoded and written uncompressed
+    (a deflated file's bytes say nothing otherwise): the value of every element, sequences included."""
+    ds = pydicom.dcmread(path, force=True)
+    raw = path.read_bytes().replace(ds.PixelData, b'') if 'PixelData' in ds else path.read_bytes()
+    del ds.PixelData
+    values = [repr(e.value) for e in list(walk(ds)) + list(walk(ds.file_meta)) if e.VR != 'SQ']
+    return raw + '\n'.join(values).encode()
+
+
+def test_files_without_uids_get_distinct_visible_names(tmp_path):
+    src = tmp_path / 'in'
+    src.mkdir()
+    for name in ('a.dcm', 'b.dcm'):
+        ds = burned(src, name, 'NO', 'CT_small.dcm')
+        ds.StudyInstanceUID = ds.SeriesInstanceUID = ds.SOPInstanceUID = ''
+        ds.file_meta.MediaStorageSOPInstanceUID = ''
+        ds.PixelData = ds.PixelData[:-2] + name.encode()[:1] * 2  # two different images
+        ds.save_as(src / name, enforce_file_format=False)
+    printed, _, outputs = anonymize(src, tmp_path / 'out')
+    assert [p.relative_to(tmp_path / 'out').as_posix() for p in outputs] == \
+        ['no-study-uid/no-series-uid/no-instance-uid.dcm', 'no-study-uid/no-series-uid/no-instance-uid_2.dcm']
+    assert 'de-identified 2 file(s)' in printed and 'b.dcm: shares its SOP Instance UID' in printed
+
+
+def test_uid_names_never_come_from_unsafe_values():
+    for bad in ('', '   ', '.', '..', '../../etc/passwd', '1.2/3', '1.2\x00', 'a.b', '.1.2', '1.2.', '9' * 65):
+        assert prepare.uid_name(bad, 'fallback') == ('1.2' if bad == '1.2\x00' else 'fallback'), bad
+    assert prepare.uid_name('2.25.123', 'fallback') == '2.25.123'
+
+
+def test_person_names_missing_from_the_profile_table_are_emptied_in_sequences_too():
+    exact, _ = prepare.load_deid_table()
+    reviewer, evaluator = 0x00140104, 0x00142006  # Secondary Reviewer Name, Evaluator Name: PN, not in Table E.1-1
+    assert reviewer not in exact and evaluator not in exact
+    ds = pydicom.dcmread(TEST_FILES / 'CT_small.dcm')
+    ds.add_new(reviewer, 'PN', 'Reviewer^Rita')
+    item = pydicom.Dataset()
+    item.add_new(evaluator, 'PN', 'Evaluator^Eve')
+    item.add_new(0x00081150, 'UI', '1.2.840.10008.5.1.4.1.1.2')  # kept: Referenced SOP Class UID
+    ds.add_new(0x00142002, 'SQ', [item])  # Evaluator Sequence, kept by the table: its items are walked
+    out = prepare.Deidentifier()(ds)
+    names = [str(e.value) for e in walk(out) if e.VR == 'PN']
+    assert names and not any(names), names
+    assert 'Rita' not in str(out) and 'Eve' not in str(out)
+
+
+def policy_case(root, name, src, modality=None, image_type=None, value=None):
+    ds = pydicom.dcmread(TEST_FILES / src)
+    if modality:
+        ds.Modality = modality
+    if image_type:
+        ds.ImageType = image_type
+    if value:
+        ds.BurnedInAnnotation = value
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(root / name, enforce_file_format=False)
+
+
+def test_burned_in_policy_follows_the_modality_when_the_attribute_is_absent(tmp_path):
+    src = tmp_path / 'in'
+    src.mkdir()
+    policy_case(src, 'ct_absent.dcm', 'CT_small.dcm')                                       # CT original: kept, warned
+    policy_case(src, 'cr_absent.dcm', 'CT_small.dcm', 'CR', ['ORIGINAL', 'PRIMARY'])         # CR original: kept, warned
+    policy_case(src, 'ct_yes.dcm', 'CT_small.dcm', value='YES')                              # says text: always refused
+    policy_case(src, 'ct_secondary.dcm', 'CT_small.dcm', image_type=['DERIVED', 'SECONDARY'])  # a capture: refused
+    policy_case(src, 'us_absent.dcm', 'CT_small.dcm', 'US', ['ORIGINAL', 'PRIMARY'])         # ultrasound: refused
+    policy_case(src, 'xa_absent.dcm', 'CT_small.dcm', 'XA', ['ORIGINAL', 'PRIMARY'])         # angiography: refused
+    policy_case(src, 'us_no.dcm', 'CT_small.dcm', 'US', ['ORIGINAL', 'PRIMARY'], value='NO')  # says no text: kept
+    printed, listed, outputs = anonymize(src, tmp_path / 'default')
+    refused = {Path(k).name for k, line in listed.items() if 'refused' in line}
+    assert refused == {'ct_yes.dcm', 'ct_secondary.dcm', 'us_absent.dcm', 'xa_absent.dcm'} and len(outputs) == 3
+    assert 'YES' in listed[str(src / 'ct_yes.dcm')] and 'modality US' in listed[str(src / 'us_absent.dcm')]
+    assert 'warning: 2 written image(s)' in printed
+    printed, listed, outputs = anonymize(src, tmp_path / 'checked', burned_in='flag')  # the user looked at the pixels
+    assert {Path(k).name for k, line in listed.items() if 'refused' in line} == {'ct_yes.dcm'} and len(outputs) == 6
+
+
+def test_dicom_converter_counts_refused_and_unreadable_inputs_apart(tmp_path):
+    src = tmp_path / 'in'
+    src.mkdir()
+    fabricate_series(src, patients=3, slices=1)  # Burned In Annotation NO
+    policy_case(src, 'ct_absent.dcm', 'CT_small.dcm')
+    policy_case(src, 'us_absent.dcm', 'CT_small.dcm', 'US', ['ORIGINAL', 'PRIMARY'])
+    policy_case(src, 'ct_yes.dcm', 'CT_small.dcm', value='YES')
+    shutil.copy(TEST_FILES / 'rtplan.dcm', src / 'plan.dcm')  # no pixel data
+    (src / 'empty.dcm').write_bytes(b'')
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        out = prepare.prepare_dicom(tmp_path / 'data', source=str(src), size=16, val_fraction=0.25, test_fraction=0.25)
+    m = meta(out)
+    assert sum(m['counts'].values()) == 4 and m['inputs'] == 8
+    assert m['refused']['count'] == 2 and m['skipped']['count'] == 2 and m['burned_in_flagged'] == 1
+    assert '8 input file(s): 4 converted (4 image(s)), 2 refused, 2 unreadable or not images' in printed.getvalue()
+    assert 'refused 2 input(s)' in printed.getvalue()
+
+
+@pytest.mark.parametrize('case', ['missing', 'file', 'all refused'])
+def test_anonymize_only_with_a_wrong_in_or_nothing_written_exits_1_in_one_line(tmp_path, case):
+    src = tmp_path / 'in'
+    if case == 'file':
+        src = Path(shutil.copy(TEST_FILES / 'CT_small.dcm', tmp_path / 'CT_small.dcm'))
+    elif case == 'all refused':
+        src.mkdir()
+        burned(src, 'a.dcm', 'YES')
+    r = subprocess.run([sys.executable, str(ROOT / 'prepare.py'), 'dicom', '--anonymize_only', str(src),
+                        str(tmp_path / 'out')], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith('prepare.py: error:')]
+    assert len(errors) == 1 and {'missing': 'does not exist', 'file': 'is a file, not a folder',
+                                 'all refused': 'nothing written'}[case] in errors[0]
+    assert not (tmp_path / 'out').exists()

@@ -4,6 +4,7 @@ http.server in a thread."""
 import hashlib
 import http.server
 import io
+import json
 import os
 import tarfile
 import threading
@@ -204,3 +205,95 @@ def test_split_by_group_keeps_groups_whole_and_strata_balanced():
 def test_split_with_too_few_groups_is_a_clear_error():
     with pytest.raises(ValueError, match='too few'):
         prepare.split_by_group([0, 0, 1], 0.15, 0.15, seed=0)
+
+
+@pytest.mark.parametrize('links', [
+    [('x', '.', tarfile.SYMTYPE), ('x/y', '..', tarfile.SYMTYPE)],            # x/y looks like root, is its parent
+    [('a', 'b', tarfile.SYMTYPE), ('b', '..', tarfile.SYMTYPE)],              # a -> b first, b -> .. after
+    [('d', '.', tarfile.SYMTYPE), ('y', 'd/d/d/..', tarfile.SYMTYPE)],        # '..' after three harmless hops
+    [('loop', 'loop', tarfile.SYMTYPE)],                                        # a link to itself
+])
+def test_extract_follows_links_made_by_earlier_members_and_refuses_escapes(tmp_path, links):
+    """Each link alone looks harmless to a check of its own text; resolved the way the OS will, through the
+    links made before it (and every link again at the end), each leaves the folder."""
+    (tmp_path / 'box').mkdir()
+    archive = tmp_path / 'box' / 'links.tar'
+    with tarfile.open(archive, 'w') as t:
+        for name, target, kind in links:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            t.addfile(info)
+        info = tarfile.TarInfo('y/pwned.txt')  # lands in the parent of the folder if the links are followed
+        info.size = 5
+        t.addfile(info, io.BytesIO(b'pwned'))
+    with pytest.raises(prepare.UnsafeArchiveError, match='outside'):
+        prepare.extract(archive, tmp_path / 'box' / 'out')
+    assert sorted(p.name for p in (tmp_path / 'box').iterdir()) == ['links.tar']
+    assert not (tmp_path / 'pwned.txt').exists() and not (tmp_path / 'box' / 'pwned.txt').exists()
+
+
+def test_extract_refuses_a_hard_link_through_a_symbolic_link(tmp_path):
+    archive = make_tar(tmp_path / 'h.tar', {}, links=[('up', '..', tarfile.SYMTYPE), ('passwd', 'up/secret', tarfile.LNKTYPE)])
+    with pytest.raises(prepare.UnsafeArchiveError, match='link'):
+        prepare.extract(archive, tmp_path / 'sub' / 'out')
+
+
+def test_extract_keeps_inside_links_through_other_links(tmp_path):
+    archive = make_tar(tmp_path / 'ok.tar', {'d/e/f.txt': b'1'},
+                       links=[('x', 'd', tarfile.SYMTYPE), ('g', 'x/e/../e/f.txt', tarfile.SYMTYPE)])
+    out = prepare.extract(archive, tmp_path / 'out')
+    assert (out / 'g').read_bytes() == b'1'
+
+
+def test_a_changed_archive_is_unpacked_again_an_unchanged_one_is_not(tmp_path):
+    archive = make_zip(tmp_path / 'a.zip', {'x.txt': b'first'})
+    out = prepare.extract(archive, tmp_path / 'out')
+    record = json.loads((tmp_path / 'out.archive.json').read_text())
+    assert record['size'] == archive.stat().st_size and record['md5'] == md5(archive.read_bytes())
+    assert record['mtime_ns'] == archive.stat().st_mtime_ns
+    os.utime(archive, ns=(1, 1))  # touched (or copied), same bytes: reused, the record follows
+    (out / 'x.txt').write_bytes(b'edited by hand')
+    prepare.extract(archive, tmp_path / 'out')
+    assert (out / 'x.txt').read_bytes() == b'edited by hand'
+    assert json.loads((tmp_path / 'out.archive.json').read_text())['mtime_ns'] == 1
+    make_zip(archive, {'x.txt': b'second', 'new.txt': b'2'})  # a new version under the same name
+    os.utime(archive, ns=(1, 1))  # even with the old time stamp
+    prepare.extract(archive, tmp_path / 'out')
+    assert (out / 'x.txt').read_bytes() == b'second' and (out / 'new.txt').exists()
+
+
+def test_an_unpacked_copy_without_a_record_is_not_trusted(tmp_path):
+    archive = make_zip(tmp_path / 'a.zip', {'x.txt': b'new'})
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'x.txt').write_bytes(b'old, from who knows where')
+    prepare.extract(archive, tmp_path / 'out')
+    assert (tmp_path / 'out' / 'x.txt').read_bytes() == b'new'
+
+
+def test_nested_archives_with_the_same_name_are_both_unpacked(tmp_path):
+    src = tmp_path / 'src'
+    for part, image in (('a', 'ISIC_1.jpg'), ('b', 'ISIC_2.jpg')):
+        (src / part).mkdir(parents=True)
+        make_zip(src / part / 'images.zip', {image: part.encode()})
+    roots = prepare.get_raw('x', tmp_path / 'data' / 'x', str(src))
+    assert prepare.find(roots, 'ISIC_1.jpg').read_bytes() == b'a' and prepare.find(roots, 'ISIC_2.jpg').read_bytes() == b'b'
+
+
+def test_folder_follows_class_folders_that_are_symbolic_links(tmp_path):
+    from PIL import Image
+    elsewhere = tmp_path / 'other_disk' / 'malignant'
+    elsewhere.mkdir(parents=True)
+    root = tmp_path / 'pics'
+    (root / 'benign').mkdir(parents=True)
+    for i in range(10):
+        Image.new('RGB', (8, 8), (10, 10, 10)).save(root / 'benign' / f'{i}.png')
+        Image.new('RGB', (8, 8), (200, 10, 10)).save(elsewhere / f'{i}.png')
+    (root / 'malignant').symlink_to(elsewhere, target_is_directory=True)
+    (root / 'benign' / 'loop').symlink_to(root, target_is_directory=True)  # a loop is walked once
+    out = prepare.prepare_folder(tmp_path / 'data' / 'f', source=str(root), size=8, workers=1,
+                                 val_fraction=0.2, test_fraction=0.2)
+    m = json.loads((out / 'meta.json').read_text())
+    assert m['classes'] == ['benign', 'malignant'] and sum(m['counts'].values()) == 20
+    for s in prepare.SPLITS:
+        images, labels = np.load(out / f'{s}_images.npy'), np.load(out / f'{s}_labels.npy')
+        assert ((images[:, 0, 0, 0] > 100) == (labels == 1)).all()
