@@ -199,10 +199,10 @@ def validate_shared(c):
     vals = lambda v: v if isinstance(v, tuple) else (v,)  # (ranges first: the rules below divide by these values)
     for rule, ok, keys in [('at least 1', lambda v: v >= 1, 'batch_size gradient_accumulation_steps max_iters num_slices '
                             'log_interval eval_interval knn_train_size n_layer n_head n_embd pred_n_layer pred_n_head '
-                            'pred_n_embd patch_size image_size local_size volume_size num_targets min_keep '
+                            'pred_n_embd patch_size image_size local_size volume_size num_targets proj_dim min_keep '
                             'max_bad_steps'), ('in [0, 1)', lambda v: 0 <= v < 1, 'beta1 beta2'),
                            ('>= 0', lambda v: v >= 0, 'seed warmup_iters weight_decay grad_clip num_threads min_lr '
-                            'n_local_views proj_dim'), ('non-empty', bool, 'out_dir data_dir')]:
+                            'n_local_views'), ('non-empty', bool, 'out_dir data_dir')]:
         for k in (k for k in keys.split() if k in c):
             need(all(ok(v) for v in vals(c[k])), f"{k}={c[k]!r} must be {rule}")
     need(all(math.isfinite(x) for v in c.values() for x in vals(v) if isinstance(x, float)), 'values must be finite, not inf')
@@ -211,7 +211,7 @@ def validate_shared(c):
     need(c['n_embd'] % c['n_head'] == 0, f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
     need(c['pred_n_embd'] % c['pred_n_head'] == 0,
          f"pred_n_embd={c['pred_n_embd']} must be divisible by pred_n_head={c['pred_n_head']}")
-    need(c['sigreg_on'] in ('pooled_std', 'pooled', 'tokens', 'full', 'sphere'),
+    need(c['sigreg_on'] in ('pooled_std', 'pooled', 'tokens'),
          f"sigreg_on must be 'pooled_std', 'pooled' or 'tokens', got '{c['sigreg_on']}'")
     need(not c['compile'] or hasattr(torch.compiler, 'set_stance'), f"compile=True needs torch >= 2.6 (this is {torch.__version__})")
     need(c['init_from'] in ('scratch', 'resume'), f"init_from must be 'scratch' or 'resume', got '{c['init_from']}'")
@@ -660,7 +660,7 @@ class JEPA(nn.Module):
         if cfg['objective'] == 'mask':
             self.predictor = self.Predictor(cfg['n_embd'], cfg['pred_n_embd'], cfg['pred_n_layer'], cfg['pred_n_head'])
         else:
-            self.projector = Projector(cfg['n_embd'], 4 * cfg['proj_dim'], cfg['proj_dim']) if cfg['proj_dim'] else nn.Identity()
+            self.projector = Projector(cfg['n_embd'], 4 * cfg['proj_dim'], cfg['proj_dim'])
 
     def forward(self, batch, step, reg_grad=None):
         if self.cfg['objective'] == 'mask':
@@ -675,8 +675,6 @@ class JEPA(nn.Module):
     def sigreg_input(self, z):
         """What SIGReg scores, from the context tokens z (B, Nc, D): one pooled vector per image (B, D),
         or every token (B*Nc, D) with sigreg_on='tokens'."""
-        if self.cfg['sigreg_on'] == 'sphere':
-            return F.normalize(fp32(z.mean(1)), dim=-1) * math.sqrt(z.shape[-1])
         return z.reshape(-1, z.shape[-1]) if self.cfg['sigreg_on'] == 'tokens' else z.mean(1)
 
     def sigreg_loss(self, reg_in, step, local=False):
@@ -713,9 +711,6 @@ class JEPA(nn.Module):
         c, lam = self.cfg, self.cfg['sigreg_lambda']
         B, M, K = tgt_idx.shape
         grid = self.encoder.grid(x)
-        if c['sigreg_on'] == 'full':
-            hf = self.encoder(x_tgt)
-            h = F.layer_norm(hf.detach(), hf.shape[-1:])
         h = self.targets(x_tgt) if h is None else h  # (B, N, D); x_tgt = x up to photometric jitter
         with torch.no_grad():
             target = h.gather(1, tgt_idx.view(B, M * K, 1).expand(-1, -1, h.shape[-1]))  # (B, M*K, D)
@@ -723,8 +718,6 @@ class JEPA(nn.Module):
         pred = self.predictor(z, ctx_idx, tgt_idx, grid)  # (B, M*K, D)
         pred_loss = F.mse_loss(fp32(pred), fp32(target))
         pooled, reg_in = z.mean(1), self.sigreg_input(z)  # (B, D) one vector per image; (B or B*Nc, D)
-        if c['sigreg_on'] == 'full':
-            pooled = reg_in = hf.mean(1)
         if reg_grad is None:
             reg = self.sigreg_loss(reg_in, step)
             loss = (1 - lam) * pred_loss + lam * reg
