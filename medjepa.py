@@ -1127,17 +1127,24 @@ def train(cfg, impl=None):
     def evaluate_and_save(knn=True):  # rank 0: online kNN on val (labelled data), then a checkpoint
         nonlocal best_knn
         if knn and meta.get('task') == 'multiclass':
-            with torch.compiler.set_stance('force_eager') if cfg['compile'] else nullcontext():  # no graphs for eval batches
-                f_tr = impl.extract_features(raw_model.encoder, images[knn_idx], mean, std, dev)
-                f_va = impl.extract_features(raw_model.encoder, val_split['images'], mean, std, dev)
-            scores = knn_predict(f_tr, train_split['labels'][knn_idx], f_va, meta['num_classes'])
-            acc = float((scores.argmax(1) == val_split['labels']).mean())
-            best_knn = max(best_knn, acc)
-            health = feature_health(raw_model, f_va, iter_num)
-            print(f'step {iter_num}: online kNN val accuracy {acc:.4f} | val features: erank {health["erank_val"]:.1f}, '
-                  f'mean cos {health["cos_val"]:.3f}' + (f', SIGReg {health["sigreg_val"]:.2f} (Gaussian batch '
-                  f'{health["sigreg_gauss"]:.2f})' if 'sigreg_val' in health else ''))
-            log_record(dict(iter=iter_num, knn_val=acc, **health))
+            try:  # a monitor that cannot run (labels it cannot use, say) never costs the run: say why, then save
+                y_tr, y_va = train_split['labels'], val_split['labels']
+                if y_tr is None or y_va is None or y_tr.ndim != 1 or y_va.ndim != 1:
+                    raise ValueError('it needs one class label per train and val image')
+                with torch.compiler.set_stance('force_eager') if cfg['compile'] else nullcontext():  # no graphs for eval batches
+                    f_tr = impl.extract_features(raw_model.encoder, images[knn_idx], mean, std, dev)
+                    f_va = impl.extract_features(raw_model.encoder, val_split['images'], mean, std, dev)
+                scores = knn_predict(f_tr, y_tr[knn_idx], f_va, meta['num_classes'])
+                acc = float((scores.argmax(1) == y_va).mean())
+                health = feature_health(raw_model, f_va, iter_num)
+            except Exception as e:
+                print(f'step {iter_num}: online kNN skipped, the checkpoint is saved all the same ({type(e).__name__}: {e})')
+            else:
+                best_knn = max(best_knn, acc)
+                print(f'step {iter_num}: online kNN val accuracy {acc:.4f} | val features: erank {health["erank_val"]:.1f}, '
+                      f'mean cos {health["cos_val"]:.3f}' + (f', SIGReg {health["sigreg_val"]:.2f} (Gaussian batch '
+                      f'{health["sigreg_gauss"]:.2f})' if 'sigreg_val' in health else ''))
+                log_record(dict(iter=iter_num, knn_val=acc, **health))
         if not all(v.isfinite().all() for v in raw_model.state_dict().values() if v.is_floating_point()):
             raise FloatingPointError(f"the weights hold NaN/inf at step {iter_num}: not saving them over {ckpt_path}. "
                                      + advice)

@@ -131,3 +131,18 @@ def test_user_errors_are_one_line_without_a_traceback(tiny_data, tmp_path, args,
     r = subprocess.run([sys.executable, 'medjepa.py', *TINY, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and re.search(says, r.stderr), r.stderr
+
+
+def test_a_monitor_that_cannot_run_never_costs_the_finished_run(tiny_data, tmp_path):
+    """Val images without val labels pass the format check, but the online kNN cannot score them:
+    the run must say so in one line and still save its last checkpoint."""
+    import shutil
+    data = tmp_path / 'nolabels'
+    shutil.copytree(tiny_data, data)
+    os.remove(data / 'val_labels.npy')
+    out = str(tmp_path / 'out')
+    r = subprocess.run([sys.executable, 'medjepa.py', *TINY, f'--data_dir={data}', f'--out_dir={out}', '--max_iters=3',
+                        '--warmup_iters=1', '--eval_interval=2'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count('online kNN skipped') == 2  # at step 2 and at the end
+    assert mj.load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num'] == 3
