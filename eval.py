@@ -930,6 +930,10 @@ def main(argv=None):
         sys.exit(f"error: checkpoint {args.ckpt!r} not found. Train one first with `python medjepa.py` "
                  f"(it writes out-demo/ckpt.pt), or pass --ckpt=path/to/ckpt.pt")
     ckpt = medjepa.load_checkpoint(args.ckpt)
+    out_dir = os.path.dirname(os.path.abspath(args.ckpt))
+    for name in ('eval.json', 'eval.md'):  # an earlier evaluation's results never pass for this one's
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.replace(os.path.join(out_dir, name), os.path.join(out_dir, name.replace('eval.', 'eval.prev.')))
     config = ckpt['config']
     args.supervised_iters = int(config['max_iters']) if args.supervised_iters < 0 else args.supervised_iters
     ddir = args.data_dir or config['data_dir']
@@ -991,8 +995,7 @@ def main(argv=None):
               + f"{res['feature_dim']}-dim features in {res['feature_time_s']:.1f}s, "
               + ', '.join(f"{t} in {res[t + '_time_s']:.1f}s" for t in todo if t + '_time_s' in res), flush=True)
 
-    out_dir = os.path.dirname(os.path.abspath(args.ckpt))
-    figs = eval_figures.draw_figures(rows, results, data, cfg, out_dir, METRIC_NAMES[MAIN[task]]) if args.figures else []
+    figs = []  # drawn once the numbers are on disk (below)
     caps = captions(data, cfg)
     notes = ["Rows: pretrained = the checkpoint's encoder (mean-pooled tokens); random-init = the same architecture "
              f"untrained (torch.manual_seed({args.seed})); raw pixels = images area-averaged to "
@@ -1018,7 +1021,7 @@ def main(argv=None):
           f"Checkpoint {args.ckpt} (iter {ckpt.get('iter_num', '?')}, pretraining seed {config.get('seed', '?')}). "
           f"All numbers in %, on **test**; every choice made on **val**.\n\n"
           + '\n'.join(format_table(tables[t], title=caps[t]) for t in todo if tables[t])
-          + '\n' + '\n'.join(notes) + '\n' + (f"\nFigures: {', '.join(figs)}\n" if figs else ''))
+          + '\n' + '\n'.join(notes) + '\n')
     elapsed = time.time() - t0
     label_counts = (lambda y: y.sum(0)) if task == 'multilabel' else (lambda y: np.bincount(y[y >= 0], minlength=K))
     report = {
@@ -1032,6 +1035,11 @@ def main(argv=None):
     }
     atomic_write(os.path.join(out_dir, 'eval.json'), json.dumps(to_json(report), indent=2) + '\n')
     atomic_write(os.path.join(out_dir, 'eval.md'), md)
+    if args.figures:  # optional, so after the numbers are safe; a figure that fails is a warning (eval_figures)
+        figs = report['figures'] = eval_figures.draw_figures(rows, results, data, cfg, out_dir, METRIC_NAMES[MAIN[task]])
+        md += f"\nFigures: {', '.join(figs)}\n" if figs else ''
+        atomic_write(os.path.join(out_dir, 'eval.json'), json.dumps(to_json(report), indent=2) + '\n')
+        atomic_write(os.path.join(out_dir, 'eval.md'), md)
     print('\n' + md)
     print(f"wrote {os.path.join(out_dir, 'eval.json')}, eval.md and {len(figs)} figures; total {elapsed:.1f}s")
     return report

@@ -30,7 +30,12 @@ def finish(fig, axes, path, legend=True):
 
 
 def fig_training_curves(plt, path, log_path):
-    recs = [json.loads(line) for line in open(log_path) if line.strip()]
+    recs = []
+    for line in open(log_path):
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line, left by a killed run
+            continue
     steps, knn = [r for r in recs if 'loss' in r], [r for r in recs if 'knn_val' in r]
     fig, ax = plt.subplots(1, 4, figsize=(18, 3.8))
     for key in ('loss', 'pred', 'sigreg'):
@@ -161,7 +166,11 @@ def draw_figures(rows, results, data, cfg, out_dir, metric):
     made = []
     for name, fn, args, ok in todo:
         if ok:
-            made.append(os.path.join('figures', f'{name}.png'))
-            fn(plt, os.path.join(out_dir, made[-1]), *args)
+            path = os.path.join('figures', f'{name}.png')
+            try:  # figures are optional: one that cannot be drawn is a warning, never a lost evaluation
+                fn(plt, os.path.join(out_dir, path), *args)
+                made.append(path)
+            except Exception as e:
+                print(f"warning: figure {path} not drawn ({type(e).__name__}: {e})")
             plt.close('all')
     return made

@@ -405,3 +405,23 @@ def test_an_rgb_checkpoint_evaluates_on_grey_or_multichannel_images_of_another_s
     pre = report['results']['pretrained']
     assert pre['feature_dim'] == 24 and pre['seg']['n'] == 30 and pre['knn']['k=10']['n'] == 30  # every task scored test
     assert f'The checkpoint saw 3-channel images; its patch filters were adapted to {chans}' in capsys.readouterr().out
+
+
+def test_a_killed_runs_log_a_failing_figure_or_old_results_never_cost_or_fake_the_evaluation(tiny_run, monkeypatch, capsys):
+    """A torn last log line (a killed run) is skipped; a figure that fails is a warning, written after
+    eval.json and eval.md; an earlier evaluation's eval.json is moved to eval.prev.json, not left as current."""
+    out = tiny_run.parent
+    with open(out / 'log.jsonl', 'a') as f:
+        f.write('{"iter": 4, "loss": 0.2')  # torn
+    (out / 'eval.json').write_text('{"dataset": "another data set"}\n')
+    import eval_figures
+
+    def broken(*args):
+        raise RuntimeError('no display')
+    monkeypatch.setattr(eval_figures, 'fig_embedding', broken)
+    report = ev.main([f'--ckpt={tiny_run}', '--tasks=knn', '--baselines=none', '--figures=true'])
+    assert 'warning: figure figures/embedding.png not drawn' in capsys.readouterr().out
+    assert 'figures/training_curves.png' in report['figures'] and 'figures/embedding.png' not in report['figures']
+    saved = json.load(open(out / 'eval.json'))
+    assert saved['dataset'] == 'tiny' and saved['figures'] == report['figures']
+    assert json.load(open(out / 'eval.prev.json')) == {'dataset': 'another data set'}
