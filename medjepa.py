@@ -1208,7 +1208,8 @@ def train(cfg, impl=None):
             evaluate_and_save(knn=not stopping)
             log.close()
             print(f'saved {ckpt_path}')
-        if ddp:
+        if ddp:  # wait for rank 0's evaluation and save: a rank that tears gloo down early can abort the other
+            dist.barrier(**({'device_ids': [torch.cuda.current_device()]} if dev.startswith('cuda') else {}))
             dist.destroy_process_group()
     finally:
         for sig, handler in old_handlers.items():
