@@ -57,6 +57,7 @@ image_size = 64            # side of the (square) training crops, in pixels
 crop_scale = (0.3, 1.0)    # random-resized-crop area range (I-JEPA uses only this augmentation)
 color_jitter = 0.0         # brightness/contrast/saturation jitter strength (0 = off); 'mask': context and targets get independent draws
 gray_prob = 0.0            # probability of turning a view grayscale
+rot90 = False              # also rotate crops by a random multiple of 90 degrees (images with no 'up': skin, slides)
 # model
 patch_size = 8             # ViT patch side; image_size must be a multiple of it
 n_layer = 6                # encoder depth
@@ -296,11 +297,13 @@ def to_float(images_uint8, mean, std, device):
     return (x - m) / s
 
 
-def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3)):
-    """Batched random-resized crop + horizontal flip on tensors, as one affine resampling.
+def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3), rot90=False):
+    """Batched random-resized crop + horizontal flip (+ rotation by k * 90 degrees) on tensors, as one
+    affine resampling.
 
-    Each output pixel u in [-1, 1] reads the input at  w * u + c  (per image: crop width w,
-    centre c, sign of w = flip), so one grid_sample does the whole batch on any device.
+    Each output pixel u in [-1, 1]^2 reads the input at  S R u + c  (per image: S = diag(w, h), crop
+    width and height, sign of w = flip; R the rotation; c the centre), so one grid_sample does the whole
+    batch on any device. R maps the square [-1, 1]^2 onto itself, so the crop never leaves the image.
     """
     B = x.shape[0]
     dev = x.device
@@ -314,6 +317,10 @@ def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3)):
     theta = torch.zeros(B, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
     theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    if rot90:  # S R with R = [[cos, -sin], [sin, cos]] at a random multiple of 90 degrees (exact 0/+-1)
+        a = torch.randint(0, 4, (B,), generator=gen) * (math.pi / 2)
+        cos, sin = a.cos().round(), a.sin().round()
+        theta[:, :, :2] = theta[:, :, :2] @ torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)
     grid = F.affine_grid(theta.to(dev, non_blocking=True), (B, x.shape[1], size, size), align_corners=False)
     return F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
 
@@ -784,12 +791,13 @@ def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
     x = to_float(images, mean, std, device)
     jitter = lambda v: color_jitter(v, gen, cfg['color_jitter'], cfg['gray_prob'])
     if cfg['objective'] == 'mask':
-        x = random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen)
+        x = random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen, rot90=cfg['rot90'])
         grid = (cfg['image_size'] // cfg['patch_size'],) * 2
         ctx_idx, tgt_idx = sample_masks(x.shape[0], grid, gen, **{k: cfg[k] for k in MASK_KEYS})
         return dict(x=jitter(x), x_tgt=jitter(x), ctx_idx=to_device(ctx_idx, device), tgt_idx=to_device(tgt_idx, device))
-    g = torch.stack([jitter(random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen)) for _ in range(2)])
-    loc = [jitter(random_resized_crop(x, cfg['local_size'], cfg['local_scale'], gen))
+    crop = lambda size, scale: jitter(random_resized_crop(x, size, scale, gen, rot90=cfg['rot90']))
+    g = torch.stack([crop(cfg['image_size'], cfg['crop_scale']) for _ in range(2)])
+    loc = [crop(cfg['local_size'], cfg['local_scale'])
            for _ in range(cfg['n_local_views'])]
     loc = torch.stack(loc) if loc else x.new_zeros(0, *x.shape[:2], cfg['local_size'], cfg['local_size'])
     return dict(globals=g, locals=loc)

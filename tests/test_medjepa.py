@@ -303,6 +303,20 @@ def test_random_resized_crop_full_scale_is_identity_or_mirror():
         assert torch.allclose(y[b], x[b], atol=1e-5) or torch.allclose(y[b], x[b].flip(-1), atol=1e-5)
 
 
+def test_random_resized_crop_rot90_gives_every_exact_quarter_turn():
+    """rot90=True: each full-scale crop is exactly one of the 8 symmetries of the square (4 rotations,
+    optionally mirrored), and all 4 rotations occur; without it, only identity or mirror."""
+    x = torch.randn(64, 1, 8, 8)
+    y = mj.random_resized_crop(x, 8, (1.0, 1.0), torch.Generator().manual_seed(0), ratio=(1, 1), rot90=True)
+    seen = set()
+    for b in range(64):
+        hits = [k for k in range(4) for m in (x[b, 0], x[b, 0].flip(-1))
+                if torch.allclose(y[b, 0], torch.rot90(m, k), atol=1e-5)]
+        assert len(hits) == 1, f"image {b} is not a quarter turn of the input"
+        seen.add(hits[0])
+    assert seen == {0, 1, 2, 3}
+
+
 def test_color_jitter_off_is_identity_and_gray_prob_one_is_gray():
     x = torch.randn(4, 3, 8, 8)
     assert torch.equal(mj.color_jitter(x, torch.Generator().manual_seed(0), 0.0), x)
