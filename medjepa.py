@@ -17,30 +17,29 @@ Run it:
 then evaluate the checkpoint:
     python eval.py --ckpt=out-demo/ckpt.pt
 
-The file reads top to bottom: config -> data -> model -> masks -> SIGReg -> objective -> training.
-docs/ has one page per idea; this file keeps the code and the essential lessons.
+The file reads top to bottom: config -> data -> model -> masks -> SIGReg -> objectives -> training.
+The plumbing a reader may skip (config parsing, data files, checkpoints, DDP, precision, MFU, kNN) is in
+medjepa_utils.py. docs/ has one page per idea; docs/reading_medjepa.md walks through this file.
 """
 
-import ast
-import builtins
-import difflib
-import errno
 import functools
-import glob
-import json
 import math
 import os
-import signal
 import sys
 import time
-import warnings
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
+
+from medjepa_utils import (  # the plumbing, re-exported (medjepa.configure is medjepa_utils.configure)
+    ConfigError, advice, any_rank, barrier, checkpoint_dims, cli, compile_model, configure, effective_rank,
+    estimate_flops, evaluate_and_save, extract_features, knn_predict, load_checkpoint, load_split, log_step,
+    mean_cosine, measure_matmul_flops, need, open_data, precision, read_meta, resolve_dtype, resume,
+    save_checkpoint, setup_distributed, stop_signals, to_device, to_float, validate, validate_shared,
+    wrap_model)
 
 # -----------------------------------------------------------------------------
 # default config values: a CPU-sized demo that trains on data/demo (64 px) in about 10 minutes
@@ -55,9 +54,10 @@ seed = 0                   # everything random derives from this (data order, ma
 # data and augmentation
 image_size = 64            # side of the (square) training crops, in pixels
 crop_scale = (0.3, 1.0)    # random-resized-crop area range (I-JEPA uses only this augmentation)
-color_jitter = 0.0         # brightness/contrast/saturation jitter strength (0 = off); 'mask': context and targets get independent draws
+color_jitter = 0.0         # brightness/contrast/saturation jitter (0 = off); 'mask': context and targets
+                           # get independent draws
 gray_prob = 0.0            # probability of turning a view grayscale
-rot90 = False              # also rotate crops by a random multiple of 90 degrees (images with no 'up': skin, slides)
+rot90 = False              # also rotate crops by k * 90 degrees (images with no 'up': skin, slides)
 # model
 patch_size = 8             # ViT patch side; image_size must be a multiple of it
 n_layer = 6                # encoder depth
@@ -70,12 +70,13 @@ pred_n_head = 3            # predictor heads
 objective = 'mask'         # 'mask': masked latent prediction (I-JEPA style); 'views': LeJEPA multi-view
 sigreg_lambda = 0.05       # the one knob: loss = (1 - lambda) * prediction + lambda * SIGReg
 num_slices = 1024          # SIGReg random 1-D projections per step (docs/sigreg.md: 1024 beat 256 here)
-sigreg_on = 'pooled_std'   # 'mask' objective: SIGReg on per-image context vectors, batch-standardised ('pooled_std') or raw ('pooled'), or on all 'tokens'
+sigreg_on = 'pooled_std'   # 'mask': SIGReg on per-image context vectors, batch-standardised ('pooled_std')
+                           # or raw ('pooled'), or on all 'tokens'
 num_targets = 4            # target blocks per image
 target_scale = (0.15, 0.2) # area of each target block, as a fraction of the patch grid
 target_aspect = (0.75, 1.5)  # aspect ratio range of the target blocks
 context_scale = (0.85, 1.0)  # area of the context block before the targets are cut out of it
-context_keep = 0.33        # every image sees exactly this fraction of the patch grid as context (docs/masking.md)
+context_keep = 0.33        # every image sees exactly this fraction of the grid as context (docs/masking.md)
 min_keep = 10              # ... and at least this many patches
 n_local_views = 4          # 'views' objective: small crops per image (plus 2 global crops)
 local_size = 32            # 'views' objective: side of the local crops in pixels
@@ -83,7 +84,7 @@ local_scale = (0.05, 0.3)  # 'views' objective: area range of the local crops
 proj_dim = 64              # 'views' objective: projector output width (SIGReg acts on it)
 # optimisation
 batch_size = 64            # images per micro-step per process
-gradient_accumulation_steps = 1  # micro-steps per optimiser step in each process (global batch = batch_size x this x processes)
+gradient_accumulation_steps = 1  # micro-steps per optimiser step per process (batch_size x this x world)
 max_iters = 600            # optimiser steps
 learning_rate = 1e-3       # peak AdamW learning rate
 min_lr = 1e-5              # learning rate at the end of the cosine decay
@@ -99,167 +100,13 @@ dtype = 'auto'             # 'auto', 'float32', 'bfloat16' (autocast), 'float16'
 compile = False            # torch.compile the model (worth it on GPU, slow to start on CPU)
 num_threads = 0            # CPU threads for torch (0: leave torch's default)
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
 
 # -----------------------------------------------------------------------------
-# Configuration: defaults above < a config file < --key=value, all checked before any work
-
-
-class ConfigError(ValueError):
-    """A bad config key or value; main() prints it and exits with code 2."""
-
-
-def _closest(key, valid):
-    near = difflib.get_close_matches(key, valid, n=1)
-    return f" (did you mean '{near[0]}'?)" if near else ''
-
-
-def _coerce(key, value, default):
-    """Check that `value` has the type of the default; ints widen to floats, lists to tuples."""
-    if isinstance(default, bool):
-        if isinstance(value, str) and value.lower() in ('true', 'false'):
-            return value.lower() == 'true'
-        if isinstance(value, bool):
-            return value
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif isinstance(default, str):
-        if isinstance(value, str):
-            return value
-    elif isinstance(default, tuple):
-        if isinstance(value, (tuple, list)) and len(value) == len(default):
-            return tuple(_coerce(key, v, d) for v, d in zip(value, default))
-    raise ConfigError(f"config key '{key}' expects a {type(default).__name__} like {default!r}, got {value!r}")
-
-
-def configure(argv, defaults=None):
-    """Return the config dict: defaults, then config files (positional args), then --key=value."""
-    defaults = DEFAULTS if defaults is None else defaults
-    cfg = dict(defaults)
-    for arg in argv:
-        if not arg.startswith('--'):  # a config file: python code that assigns globals
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file '{arg}' not found (expected e.g. config/demo.py)")
-            scope = {}
-            with open(arg) as f:
-                exec(builtins.compile(f.read(), arg, 'exec'), scope)  # 'compile' is a config key here
-            items = [(k, v) for k, v in scope.items() if not k.startswith('_') and not callable(v)
-                     and type(v).__name__ != 'module']
-            where = f" in config file '{arg}'"
-        else:
-            if '=' not in arg:
-                raise ConfigError(f"argument '{arg}' must look like --key=value")
-            k, v = arg[2:].split('=', 1)
-            try:
-                v = ast.literal_eval(v)
-            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-                pass  # a bare string such as --device=cpu
-            items, where = [(k, v)], ''
-        for k, v in items:
-            if k not in defaults:
-                raise ConfigError(f"unknown config key '{k}'{where}{_closest(k, list(defaults))}")
-            cfg[k] = _coerce(k, v, defaults[k])
-    return cfg
-
-
-def need(ok, msg):
-    if not ok:
-        raise ConfigError(msg)
-
-
-def validate(c):
-    """Reject values that cannot work, naming the key and the fix (the 2-D model's rules)."""
-    validate_shared(c)
-    need(c['image_size'] % c['patch_size'] == 0,
-         f"image_size={c['image_size']} is not a multiple of patch_size={c['patch_size']}: change one of them")
-    need(c['local_size'] % c['patch_size'] == 0,
-         f"local_size={c['local_size']} is not a multiple of patch_size={c['patch_size']}")
-    need(c['image_size'] // c['patch_size'] >= 2,
-         f"image_size / patch_size = {c['image_size'] // c['patch_size']}: a JEPA needs a grid of at least 2x2 patches")
-    need(c['n_embd'] % 4 == 0 and c['pred_n_embd'] % 4 == 0,
-         f"n_embd={c['n_embd']} and pred_n_embd={c['pred_n_embd']} must be multiples of 4 (2-D sin-cos positions)")
-    need(c['objective'] in ('mask', 'views'), f"objective must be 'mask' or 'views', got '{c['objective']}'")
-    need(c['color_jitter'] >= 0 and 0 <= c['gray_prob'] <= 1,
-         f"color_jitter={c['color_jitter']} must be >= 0 and gray_prob={c['gray_prob']} in [0, 1]")
-    need(0 < c['context_keep'] <= 1, f"context_keep={c['context_keep']} must lie in (0, 1]: the fraction of the grid each context keeps")
-    for k in ('crop_scale', 'local_scale', 'target_scale', 'context_scale'):
-        lo, hi = c[k]
-        need(0 < lo <= hi <= 1, f"{k}={c[k]} must satisfy 0 < low <= high <= 1")
-    return c
-
-
-def validate_shared(c):
-    """The rules of the keys that medjepa.py and medjepa3d.py share (model widths, SIGReg, schedule)."""
-    vals = lambda v: v if isinstance(v, tuple) else (v,)  # (ranges first: the rules below divide by these values)
-    for rule, ok, keys in [('at least 1', lambda v: v >= 1, 'batch_size gradient_accumulation_steps max_iters num_slices '
-                            'log_interval eval_interval knn_train_size n_layer n_head n_embd pred_n_layer pred_n_head '
-                            'pred_n_embd patch_size image_size local_size volume_size num_targets proj_dim min_keep '
-                            'max_bad_steps'), ('in [0, 1)', lambda v: 0 <= v < 1, 'beta1 beta2'),
-                           ('>= 0', lambda v: v >= 0, 'seed warmup_iters weight_decay grad_clip num_threads min_lr '
-                            'n_local_views'), ('non-empty', bool, 'out_dir data_dir')]:
-        for k in (k for k in keys.split() if k in c):
-            need(all(ok(v) for v in vals(c[k])), f"{k}={c[k]!r} must be {rule}")
-    need(all(math.isfinite(x) for v in c.values() for x in vals(v) if isinstance(x, float)), 'values must be finite, not inf')
-    need(c['device'] in ('auto', 'cpu', 'mps', 'cuda') or c['device'][:5] == 'cuda:' and c['device'][5:].isdigit(),
-         f"device '{c['device']}' is not one of auto, cpu, cuda, cuda:N, mps")
-    need(c['n_embd'] % c['n_head'] == 0, f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
-    need(c['pred_n_embd'] % c['pred_n_head'] == 0,
-         f"pred_n_embd={c['pred_n_embd']} must be divisible by pred_n_head={c['pred_n_head']}")
-    need(c['sigreg_on'] in ('pooled_std', 'pooled', 'tokens'),
-         f"sigreg_on must be 'pooled_std', 'pooled' or 'tokens', got '{c['sigreg_on']}'")
-    need(not c['compile'] or hasattr(torch.compiler, 'set_stance'), f"compile=True needs torch >= 2.6 (this is {torch.__version__})")
-    need(c['init_from'] in ('scratch', 'resume'), f"init_from must be 'scratch' or 'resume', got '{c['init_from']}'")
-    need(c['dtype'] in ('auto', 'float32', 'bfloat16', 'float16'), f"dtype '{c['dtype']}' is not one of auto/float32/bfloat16/float16")
-    need(0.0 <= c['sigreg_lambda'] <= 1.0, f"sigreg_lambda={c['sigreg_lambda']} must lie in [0, 1]")
-    lo, hi = c['target_aspect']
-    need(0 < lo <= hi, f"target_aspect={c['target_aspect']} must satisfy 0 < low <= high")
-    need(0 < c['learning_rate'] and c['min_lr'] <= c['learning_rate'], f"learning_rate={c['learning_rate']} must be > 0 "
-         f"and min_lr={c['min_lr']} at most learning_rate (the cosine decays from one to the other)")
-    return c
-
-# -----------------------------------------------------------------------------
-# Data: every data set is a folder of memory-mapped uint8 arrays written by prepare.py
-# (docs/data_format.md): {split}_images.npy (N, H, W, C), {split}_labels.npy, ... and meta.json.
-
-
-def read_meta(data_dir):
-    path = os.path.join(data_dir, 'meta.json')
-    if not os.path.isfile(path):
-        import prepare
-        name = os.path.basename(os.path.normpath(data_dir))
-        raise FileNotFoundError(f"no data set in '{data_dir}' (missing meta.json): run 'python prepare.py "
-                                f"{name if name in prepare.DATASETS else '<dataset>'}' first (python prepare.py --help lists them)")
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_split(data_dir, split):
-    """Open one split without reading it: images stay on disk until indexed. Checks the format
-    (docs/data_format.md): shapes, dtypes, equal counts, class labels in [0, num_classes)."""
-    out, meta = {}, read_meta(data_dir)
-    for key in ('images', 'labels', 'masks', 'groups', 'sites'):
-        path = os.path.join(data_dir, f'{split}_{key}.npy')
-        out[key] = np.load(path, mmap_mode='r', allow_pickle=False) if os.path.isfile(path) else None
-    if out['images'] is None:
-        raise FileNotFoundError(f"'{data_dir}' has no {split}_images.npy: the data set is incomplete, "
-                                f"delete the folder and run prepare.py again")
-    x, y, n, k = out['images'], out['labels'], len(out['images']), meta.get('num_classes', 0)
-    bad = [f"meta.json lacks '{key}'" for key in ('mean', 'std', 'num_classes') if key not in meta]  # prepare.py writes all
-    if x.dtype != np.uint8 or x.ndim not in (4, 5) or n == 0:
-        bad.append(f"{split}_images.npy is {x.dtype} {x.shape}, not non-empty uint8 (N, H, W, C) or (N, D, H, W, C)")
-    bad += [f"{split}_{key}.npy has {len(a)} rows, images {n}" for key, a in out.items() if a is not None and len(a) != n]
-    if y is not None and meta.get('task') == 'multiclass' and (y.dtype.kind not in 'iu' or ((y < 0) | (y >= k)).any()):
-        bad.append(f"{split}_labels.npy holds {y.dtype} {y.min(initial=0)}..{y.max(initial=0)}, not classes 0..{k - 1}")
-    if bad:
-        raise ValueError(f"'{data_dir}' breaks the format of docs/data_format.md: {'; '.join(bad)}. Run prepare.py again")
-    return out
+# Data: uint8 arrays (N, H, W, C) from prepare.py, memory-mapped (medjepa_utils.open_data); a batch is
+# read by its indices, sent to the device as uint8 (to_float) and augmented there, on the whole batch.
 
 
 def batch_indices(step, micro, n, batch, world, rank, accum, seed):
@@ -278,23 +125,6 @@ def batch_indices(step, micro, n, batch, world, rank, accum, seed):
         perm = np.random.default_rng([seed, int(e)]).permutation(n)
         out[epochs == e] = perm[offsets[epochs == e]]
     return out
-
-
-def to_device(t, device):
-    """Host tensor -> device without stopping the CPU: pinned memory makes a CUDA copy asynchronous."""
-    return (t.pin_memory() if str(device).startswith('cuda') else t).to(device, non_blocking=True)
-
-
-def to_float(images_uint8, mean, std, device):
-    """(B, H, W, C) uint8 numpy -> (B, C, H, W) float tensor normalised per channel on the device
-    (volumes: (B, D, H, W, C) -> (B, C, D, H, W)). uint8 travels (4x fewer bytes than float32), from
-    pinned memory and non_blocking: a blocking copy would leave the GPU idle (docs/scaling.md)."""
-    x = torch.from_numpy(np.array(images_uint8, copy=True))  # own writable memory (memmaps are read-only)
-    x = to_device(x, device).movedim(-1, 1).float().div_(255)
-    shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcast over the spatial axes
-    m = torch.tensor(mean).view(shape).to(device, non_blocking=True)
-    s = torch.tensor(std).view(shape).to(device, non_blocking=True)
-    return (x - m) / s
 
 
 def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3), rot90=False):
@@ -368,7 +198,8 @@ class Attention(nn.Module):
 
     def forward(self, x, attn_mask=None):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, D // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd)
         if q.is_cuda or q.dtype == torch.float32:  # flash / memory-efficient kernels
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:  # bf16 on a CPU: SDPA's backward is ~3x slower than plain matmuls there (docs/scaling.md)
@@ -482,7 +313,8 @@ class Predictor(nn.Module):
         x = self.embed(ctx) + pos[ctx_idx]  # (B, Nc, dim)
         t = self.mask_token + pos[tgt_idx.view(B, M * K)]  # (B, M*K, dim)
         x = torch.cat([x, t], 1)
-        block_id = torch.cat([torch.full((Nc,), -1), torch.arange(M).repeat_interleave(K)]).to(ctx.device, non_blocking=True)
+        block_id = torch.cat([torch.full((Nc,), -1), torch.arange(M).repeat_interleave(K)])
+        block_id = block_id.to(ctx.device, non_blocking=True)  # -1: context, m: a mask token of block m
         allowed = (block_id[None, :] == -1) | (block_id[:, None] == block_id[None, :])  # (L, L) query x key
         for block in self.blocks:
             x = block(x, allowed)
@@ -502,14 +334,12 @@ class Projector(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Multi-block masks (I-JEPA) for a whole batch on a (gh, gw) patch grid (docs/masking.md).
-# Per batch one target block size (h, w) from scale ~ U(target_scale), aspect ~ U(target_aspect), so all
-# images have M * h * w target patches. Per image M target blocks and one context block at uniform
-# positions (top-left in [0, gh - h] INCLUSIVE: upstream never reaches the last row); context = context
-# block minus all targets. Every image keeps the same number L of context patches, a RANDOM subset of its
-# visible ones (upstream keeps the first indices, biasing the context to the top of the image), and L is
-# fixed by the grid, not the batch: upstream cuts every context to the batch's shortest, so the task got
-# harder with the batch size, ranks saw different lengths, and torch.compile met a new shape every step.
-# Contexts shorter than L are redrawn a bounded number of times, then fall back (tiny grids never hang).
+# Per batch one target block size (h, w) from scale ~ U(target_scale), aspect ~ U(target_aspect): all
+# images have M * h * w target patches. Per image M target blocks and one context block, top-left corners
+# uniform in [0, gh - h] INCLUSIVE; context = context block minus all targets. Every image keeps the same
+# number L of context patches, fixed by the grid (not by the batch's shortest context), as a RANDOM subset
+# of its visible ones (not the first indices: they are the top of the image). Short contexts are redrawn
+# a bounded number of times, then fall back (tiny grids never hang).
 
 
 def _uniform(lo, hi, gen):
@@ -652,11 +482,6 @@ def _sigreg(z, step, num_slices, seed, local=False):
 # The objectives. Both return (loss, stats) from one forward() so that DDP sees every call.
 
 
-def transformer_flops(T, D, n_layer, mlp_ratio=4.0):
-    """Matmul FLOPs of a forward pass of n_layer blocks over T tokens of width D."""
-    return n_layer * (2 * T * D * D * (4 + 2 * mlp_ratio) + 4 * T * T * D)
-
-
 class JEPA(nn.Module):
     Encoder, Predictor = ViT, Predictor  # medjepa3d.py: their 3-D subclasses
 
@@ -665,7 +490,8 @@ class JEPA(nn.Module):
         self.cfg = cfg
         self.encoder = self.Encoder(in_chans, cfg['patch_size'], cfg['n_embd'], cfg['n_layer'], cfg['n_head'])
         if cfg['objective'] == 'mask':
-            self.predictor = self.Predictor(cfg['n_embd'], cfg['pred_n_embd'], cfg['pred_n_layer'], cfg['pred_n_head'])
+            self.predictor = self.Predictor(cfg['n_embd'], cfg['pred_n_embd'], cfg['pred_n_layer'],
+                                            cfg['pred_n_head'])
         else:
             self.projector = Projector(cfg['n_embd'], 4 * cfg['proj_dim'], cfg['proj_dim'])
 
@@ -675,9 +501,11 @@ class JEPA(nn.Module):
                                   reg_grad=reg_grad[0] if reg_grad else None)
         return self.views_loss(batch['globals'], batch['locals'], step)
 
-    def sigreg_inputs(self, batch):
-        """[sigreg_input] of each mask set of the batch (one here; medjepa3d.py has several)."""
-        return [self.sigreg_input(self.encoder(batch['x'], batch['ctx_idx']))]
+    def mask_sets(self, batch):  # the (ctx_idx, tgt_idx) pairs of a batch: one here, several in 3-D
+        return [(batch['ctx_idx'], batch['tgt_idx'])]
+
+    def sigreg_inputs(self, batch):  # [sigreg_input] of each mask set
+        return [self.sigreg_input(self.encoder(batch['x'], ctx)) for ctx, _ in self.mask_sets(batch)]
 
     def sigreg_input(self, z):
         """What SIGReg scores, from the context tokens z (B, Nc, D): one pooled vector per image (B, D),
@@ -685,16 +513,15 @@ class JEPA(nn.Module):
         return z.reshape(-1, z.shape[-1]) if self.cfg['sigreg_on'] == 'tokens' else z.mean(1)
 
     def sigreg_loss(self, reg_in, step, local=False):
-        """SIGReg of sigreg_input's output over the whole (global) batch, standardised first for 'pooled_std'."""
+        """SIGReg of sigreg_input's output over the global batch (standardised first: 'pooled_std')."""
         c = self.cfg
         reg_in = standardise(reg_in, local=local) if c['sigreg_on'] == 'pooled_std' else reg_in
         return sigreg(reg_in, step, c['num_slices'], c['seed'], local)
 
     @torch.no_grad()
     def sigreg_probe(self, feats):
-        """The tensor SIGReg tests, computed from frozen pooled features (N, D) of whole images (the val
-        monitor): the projector's output ('views', BatchNorm in eval mode) or sigreg_input's per-image
-        vector; None for sigreg_on='tokens' (pooled features are not tokens)."""
+        """What SIGReg tests, from frozen pooled features (N, D) of whole images (the val monitor): the
+        projector's output ('views', BatchNorm in eval mode), the pooled vector, or None ('tokens')."""
         if self.cfg['objective'] == 'views':
             was = self.projector.training
             out = self.projector.eval()(feats)
@@ -731,11 +558,7 @@ class JEPA(nn.Module):
         else:
             reg = torch.full((), math.nan, device=x.device)  # (unknown here)
             loss = (1 - lam) * pred_loss + (fp32(reg_in) * reg_grad).sum()
-        N, Nc, D, L = math.prod(grid), ctx_idx.shape[1], c['n_embd'], c['n_layer']
-        flops = B * (transformer_flops(N, D, L) + 3 * transformer_flops(Nc, D, L)
-                     + 3 * transformer_flops(Nc + M * K, c['pred_n_embd'], c['pred_n_layer'])
-                     + 4 * N * D * x.shape[1] * math.prod(self.encoder.patch_embed.proj.kernel_size))
-        return loss, dict(pred=pred_loss.detach(), sigreg=reg.detach(), emb=pooled.detach(), flops=flops)
+        return loss, dict(pred=pred_loss.detach(), sigreg=reg.detach(), emb=pooled.detach())
 
     def views_loss(self, g, l, step):
         """LeJEPA objective: every view's embedding should match the mean of the global views'
@@ -752,11 +575,7 @@ class JEPA(nn.Module):
         pred_loss = (z - mu).pow(2).mean()
         reg = torch.stack([sigreg(zv, step, c['num_slices'], c['seed']) for zv in z]).mean()
         loss = (1 - lam) * pred_loss + lam * reg
-        D, L, p = c['n_embd'], c['n_layer'], c['patch_size']
-        flops = 3 * B * (Vg * transformer_flops((g.shape[-1] // p) ** 2, D, L)
-                         + l.shape[0] * transformer_flops((l.shape[-1] // p) ** 2, D, L))
-        return loss, dict(pred=pred_loss.detach(), sigreg=reg.detach(), emb=emb[:B].detach(), flops=flops)
-
+        return loss, dict(pred=pred_loss.detach(), sigreg=reg.detach(), emb=emb[:B].detach())
 
 SPATIAL_DIMS = 2  # images; checkpoints record it, so a 3-D one is never loaded into this model
 COMPILE_DYNAMIC = False  # compile_model: one static graph per shape
@@ -767,22 +586,15 @@ MODEL_KEYS = ('patch_size', 'n_embd', 'n_layer', 'n_head', 'pred_n_embd', 'pred_
 def build_model(cfg, in_chans=3):
     return JEPA({k: cfg[k] for k in MODEL_KEYS}, in_chans)
 
-
-def compile_model(model, dynamic=False):
-    """torch.compile the encoder and predictor / projector in place (state_dict keys unchanged); SIGReg
-    stays eager (its seeded torch.Generator would split the graph). dynamic=False: one graph per target
-    block size, a few per grid; medjepa3d.py passes None, its context length varies (docs/scaling.md)."""
-    # dynamo traces through sincos_2d's lru_cache (and warns): safe, the codes depend on the grid alone
-    warnings.filterwarnings('ignore', message='Dynamo detected a call to a `functools.lru_cache`')
-    for part in (model.encoder, getattr(model, 'predictor', None) or model.projector):
-        part.compile(dynamic=dynamic)
-    return model
+# -----------------------------------------------------------------------------
+# Batches: every random number of a micro-batch comes from a generator seeded by (seed, step, micro, rank)
 
 
 def batch_generator(cfg, step, micro, rank):
     """The random generator of one micro-batch (crops, masks), a function of the step alone: resuming
     reproduces the same batches, and every rank and micro-step draws its own."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([cfg['seed'], step, micro, rank]).generate_state(1)[0]))
+    seed = np.random.SeedSequence([cfg['seed'], step, micro, rank]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(seed))
 
 
 def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
@@ -803,43 +615,8 @@ def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
     return dict(globals=g, locals=loc)
 
 # -----------------------------------------------------------------------------
-# Monitors: kNN accuracy (DINO protocol) and collapse statistics
-
-
-@torch.no_grad()
-def extract_features(encoder, images, mean, std, device='cpu', batch_size=256):
-    """Frozen features: mean of the encoder's output tokens, (N, D) float32 numpy."""
-    was_training = encoder.training
-    encoder.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = to_float(images[i:i + batch_size], mean, std, device)
-        out.append(encoder(x).mean(1).float().cpu())
-    encoder.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, encoder.norm.normalized_shape[0]), np.float32)
-
-
-@torch.no_grad()
-def knn_predict(train_feats, train_labels, query_feats, num_classes, k=20, T=0.07, chunk=1024):
-    """DINO kNN: cosine similarity on L2-normalised features; the k nearest training images vote
-    for their class with weight exp(sim / T). Returns class scores (Nq, num_classes); argmax = label."""
-    tr = F.normalize(torch.as_tensor(np.asarray(train_feats), dtype=torch.float32), dim=1)
-    lab = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
-    q_all = F.normalize(torch.as_tensor(np.asarray(query_feats), dtype=torch.float32), dim=1)
-    k = min(k, len(tr))
-    scores = torch.zeros(len(q_all), num_classes)
-    for i in range(0, len(q_all), chunk):
-        sim, idx = (q_all[i:i + chunk] @ tr.T).topk(k, dim=1)  # (q, k)
-        scores[i:i + chunk].scatter_add_(1, lab[idx], (sim / T).exp())
-    return scores.numpy()
-
-
-def mean_cosine(f):
-    """Mean cosine similarity over all pairs of distinct rows of f (N, D): 1 when every image maps to
-    the same direction, ~0 when the features spread around the origin. sum_ij <u_i, u_j> = |sum_i u_i|^2."""
-    u = F.normalize(torch.as_tensor(f, dtype=torch.float64), dim=1)
-    n, s = len(u), u.sum(0)
-    return float((s @ s - n) / max(n * (n - 1), 1))
+# Monitors: a collapsed encoder predicts perfectly, so the loss cannot show collapse; these can.
+# (The online kNN, effective rank and mean cosine are in medjepa_utils.py.)
 
 
 @torch.no_grad()
@@ -853,99 +630,12 @@ def feature_health(model, feats, step):
     if reg_in is not None:
         c, gen = model.cfg, torch.Generator().manual_seed(step)
         out['sigreg_val'] = float(model.sigreg_loss(reg_in, step, local=True))
-        out['sigreg_gauss'] = float(sigreg(torch.randn(reg_in.shape, generator=gen), step, c['num_slices'], c['seed'], True))
+        gauss = torch.randn(reg_in.shape, generator=gen)
+        out['sigreg_gauss'] = float(sigreg(gauss, step, c['num_slices'], c['seed'], True))
     return out
 
-
-def effective_rank(z):
-    """RankMe: exp(entropy of the normalised singular values); ~1 when collapsed, up to min(N, D)."""
-    s = torch.linalg.svdvals(z.float() - z.float().mean(0))
-    p = s / s.sum().clamp_min(1e-12) + 1e-12
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
-def measure_matmul_flops(device, dtype, n=2048, seconds=0.5):
-    """Dense GEMM throughput of this device in this dtype, measured now: the denominator of MFU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
-    sync()
-    t0, it = time.time(), 0
-    while time.time() - t0 < seconds:
-        a @ b
-        it += 1
-    sync()
-    return 2 * n ** 3 * it / (time.time() - t0)
-
-def resolve_dtype(dtype, dev):
-    """'auto' -> bf16 on GPUs that have it; on a CPU only if its bf16 matmuls are clearly faster
-    (AMX / AVX512-BF16 CPUs: 1.35x for ViT-Tiny at 224 px on the dev VM; elsewhere bf16 is slower)."""
-    if dtype != 'auto':
-        return dtype
-    if dev == 'cpu':
-        fast = measure_matmul_flops(dev, torch.bfloat16, seconds=0.2) > 1.5 * measure_matmul_flops(dev, torch.float32, seconds=0.2)
-        return 'bfloat16' if fast else 'float32'
-    return 'bfloat16' if dev.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
-
-
-
-def precision(dtype, dev):
-    """(dtype name with 'auto' resolved, torch dtype, autocast context); TF32 matmuls on GPUs."""
-    dtype = resolve_dtype(dtype, dev)
-    if dev.startswith('cuda'):
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    pt = getattr(torch, dtype)
-    return dtype, pt, nullcontext() if dtype == 'float32' else torch.autocast(dev.split(':')[0], dtype=pt)
-
 # -----------------------------------------------------------------------------
-# Checkpoints: one dict, written atomically, read without executing code
-
-
-def save_checkpoint(path, obj):
-    """tmp file, fsync, rename; the replaced one stays as ckpt.prev.pt (docs/reliability.md)."""
-    for stale in glob.glob(glob.escape(path) + '.tmp-*'):  # left by a writer that was killed
-        os.remove(stale)
-    tmp = f'{path}.tmp-{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as e:  # torch.save reports a failed write as a RuntimeError whose context is the OSError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if errno.ENOSPC in (getattr(e, 'errno', 0), getattr(e.__context__, 'errno', 0)):
-            raise OSError(errno.ENOSPC, f"disk full while writing the checkpoint {path}: free space on that disk "
-                                        f"(or set out_dir elsewhere) and resume; the last checkpoint is intact") from e
-        raise
-    if os.path.exists(path):
-        os.replace(path, os.path.splitext(path)[0] + '.prev.pt')
-    os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
-
-
-def load_checkpoint(path, map_location='cpu', spatial_dims=None):
-    """The checkpoint dict; with spatial_dims, refuse one written for the other kind of model
-    (a 3-D checkpoint's Conv3d weights do not fit a 2-D model, and vice versa)."""
-    prev = os.path.splitext(path)[0] + '.prev.pt'
-    prev = f"; the previous one is {prev}: mv it to {path} to resume from it" if os.path.isfile(prev) else ''
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' not found: train one with 'python medjepa.py'{prev}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {e}); it may be "
-                           f"truncated or not a MedJEPA checkpoint{prev}") from e
-    if spatial_dims is not None and checkpoint_dims(ckpt) != spatial_dims:
-        raise ConfigError(f"checkpoint '{path}' is a {checkpoint_dims(ckpt)}-D model "
-                          f"({'medjepa3d.py' if checkpoint_dims(ckpt) == 3 else 'medjepa.py'}); this is the "
-                          f"{spatial_dims}-D one: use {'medjepa3d.py' if spatial_dims == 2 else 'medjepa.py'}"
-                          f" for it, or another out_dir")
-    return ckpt
-
-
-def checkpoint_dims(ckpt):
-    return ckpt.get('spatial_dims', 2)  # checkpoints from before medjepa3d.py are all 2-D
+# Training
 
 
 def lr_at(it, c):
@@ -955,50 +645,9 @@ def lr_at(it, c):
     frac = min(1.0, (it - c['warmup_iters']) / max(1, c['max_iters'] - c['warmup_iters']))
     return c['min_lr'] + 0.5 * (1 + math.cos(math.pi * frac)) * (c['learning_rate'] - c['min_lr'])
 
-# -----------------------------------------------------------------------------
-# Training
-
-
-def main(argv=None, impl=None):
-    impl = impl or sys.modules[__name__]
-    try:
-        cfg = impl.validate(configure(sys.argv[1:] if argv is None else argv, impl.DEFAULTS))
-    except ConfigError as e:
-        print(f'{os.path.basename(impl.__file__)}: {e}', file=sys.stderr)
-        sys.exit(2)
-    return train(cfg, impl)
-
-
-def cli(impl=None):
-    """The command line: wrong settings, missing data or a missing checkpoint found once training has
-    started are one line on stderr and exit code 2, not a traceback (main() itself raises them)."""
-    impl = impl or sys.modules[__name__]
-    try:
-        main(impl=impl)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f'{os.path.basename(impl.__file__)}: error: {e}', file=sys.stderr)
-        sys.exit(2)
-
-
-def setup_distributed(cfg):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is a single process."""
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    dev = cfg['device']
-    if dev == 'auto':
-        dev = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if ddp:
-        rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
-        if dev.startswith('cuda'):
-            dev = f'cuda:{local_rank}'
-            torch.cuda.set_device(dev)
-        dist.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
-        return True, rank, world, dev
-    return False, 0, 1, dev
-
 
 def make_optimizer(model, cfg, dev):
-    """AdamW with weight decay on matrices only. The fused kernel updates all tensors in one pass:
-    one launch on a GPU, ~2x faster than the per-tensor loop on a CPU (torch >= 2.4 has it there)."""
+    """AdamW, weight decay on matrices only; fused (one kernel for all tensors: ~2x faster on a CPU)."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # biases, norms, mask token
     fused = dev.startswith('cuda') or (dev == 'cpu' and torch.__version__ >= '2.4')
@@ -1009,26 +658,29 @@ def make_optimizer(model, cfg, dev):
 
 def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_clip):
     """One optimiser step: `accum` micro-batches (get_batch(micro) -> batch) forward and backward with
-    their gradients summed, then clipping and AdamW. Returns the loss averaged over the micro-steps
-    (a detached tensor: no device sync here), the last micro-step's stats and the summed FLOPs.
-    W ranks under DDP equal one process on the concatenated batch (SIGReg: global_mean), and so do
-    K micro-steps for the 'mask' objective: see exact_sigreg_grads. ('views': each micro-step scores
-    SIGReg, and the projector's BatchNorm, on its own batch; docs/scaling.md.)"""
+    their gradients summed, then clipping and AdamW. Returns the mean loss (a detached tensor: no device
+    sync), the last micro-step's stats (+ data_time: seconds in get_batch) and the FLOPs. W ranks under
+    DDP equal one process on the concatenated batch (SIGReg: global_mean), and so do K micro-steps for
+    'mask' (exact_sigreg_grads; 'views' scores SIGReg per micro-step, docs/scaling.md)."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     raw = model.module if ddp else model
     lam = raw.cfg['sigreg_lambda']
     exact = accum > 1 and raw.cfg['objective'] == 'mask' and lam > 0
+    t = time.time()
     batches = [get_batch(m) for m in range(accum)] if exact else None
-    reg_grads, reg = exact_sigreg_grads(raw, batches, step, autocast, lam * accum) if exact else ([None] * accum, 0)
-    loss_sum, flops = 0.0, 0
+    loss_sum, flops, data_time = 0.0, 0, time.time() - t
+    reg_grads, reg = ([None] * accum, 0) if not exact else exact_sigreg_grads(raw, batches, step, autocast,
+                                                                             lam * accum)
     for micro in range(accum):
+        t = time.time()
         batch = batches[micro] if exact else get_batch(micro)
+        data_time, flops = data_time + time.time() - t, flops + estimate_flops(raw, batch)
         if ddp:  # only the last micro-step all-reduces gradients; the others just accumulate
             model.require_backward_grad_sync = micro == accum - 1
         with autocast:
             loss, stats = model(batch, step, reg_grad=reg_grads[micro])
         scaler.scale(loss / accum).backward()
-        loss_sum, flops = loss_sum + (((1 - lam) * stats['pred']) if exact else loss.detach()), flops + stats['flops']
+        loss_sum = loss_sum + (((1 - lam) * stats['pred']) if exact else loss.detach())
     if exact:
         loss_sum, stats['sigreg'] = loss_sum + accum * lam * reg, reg
     scaler.unscale_(optimizer)  # (a no-op without fp16's GradScaler)
@@ -1038,7 +690,7 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum / accum, dict(stats, skipped=skipped), flops
+    return loss_sum / accum, dict(stats, skipped=skipped, data_time=data_time), flops
 
 
 def exact_sigreg_grads(raw, batches, step, autocast, scale):
@@ -1057,173 +709,96 @@ def exact_sigreg_grads(raw, batches, step, autocast, scale):
     return [list(gm) for gm in zip(*G)], (sum(regs) / len(regs)).detach()
 
 
-def open_data(cfg, impl, master, ddp, dev):
-    """meta.json and the memory-mapped train / val splits; the demo data set is generated if missing."""
-    name = os.path.basename(os.path.normpath(cfg['data_dir']))
-    if master and not os.path.isfile(os.path.join(cfg['data_dir'], 'meta.json')) and name in ('demo', 'demo3d'):
-        import prepare
-        print(f"{cfg['data_dir']} is missing: generating the demo data set (python prepare.py {name})")
-        prepare.DATASETS[name](cfg['data_dir'])
-    if ddp:  # the other ranks wait for it (naming the GPU: NCCL would otherwise guess it from the global rank)
-        dist.barrier(**({'device_ids': [torch.cuda.current_device()]} if dev.startswith('cuda') else {}))
-    meta = read_meta(cfg['data_dir'])
-    dims = meta.get('spatial_dims', 2)
-    need(dims == impl.SPATIAL_DIMS, f"{cfg['data_dir']} holds {'volumes' if dims == 3 else '2-D images'}: "
-         f"train on it with {'medjepa3d.py' if dims == 3 else 'medjepa.py'}")
-    train_split, val_split = load_split(cfg['data_dir'], 'train'), load_split(cfg['data_dir'], 'val')
-    need(len(train_split['images']) >= cfg['batch_size'],
-         f"batch_size={cfg['batch_size']} is larger than the train split ({len(train_split['images'])} images)")
-    return meta, train_split, val_split
+def get_batch(cfg, impl, data, step, micro, dev, rank, world):
+    """This rank's micro-batch `micro` of step `step` (indices sorted: the memory map is read in order)."""
+    idx = np.sort(batch_indices(step, micro, len(data['images']), cfg['batch_size'], world, rank,
+                                cfg['gradient_accumulation_steps'], cfg['seed']))
+    return impl.make_batch(cfg, data['images'][idx], data['mean'], data['std'], step, micro, dev, rank)
+
+
+def main(argv=None, impl=None):
+    """Config: defaults < config files < --key=value, checked before any work (exit code 2), then train."""
+    impl = impl or sys.modules[__name__]
+    try:
+        cfg = impl.validate(configure(sys.argv[1:] if argv is None else argv, impl.DEFAULTS))
+    except ConfigError as e:
+        print(f'{os.path.basename(impl.__file__)}: {e}', file=sys.stderr)
+        sys.exit(2)
+    return train(cfg, impl)
 
 
 def train(cfg, impl=None):
-    """The training loop. impl: the module with the pieces that depend on the kind of data:
-    build_model, make_batch, extract_features, MODEL_KEYS and SPATIAL_DIMS (this module by default;
-    medjepa3d.py passes itself, so images and volumes share this loop, its logs and checkpoints)."""
+    """The training loop. impl: the module of the parts that depend on the kind of data (build_model,
+    make_batch, extract_features, feature_health, MODEL_KEYS, SPATIAL_DIMS, COMPILE_DYNAMIC): this one, or
+    medjepa3d, so images and volumes share this loop, its logs and its checkpoints."""
     impl = impl or sys.modules[__name__]
     ddp, rank, world, dev = setup_distributed(cfg)
-    master, accum = rank == 0, cfg['gradient_accumulation_steps']  # per process: any torchrun world size works
+    master, accum = rank == 0, cfg['gradient_accumulation_steps']  # per process: any world size works
     if cfg['num_threads'] > 0:
         torch.set_num_threads(cfg['num_threads'])
     dtype, ptdtype, autocast = precision(cfg['dtype'], dev)
-    advice = f"Lower learning_rate (now {cfg['learning_rate']}) or use dtype=float32, then resume from the last checkpoint"
-    meta, train_split, val_split = open_data(cfg, impl, master, ddp, dev)
-    images, (mean, std) = train_split['images'], (meta['mean'], meta['std'])
-    n_train = len(images)
-
-    # model, optimiser, resume
+    data = open_data(cfg, impl, master, ddp, dev)
+    images, ckpt_path = data['images'], os.path.join(cfg['out_dir'], 'ckpt.pt')
     torch.manual_seed(cfg['seed'])
-    model = raw_model = impl.build_model(cfg, images.shape[-1]).to(dev)
+    model = impl.build_model(cfg, images.shape[-1]).to(dev)
     optimizer = make_optimizer(model, cfg, dev)
-    scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))
+    scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))  # (loss scaling: fp16 only)
     iter_num, best_knn = 0, 0.0
-    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
     if cfg['init_from'] == 'resume':
-        ckpt = load_checkpoint(ckpt_path, map_location=dev, spatial_dims=impl.SPATIAL_DIMS)
-        changed = [k for k in impl.MODEL_KEYS if ckpt['config'].get(k) != cfg[k]]
-        need(not changed, f"cannot resume {ckpt_path}: model settings differ from the checkpoint's: "
-             + ', '.join(f"{k}={cfg[k]!r} (checkpoint: {ckpt['config'].get(k)!r})" for k in changed))
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        iter_num, best_knn = ckpt['iter_num'], ckpt['best_metric']
-        if master:
-            print(f'resumed from {ckpt_path} at step {iter_num}')
-    if ddp and cfg.get('objective') == 'views':  # the projector's BatchNorm over all ranks (torch: GPUs only)
-        if dev.startswith('cuda'):
-            model = raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif master:
-            print("note: on CPU the projector BatchNorm normalises each rank's shard on its own (no SyncBatchNorm)")
-    if cfg['compile']:
-        compile_model(raw_model, impl.COMPILE_DYNAMIC)
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.startswith('cuda') else None)
-
+        iter_num, best_knn = resume(ckpt_path, cfg, impl, model, optimizer, dev, master)
+    model, raw_model = wrap_model(model, cfg, impl, dev, ddp, master)  # SyncBatchNorm, compile, DDP
     if master:
         os.makedirs(cfg['out_dir'], exist_ok=True)
-        print(f"{meta.get('name', cfg['data_dir'])}: {n_train} train images {tuple(images.shape[1:])}; model "
-              f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params; objective={cfg.get('objective', 'mask')}; "
-              f"device={dev} dtype={dtype} world={world} batch={cfg['batch_size']}x{accum}x{world}")
+        print(f"{data['meta'].get('name', cfg['data_dir'])}: {len(images)} train images "
+              f"{tuple(images.shape[1:])}; model {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
+              f"params; objective={cfg.get('objective', 'mask')}; device={dev} dtype={dtype} world={world} "
+              f"batch={cfg['batch_size']}x{accum}x{world}")
         peak = measure_matmul_flops(dev, ptdtype)
         print(f'measured {dtype} matmul throughput (MFU denominator): {peak / 1e9:.0f} GFLOP/s')
         log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a')
-        knn_idx = np.sort(np.random.default_rng(cfg['seed']).permutation(n_train)[:cfg['knn_train_size']])
-
-    def log_record(rec):
-        log.write(json.dumps(rec) + '\n')
-        log.flush()
-
-    def evaluate_and_save(knn=True):  # rank 0: online kNN on val (labelled data), then a checkpoint
-        nonlocal best_knn
-        if knn and meta.get('task') == 'multiclass':
-            try:  # a monitor that cannot run (labels it cannot use, say) never costs the run: say why, then save
-                y_tr, y_va = train_split['labels'], val_split['labels']
-                if y_tr is None or y_va is None or y_tr.ndim != 1 or y_va.ndim != 1:
-                    raise ValueError('it needs one class label per train and val image')
-                with torch.compiler.set_stance('force_eager') if cfg['compile'] else nullcontext():  # no graphs for eval batches
-                    f_tr = impl.extract_features(raw_model.encoder, images[knn_idx], mean, std, dev)
-                    f_va = impl.extract_features(raw_model.encoder, val_split['images'], mean, std, dev)
-                scores = knn_predict(f_tr, y_tr[knn_idx], f_va, meta['num_classes'])
-                acc = float((scores.argmax(1) == y_va).mean())
-                health = feature_health(raw_model, f_va, iter_num)
-            except Exception as e:
-                print(f'step {iter_num}: online kNN skipped, the checkpoint is saved all the same ({type(e).__name__}: {e})')
-            else:
-                best_knn = max(best_knn, acc)
-                print(f'step {iter_num}: online kNN val accuracy {acc:.4f} | val features: erank {health["erank_val"]:.1f}, '
-                      f'mean cos {health["cos_val"]:.3f}' + (f', SIGReg {health["sigreg_val"]:.2f} (Gaussian batch '
-                      f'{health["sigreg_gauss"]:.2f})' if 'sigreg_val' in health else ''))
-                log_record(dict(iter=iter_num, knn_val=acc, **health))
-        if not all(v.isfinite().all() for v in raw_model.state_dict().values() if v.is_floating_point()):
-            raise FloatingPointError(f"the weights hold NaN/inf at step {iter_num}: not saving them over {ckpt_path}. "
-                                     + advice)
-        save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                        iter_num=iter_num, best_metric=best_knn, config=cfg,
-                                        model_args={k: cfg[k] for k in impl.MODEL_KEYS},
-                                        spatial_dims=impl.SPATIAL_DIMS))
-
-    def get_batch(micro):  # this rank's micro-batch of step iter_num, augmented on the device
-        nonlocal tdata
-        td = time.time()
-        idx = np.sort(batch_indices(iter_num, micro, n_train, cfg['batch_size'], world, rank, accum, cfg['seed']))
-        batch = impl.make_batch(cfg, images[idx], mean, std, iter_num, micro, dev, rank)
-        tdata += time.time() - td
-        return batch
-
-    # pre-emption (SIGTERM from a scheduler, SIGUSR1 as a warning): finish the step, save, exit. The
-    # handlers are restored on the way out: train() may run inside a bigger program.
-    stop = []
-    old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        t0, tdata, flops_acc, imgs_acc = time.time(), 0.0, 0.0, 0
+    with stop_signals() as stop:  # SIGTERM / SIGUSR1 (pre-emption): finish the step, save, exit
+        t0, tdata, flops, imgs = time.time(), 0.0, 0.0, 0  # since the last log line
         stopping, bad, n_bad, first = False, 0, 0, iter_num
         while iter_num < cfg['max_iters']:
             if master and iter_num > first and iter_num % cfg['eval_interval'] == 0:  # (not again on resume)
-                evaluate_and_save()
+                best_knn = evaluate_and_save(cfg, impl, raw_model, optimizer, data, iter_num, best_knn, log,
+                                             dev)  # online kNN on val, then a checkpoint
             lr = lr_at(iter_num, cfg)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            loss, stats, flops = train_step(model, optimizer, scaler, get_batch, accum, iter_num, autocast, cfg['grad_clip'])
-            flops_acc, imgs_acc, iter_num = flops_acc + flops * world, imgs_acc + cfg['batch_size'] * accum * world, iter_num + 1
+            batch = lambda micro: get_batch(cfg, impl, data, iter_num, micro, dev, rank, world)
+            loss, stats, f = train_step(model, optimizer, scaler, batch, accum, iter_num, autocast,
+                                        cfg['grad_clip'])
+            iter_num, flops, imgs = iter_num + 1, flops + f * world, imgs + cfg['batch_size'] * accum * world
+            tdata += stats['data_time']
             bad, n_bad = (bad + 1, n_bad + 1) if stats['skipped'] else (0, n_bad)
             if master and stats['skipped']:
-                print(f'step {iter_num}: non-finite loss or gradients, update skipped ({bad} in a row, {n_bad} in all)')
+                print(f'step {iter_num}: non-finite loss or gradients, update skipped ({bad} in a row, '
+                      f'{n_bad} in all)')
             if bad >= cfg['max_bad_steps']:
-                raise FloatingPointError(f"{bad} non-finite steps in a row at step {iter_num}: training diverged. {advice}")
+                raise FloatingPointError(f"{bad} non-finite steps in a row at step {iter_num}: training "
+                                         f"diverged. {advice(cfg)}")
             if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
                 if dev.startswith('cuda'):
                     torch.cuda.synchronize()
-                dt, emb = time.time() - t0, stats['emb']
-                rec = dict(iter=iter_num, loss=loss.item(), pred=stats['pred'].item(), sigreg=stats['sigreg'].item(),
-                           lr=lr, img_per_s=imgs_acc / dt, data_frac=tdata / dt, mfu=flops_acc / dt / peak,
-                           emb_std=float(F.normalize(emb.float(), dim=1).std(0).mean()),
-                           erank=effective_rank(emb) if torch.isfinite(emb).all() else math.nan, skipped=n_bad, time=time.time())
-                print(f"step {iter_num}: loss {rec['loss']:.4f} (pred {rec['pred']:.4f}, sigreg {rec['sigreg']:.3f}) "
-                      f"lr {lr:.2e} | {rec['img_per_s']:.0f} img/s, mfu {100 * rec['mfu']:.1f}% | "
-                      f"emb std {rec['emb_std']:.3f} erank {rec['erank']:.1f}")
-                log_record(rec)
-                t0, tdata, flops_acc, imgs_acc = time.time(), 0.0, 0.0, 0
-            stopping = len(stop) > 0
-            if ddp:  # every rank stops at the same step, even if only one got the signal
-                flag = torch.tensor(float(stopping), device=dev)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = flag.item() > 0
+                dt = time.time() - t0
+                log_step(log, iter_num, loss, stats, lr, imgs / dt, tdata / dt, flops / dt / peak, n_bad)
+                t0, tdata, flops, imgs = time.time(), 0.0, 0.0, 0
+            stopping = any_rank(len(stop) > 0, ddp, dev)  # every rank stops at the same step
             if stopping:
                 break
         if master:
             if stopping:
                 print(f'stopped by a signal at step {iter_num} (resume with --init_from=resume)')
-            evaluate_and_save(knn=not stopping)
+            evaluate_and_save(cfg, impl, raw_model, optimizer, data, iter_num, best_knn, log, dev,
+                              knn=not stopping)
             log.close()
             print(f'saved {ckpt_path}')
-        if ddp:  # wait for rank 0's evaluation and save: a rank that tears gloo down early can abort the other
-            dist.barrier(**({'device_ids': [torch.cuda.current_device()]} if dev.startswith('cuda') else {}))
+        if ddp:  # wait for rank 0's evaluation and save: a rank that leaves early can abort the other
+            barrier(dev)
             dist.destroy_process_group()
-    finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
     return raw_model
 
 
 if __name__ == '__main__':
-    cli()
+    cli(main, sys.modules[__name__])

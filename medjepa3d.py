@@ -153,18 +153,16 @@ class JEPA3D(mj.JEPA):
     def forward(self, batch, step, reg_grad=None):
         h = self.targets(batch['x_tgt'])  # (B, N, D), shared by the mask sets
         reg_grad = reg_grad or [None] * len(batch['masks'])  # (exact gradient accumulation: mj.exact_sigreg_grads)
-        outs = [self.mask_loss(batch['x'], batch['x_tgt'], ctx, tgt, step, h, g) for (ctx, tgt), g in zip(batch['masks'], reg_grad)]
+        outs = [self.mask_loss(batch['x'], batch['x_tgt'], ctx, tgt, step, h, g)
+                for (ctx, tgt), g in zip(batch['masks'], reg_grad)]
         n = len(outs)
         loss = sum(loss for loss, _ in outs) / n
-        B, N = h.shape[:2]
         stats = dict(pred=sum(s['pred'] for _, s in outs) / n, sigreg=sum(s['sigreg'] for _, s in outs) / n,
-                     emb=outs[0][1]['emb'],  # every set counts the target pass: keep one
-                     flops=sum(s['flops'] for _, s in outs) - (n - 1) * B * mj.transformer_flops(N, self.cfg['n_embd'], self.cfg['n_layer']))
+                     emb=outs[0][1]['emb'])
         return loss, stats
 
-
-    def sigreg_inputs(self, batch):
-        return [self.sigreg_input(self.encoder(batch['x'], ctx)) for ctx, _ in batch['masks']]
+    def mask_sets(self, batch):  # (JEPA.sigreg_inputs and mj.estimate_flops go through it)
+        return batch['masks']
 
 
 def build_model(cfg, in_chans=1):
@@ -261,6 +259,7 @@ def make_batch(cfg, volumes, mean, std, step, micro, device, rank=0):
 
 
 extract_features = mj.extract_features  # mean-pooled tokens; to_float and the ViT take volumes as they are
+feature_health = mj.feature_health  # the val-feature monitors of the online evaluation
 
 # -----------------------------------------------------------------------------
 # Training: medjepa's loop, with this module's model, batches and config
@@ -271,4 +270,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    mj.cli(impl=sys.modules[__name__])
+    mj.cli(mj.main, sys.modules[__name__])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import medjepa as mj
+import medjepa_utils
 import medjepa3d as m3
 import prepare
 
@@ -154,7 +155,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_old_one(tmp_path, monkeyp
     path = str(tmp_path / 'ckpt.pt')
     mj.save_checkpoint(path, {'iter_num': 1, 'w': torch.ones(1000)})
     before = open(path, 'rb').read()
-    monkeypatch.setattr(mj, 'open', full_disk_open(2000), raising=False)  # medjepa's open() only
+    monkeypatch.setattr(medjepa_utils, 'open', full_disk_open(2000), raising=False)  # save_checkpoint's open() only
     with pytest.raises(OSError, match=r'disk full while writing the checkpoint .*ckpt\.pt: free space') as e:
         mj.save_checkpoint(path, {'iter_num': 2, 'w': torch.zeros(100000)})
     assert e.value.errno == errno.ENOSPC

@@ -1,0 +1,569 @@
+"""
+The plumbing of medjepa.py, which a reader of the method may skip (nanoGPT's configurator.py plays this
+part there). medjepa.py imports and re-exports every name: medjepa.configure is medjepa_utils.configure.
+
+    configuration   defaults < config files < --key=value, every key and value checked before any work
+    data            prepare.py's memory-mapped arrays, opened and checked (docs/data_format.md); uint8
+                    batches to normalised floats on the device
+    checkpoints     atomic writes, the previous file kept, readable errors (docs/reliability.md); resume
+    system          DDP start-up, pre-emption signals, precision, torch.compile and the DDP wrappers, the CLI
+    measurements    FLOPs of a step and matmul throughput (MFU), frozen features, online kNN, mean cosine,
+                    effective rank
+    training loop   the periodic evaluation and checkpoint, the log line
+
+Nothing here imports medjepa when loaded (medjepa imports this module): medjepa3d.py or medjepa.py pass
+the module with their model and batches as `impl`, and configure() without defaults reads medjepa's.
+"""
+
+import ast
+import builtins
+import difflib
+import errno
+import glob
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Configuration: defaults < config files < --key=value, all checked before any work
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; main() prints it and exits with code 2."""
+
+
+def _closest(key, valid):
+    near = difflib.get_close_matches(key, valid, n=1)
+    return f" (did you mean '{near[0]}'?)" if near else ''
+
+
+def _coerce(key, value, default):
+    """Check that `value` has the type of the default; ints widen to floats, lists to tuples."""
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ('true', 'false'):
+            return value.lower() == 'true'
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, tuple):
+        if isinstance(value, (tuple, list)) and len(value) == len(default):
+            return tuple(_coerce(key, v, d) for v, d in zip(value, default))
+    raise ConfigError(f"config key '{key}' expects a {type(default).__name__} like {default!r}, "
+                      f"got {value!r}")
+
+
+def configure(argv, defaults=None):
+    """Return the config dict: defaults (medjepa.py's globals unless given), then config files (positional
+    args), then --key=value."""
+    if defaults is None:
+        import medjepa  # (here, not at the top: medjepa imports this module)
+        defaults = medjepa.DEFAULTS
+    cfg = dict(defaults)
+    for arg in argv:
+        if not arg.startswith('--'):  # a config file: python code that assigns globals
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file '{arg}' not found (expected e.g. config/demo.py)")
+            scope = {}
+            with open(arg) as f:
+                exec(builtins.compile(f.read(), arg, 'exec'), scope)  # 'compile' is a config key
+            items = [(k, v) for k, v in scope.items() if not k.startswith('_') and not callable(v)
+                     and type(v).__name__ != 'module']
+            where = f" in config file '{arg}'"
+        else:
+            if '=' not in arg:
+                raise ConfigError(f"argument '{arg}' must look like --key=value")
+            k, v = arg[2:].split('=', 1)
+            try:
+                v = ast.literal_eval(v)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                pass  # a bare string such as --device=cpu
+            items, where = [(k, v)], ''
+        for k, v in items:
+            if k not in defaults:
+                raise ConfigError(f"unknown config key '{k}'{where}{_closest(k, list(defaults))}")
+            cfg[k] = _coerce(k, v, defaults[k])
+    return cfg
+
+
+def need(ok, msg):
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(c):
+    """Reject values that cannot work, naming the key and the fix (the 2-D model's rules)."""
+    validate_shared(c)
+    ps = c['patch_size']
+    need(c['image_size'] % ps == 0,
+         f"image_size={c['image_size']} is not a multiple of patch_size={ps}: change one of them")
+    need(c['local_size'] % ps == 0, f"local_size={c['local_size']} is not a multiple of patch_size={ps}")
+    need(c['image_size'] // ps >= 2,
+         f"image_size / patch_size = {c['image_size'] // ps}: a JEPA needs a grid of at least 2x2 patches")
+    need(c['n_embd'] % 4 == 0 and c['pred_n_embd'] % 4 == 0, f"n_embd={c['n_embd']} and pred_n_embd="
+         f"{c['pred_n_embd']} must be multiples of 4 (2-D sin-cos positions)")
+    need(c['objective'] in ('mask', 'views'), f"objective must be 'mask' or 'views', got '{c['objective']}'")
+    need(c['color_jitter'] >= 0 and 0 <= c['gray_prob'] <= 1,
+         f"color_jitter={c['color_jitter']} must be >= 0 and gray_prob={c['gray_prob']} in [0, 1]")
+    need(0 < c['context_keep'] <= 1,
+         f"context_keep={c['context_keep']} must lie in (0, 1]: the fraction of the grid each context keeps")
+    for k in ('crop_scale', 'local_scale', 'target_scale', 'context_scale'):
+        lo, hi = c[k]
+        need(0 < lo <= hi <= 1, f"{k}={c[k]} must satisfy 0 < low <= high <= 1")
+    return c
+
+
+_RULES = [  # (rule, test, keys) checked first: the rules of validate_shared below divide by these values
+    ('at least 1', lambda v: v >= 1, 'batch_size gradient_accumulation_steps max_iters num_slices '
+     'log_interval eval_interval knn_train_size n_layer n_head n_embd pred_n_layer pred_n_head pred_n_embd '
+     'patch_size image_size local_size volume_size num_targets proj_dim min_keep max_bad_steps'),
+    ('in [0, 1)', lambda v: 0 <= v < 1, 'beta1 beta2'),
+    ('>= 0', lambda v: v >= 0, 'seed warmup_iters weight_decay grad_clip num_threads min_lr n_local_views'),
+    ('non-empty', bool, 'out_dir data_dir')]
+
+
+def validate_shared(c):
+    """The rules of the keys that medjepa.py and medjepa3d.py share (model widths, SIGReg, schedule)."""
+    vals = lambda v: v if isinstance(v, tuple) else (v,)
+    for rule, ok, keys in _RULES:
+        for k in (k for k in keys.split() if k in c):
+            need(all(ok(v) for v in vals(c[k])), f"{k}={c[k]!r} must be {rule}")
+    need(all(math.isfinite(x) for v in c.values() for x in vals(v) if isinstance(x, float)),
+         'values must be finite, not inf')
+    dev = c['device']
+    need(dev in ('auto', 'cpu', 'mps', 'cuda') or dev[:5] == 'cuda:' and dev[5:].isdigit(),
+         f"device '{c['device']}' is not one of auto, cpu, cuda, cuda:N, mps")
+    need(c['n_embd'] % c['n_head'] == 0, f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
+    need(c['pred_n_embd'] % c['pred_n_head'] == 0,
+         f"pred_n_embd={c['pred_n_embd']} must be divisible by pred_n_head={c['pred_n_head']}")
+    need(c['sigreg_on'] in ('pooled_std', 'pooled', 'tokens'),
+         f"sigreg_on must be 'pooled_std', 'pooled' or 'tokens', got '{c['sigreg_on']}'")
+    need(not c['compile'] or hasattr(torch.compiler, 'set_stance'),
+         f"compile=True needs torch >= 2.6 (this is {torch.__version__})")
+    need(c['init_from'] in ('scratch', 'resume'),
+         f"init_from must be 'scratch' or 'resume', got '{c['init_from']}'")
+    need(c['dtype'] in ('auto', 'float32', 'bfloat16', 'float16'),
+         f"dtype '{c['dtype']}' is not one of auto/float32/bfloat16/float16")
+    need(0.0 <= c['sigreg_lambda'] <= 1.0, f"sigreg_lambda={c['sigreg_lambda']} must lie in [0, 1]")
+    lo, hi = c['target_aspect']
+    need(0 < lo <= hi, f"target_aspect={c['target_aspect']} must satisfy 0 < low <= high")
+    need(0 < c['learning_rate'] and c['min_lr'] <= c['learning_rate'], f"learning_rate={c['learning_rate']} "
+         f"must be > 0 and min_lr={c['min_lr']} at most learning_rate (the cosine decays from one to the "
+         f"other)")
+    return c
+
+# -----------------------------------------------------------------------------
+# Data: a folder of memory-mapped uint8 arrays written by prepare.py (docs/data_format.md):
+# {split}_images.npy (N, H, W, C) or (N, D, H, W, C), {split}_labels.npy, ... and meta.json.
+
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(path):
+        import prepare
+        name = os.path.basename(os.path.normpath(data_dir))
+        name = name if name in prepare.DATASETS else '<dataset>'
+        raise FileNotFoundError(f"no data set in '{data_dir}' (missing meta.json): run 'python prepare.py "
+                                f"{name}' first (python prepare.py --help lists them)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_split(data_dir, split):
+    """Open one split without reading it: images stay on disk until indexed. Checks the format
+    (docs/data_format.md): shapes, dtypes, equal counts, class labels in [0, num_classes)."""
+    out, meta = {}, read_meta(data_dir)
+    for key in ('images', 'labels', 'masks', 'groups', 'sites'):
+        path = os.path.join(data_dir, f'{split}_{key}.npy')
+        out[key] = np.load(path, mmap_mode='r', allow_pickle=False) if os.path.isfile(path) else None
+    if out['images'] is None:
+        raise FileNotFoundError(f"'{data_dir}' has no {split}_images.npy: the data set is incomplete, "
+                                f"delete the folder and run prepare.py again")
+    x, y, n, k = out['images'], out['labels'], len(out['images']), meta.get('num_classes', 0)
+    bad = [f"meta.json lacks '{key}'" for key in ('mean', 'std', 'num_classes') if key not in meta]
+    if x.dtype != np.uint8 or x.ndim not in (4, 5) or n == 0:
+        bad.append(f"{split}_images.npy is {x.dtype} {x.shape}, not non-empty uint8 (N, H, W, C) or "
+                   f"(N, D, H, W, C)")
+    bad += [f"{split}_{key}.npy has {len(a)} rows, images {n}"
+            for key, a in out.items() if a is not None and len(a) != n]
+    if (y is not None and meta.get('task') == 'multiclass'
+            and (y.dtype.kind not in 'iu' or ((y < 0) | (y >= k)).any())):
+        bad.append(f"{split}_labels.npy holds {y.dtype} {y.min(initial=0)}..{y.max(initial=0)}, not classes "
+                   f"0..{k - 1}")
+    if bad:
+        raise ValueError(f"'{data_dir}' breaks the format of docs/data_format.md: {'; '.join(bad)}. "
+                         f"Run prepare.py again")
+    return out
+
+
+def to_device(t, device):
+    """Host tensor -> device without stopping the CPU: pinned memory makes a CUDA copy asynchronous."""
+    return (t.pin_memory() if str(device).startswith('cuda') else t).to(device, non_blocking=True)
+
+
+def to_float(images_uint8, mean, std, device):
+    """(B, H, W, C) uint8 numpy -> (B, C, H, W) float tensor normalised per channel on the device
+    (volumes: (B, D, H, W, C) -> (B, C, D, H, W)). uint8 travels (4x fewer bytes than float32), from
+    pinned memory and non_blocking: a blocking copy would leave the GPU idle (docs/scaling.md)."""
+    x = torch.from_numpy(np.array(images_uint8, copy=True))  # own writable memory (memmaps are read-only)
+    x = to_device(x, device).movedim(-1, 1).float().div_(255)
+    shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcast over the spatial axes
+    m = torch.tensor(mean).view(shape).to(device, non_blocking=True)
+    s = torch.tensor(std).view(shape).to(device, non_blocking=True)
+    return (x - m) / s
+
+
+def open_data(cfg, impl, master, ddp, dev):
+    """meta.json and the train / val splits of cfg['data_dir'] as one dict (images: the train images,
+    mean / std: their normalisation); data/demo and data/demo3d are generated if missing."""
+    name = os.path.basename(os.path.normpath(cfg['data_dir']))
+    missing = not os.path.isfile(os.path.join(cfg['data_dir'], 'meta.json'))
+    if master and missing and name in ('demo', 'demo3d'):
+        import prepare
+        print(f"{cfg['data_dir']} is missing: generating the demo data set (python prepare.py {name})")
+        prepare.DATASETS[name](cfg['data_dir'])
+    if ddp:  # the other ranks wait for it
+        barrier(dev)
+    meta = read_meta(cfg['data_dir'])
+    dims = meta.get('spatial_dims', 2)
+    need(dims == impl.SPATIAL_DIMS, f"{cfg['data_dir']} holds {'volumes' if dims == 3 else '2-D images'}: "
+         f"train on it with {'medjepa3d.py' if dims == 3 else 'medjepa.py'}")
+    train, val = load_split(cfg['data_dir'], 'train'), load_split(cfg['data_dir'], 'val')
+    need(len(train['images']) >= cfg['batch_size'],
+         f"batch_size={cfg['batch_size']} is larger than the train split ({len(train['images'])} images)")
+    return dict(meta=meta, train=train, val=val, images=train['images'], mean=meta['mean'], std=meta['std'])
+
+# -----------------------------------------------------------------------------
+# Checkpoints: one dict, written atomically, read without executing code
+
+
+def save_checkpoint(path, obj):
+    """tmp file, fsync, rename; the replaced one stays as ckpt.prev.pt (docs/reliability.md)."""
+    for stale in glob.glob(glob.escape(path) + '.tmp-*'):  # left by a writer that was killed
+        os.remove(stale)
+    tmp = f'{path}.tmp-{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:  # torch.save reports a failed write as a RuntimeError whose context: OSError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if errno.ENOSPC in (getattr(e, 'errno', 0), getattr(e.__context__, 'errno', 0)):
+            raise OSError(errno.ENOSPC, f"disk full while writing the checkpoint {path}: free space on that "
+                                        f"disk (or set out_dir elsewhere) and resume; the last checkpoint is "
+                                        f"intact") from e
+        raise
+    if os.path.exists(path):
+        os.replace(path, os.path.splitext(path)[0] + '.prev.pt')
+    os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+
+
+def load_checkpoint(path, map_location='cpu', spatial_dims=None):
+    """The checkpoint dict; with spatial_dims, refuse one written for the other kind of model
+    (a 3-D checkpoint's Conv3d weights do not fit a 2-D model, and vice versa)."""
+    prev = os.path.splitext(path)[0] + '.prev.pt'
+    prev = f"; the previous one is {prev}: mv it to {path} to resume from it" if os.path.isfile(prev) else ''
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint '{path}' not found: train one with 'python medjepa.py'{prev}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {e}); it may be "
+                           f"truncated or not a MedJEPA checkpoint{prev}") from e
+    if spatial_dims is not None and checkpoint_dims(ckpt) != spatial_dims:
+        raise ConfigError(f"checkpoint '{path}' is a {checkpoint_dims(ckpt)}-D model "
+                          f"({'medjepa3d.py' if checkpoint_dims(ckpt) == 3 else 'medjepa.py'}); this is the "
+                          f"{spatial_dims}-D one: use {'medjepa3d.py' if spatial_dims == 2 else 'medjepa.py'}"
+                          f" for it, or another out_dir")
+    return ckpt
+
+
+def checkpoint_dims(ckpt):
+    return ckpt.get('spatial_dims', 2)  # checkpoints from before medjepa3d.py are all 2-D
+
+
+def resume(path, cfg, impl, model, optimizer, dev, master):
+    """Load model and optimiser from the checkpoint at `path`, refusing one whose model settings
+    (impl.MODEL_KEYS) differ from cfg's; returns (iter_num, best_metric)."""
+    ckpt = load_checkpoint(path, map_location=dev, spatial_dims=impl.SPATIAL_DIMS)
+    changed = [k for k in impl.MODEL_KEYS if ckpt['config'].get(k) != cfg[k]]
+    need(not changed, f"cannot resume {path}: model settings differ from the checkpoint's: "
+         + ', '.join(f"{k}={cfg[k]!r} (checkpoint: {ckpt['config'].get(k)!r})" for k in changed))
+    model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if master:
+        print(f"resumed from {path} at step {ckpt['iter_num']}")
+    return ckpt['iter_num'], ckpt['best_metric']
+
+# -----------------------------------------------------------------------------
+# System: DDP, pre-emption signals, precision, torch.compile, the command line
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is a single process.
+    Returns (ddp, rank, world, device)."""
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    dev = cfg['device']
+    if dev == 'auto':
+        dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if ddp:
+        rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+        if dev.startswith('cuda'):
+            dev = f'cuda:{local_rank}'
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
+        return True, rank, world, dev
+    return False, 0, 1, dev
+
+
+def barrier(dev):
+    """Every rank waits here (naming the GPU: NCCL would otherwise guess it from the global rank)."""
+    dist.barrier(**({'device_ids': [torch.cuda.current_device()]} if dev.startswith('cuda') else {}))
+
+
+def any_rank(flag, ddp, dev):
+    """True on every rank when `flag` is True on at least one (under DDP), else `flag`."""
+    if not ddp:
+        return flag
+    t = torch.tensor(float(flag), device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+
+@contextmanager
+def stop_signals():
+    """Pre-emption (SIGTERM from a scheduler, SIGUSR1 as a warning): the handlers only append the signal
+    to the list this yields, so the loop can finish its step, save and exit. The old handlers are
+    restored on the way out: train() may run inside a bigger program."""
+    stop = []
+    old = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+           for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def resolve_dtype(dtype, dev):
+    """'auto' -> bf16 on GPUs that have it; on a CPU only if its bf16 matmuls are clearly faster
+    (AMX / AVX512-BF16 CPUs: 1.35x for ViT-Tiny at 224 px; elsewhere bf16 is slower)."""
+    if dtype != 'auto':
+        return dtype
+    if dev == 'cpu':
+        speed = lambda dt: measure_matmul_flops(dev, dt, seconds=0.2)
+        return 'bfloat16' if speed(torch.bfloat16) > 1.5 * speed(torch.float32) else 'float32'
+    return 'bfloat16' if dev.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+
+
+def precision(dtype, dev):
+    """(dtype name with 'auto' resolved, torch dtype, autocast context); TF32 matmuls on GPUs."""
+    dtype = resolve_dtype(dtype, dev)
+    if dev.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    pt = getattr(torch, dtype)
+    return dtype, pt, nullcontext() if dtype == 'float32' else torch.autocast(dev.split(':')[0], dtype=pt)
+
+
+def compile_model(model, dynamic=False):
+    """torch.compile the encoder and predictor / projector in place (state_dict keys unchanged); SIGReg
+    stays eager (its seeded torch.Generator would split the graph). dynamic=False: one graph per target
+    block size, a few per grid; medjepa3d.py passes None, its context length varies (docs/scaling.md)."""
+    # dynamo traces through sincos_2d's lru_cache (and warns): safe, the codes depend on the grid alone
+    warnings.filterwarnings('ignore', message='Dynamo detected a call to a `functools.lru_cache`')
+    for part in (model.encoder, getattr(model, 'predictor', None) or model.projector):
+        part.compile(dynamic=dynamic)
+    return model
+
+
+def wrap_model(model, cfg, impl, dev, ddp, master):
+    """SyncBatchNorm, torch.compile and DDP as configured: returns (model to train, raw_model), raw_model
+    being the unwrapped one that is saved and monitored."""
+    raw_model = model
+    if ddp and cfg.get('objective') == 'views':  # the projector's BatchNorm over all ranks (torch: GPUs only)
+        if dev.startswith('cuda'):
+            model = raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif master:
+            print("note: on CPU the projector BatchNorm normalises each rank's shard on its own "
+                  "(no SyncBatchNorm)")
+    if cfg['compile']:
+        compile_model(raw_model, impl.COMPILE_DYNAMIC)
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev] if dev.startswith('cuda') else None)
+    return model, raw_model
+
+
+def cli(main, impl):
+    """The command line: wrong settings, missing data or a missing checkpoint found once training has
+    started are one line on stderr and exit code 2, not a traceback (main() itself raises them)."""
+    try:
+        main(impl=impl)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f'{os.path.basename(impl.__file__)}: error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+# -----------------------------------------------------------------------------
+# Measurements: FLOPs and MFU, frozen features, kNN accuracy (DINO protocol), collapse statistics
+
+
+def transformer_flops(T, D, n_layer, mlp_ratio=4.0):
+    """Matmul FLOPs of a forward pass of n_layer blocks over T tokens of width D."""
+    return n_layer * (2 * T * D * D * (4 + 2 * mlp_ratio) + 4 * T * T * D)
+
+
+def estimate_flops(model, batch):
+    """Matmul FLOPs of one training micro-step of a JEPA on `batch`, the numerator of MFU (a backward pass
+    costs 2 forward passes). 'mask': a forward pass over all N patches for the targets, then per mask set
+    (model.mask_sets) forward + backward of the encoder on the context and of the predictor on context +
+    mask tokens, and the patch embedding. 'views': forward + backward of the encoder on every view."""
+    c, D, L = model.cfg, model.cfg['n_embd'], model.cfg['n_layer']
+    if c['objective'] == 'views':
+        g, loc, p = batch['globals'], batch['locals'], c['patch_size']
+        return 3 * g.shape[1] * (g.shape[0] * transformer_flops((g.shape[-1] // p) ** 2, D, L)
+                                 + loc.shape[0] * transformer_flops((loc.shape[-1] // p) ** 2, D, L))
+    x = batch['x']
+    N, patch = math.prod(model.encoder.grid(x)), math.prod(model.encoder.patch_embed.proj.kernel_size)
+    per_set = lambda Nc, MK: (3 * transformer_flops(Nc, D, L) + 4 * N * D * x.shape[1] * patch
+                              + 3 * transformer_flops(Nc + MK, c['pred_n_embd'], c['pred_n_layer']))
+    return x.shape[0] * (transformer_flops(N, D, L)
+                         + sum(per_set(ctx.shape[1], tgt[0].numel()) for ctx, tgt in model.mask_sets(batch)))
+
+
+def measure_matmul_flops(device, dtype, n=2048, seconds=0.5):
+    """Dense GEMM throughput of this device in this dtype, measured now: the denominator of MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
+    sync()
+    t0, it = time.time(), 0
+    while time.time() - t0 < seconds:
+        a @ b
+        it += 1
+    sync()
+    return 2 * n ** 3 * it / (time.time() - t0)
+
+
+@torch.no_grad()
+def extract_features(encoder, images, mean, std, device='cpu', batch_size=256):
+    """Frozen features: mean of the encoder's output tokens, (N, D) float32 numpy."""
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_float(images[i:i + batch_size], mean, std, device)
+        out.append(encoder(x).mean(1).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, encoder.norm.normalized_shape[0]), np.float32)
+
+
+@torch.no_grad()
+def knn_predict(train_feats, train_labels, query_feats, num_classes, k=20, T=0.07, chunk=1024):
+    """DINO kNN: cosine similarity on L2-normalised features; the k nearest training images vote
+    for their class with weight exp(sim / T). Returns class scores (Nq, num_classes); argmax = label."""
+    tr = F.normalize(torch.as_tensor(np.asarray(train_feats), dtype=torch.float32), dim=1)
+    lab = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
+    q_all = F.normalize(torch.as_tensor(np.asarray(query_feats), dtype=torch.float32), dim=1)
+    k = min(k, len(tr))
+    scores = torch.zeros(len(q_all), num_classes)
+    for i in range(0, len(q_all), chunk):
+        sim, idx = (q_all[i:i + chunk] @ tr.T).topk(k, dim=1)  # (q, k)
+        scores[i:i + chunk].scatter_add_(1, lab[idx], (sim / T).exp())
+    return scores.numpy()
+
+
+def mean_cosine(f):
+    """Mean cosine similarity over all pairs of distinct rows of f (N, D): 1 when every image maps to
+    the same direction, ~0 when the features spread around the origin. sum_ij <u_i, u_j> = |sum_i u_i|^2."""
+    u = F.normalize(torch.as_tensor(f, dtype=torch.float64), dim=1)
+    n, s = len(u), u.sum(0)
+    return float((s @ s - n) / max(n * (n - 1), 1))
+
+
+def effective_rank(z):
+    """RankMe: exp(entropy of the normalised singular values); ~1 when collapsed, up to min(N, D)."""
+    s = torch.linalg.svdvals(z.float() - z.float().mean(0))
+    p = s / s.sum().clamp_min(1e-12) + 1e-12
+    return float(torch.exp(-(p * p.log()).sum()))
+
+# -----------------------------------------------------------------------------
+# Training loop: the periodic evaluation and checkpoint, the log line
+
+
+def advice(cfg):
+    return (f"Lower learning_rate (now {cfg['learning_rate']}) or use dtype=float32, then resume from "
+            f"the last checkpoint")
+
+
+def evaluate_and_save(cfg, impl, raw_model, optimizer, data, step, best_knn, log, dev, knn=True):
+    """Rank 0: the online kNN on val (labelled data sets) and impl.feature_health's monitors, then a
+    checkpoint (never NaN/inf weights over the last good one). Returns the best online kNN accuracy so far."""
+    if knn and data['meta'].get('task') == 'multiclass':
+        try:  # a monitor that cannot run (labels it cannot use, say) never costs the run: say why, then save
+            (x_tr, y_tr), (x_va, y_va) = [(data[s]['images'], data[s]['labels']) for s in ('train', 'val')]
+            if y_tr is None or y_va is None or y_tr.ndim != 1 or y_va.ndim != 1:
+                raise ValueError('it needs one class label per train and val image')
+            idx = np.sort(np.random.default_rng(cfg['seed']).permutation(len(x_tr))[:cfg['knn_train_size']])
+            features = lambda x: impl.extract_features(raw_model.encoder, x, data['mean'], data['std'], dev)
+            with torch.compiler.set_stance('force_eager') if cfg['compile'] else nullcontext():  # no graphs
+                f_tr, f_va = features(x_tr[idx]), features(x_va)
+            scores = knn_predict(f_tr, y_tr[idx], f_va, data['meta']['num_classes'])
+            acc = float((scores.argmax(1) == y_va).mean())
+            health = impl.feature_health(raw_model, f_va, step)
+        except Exception as e:
+            print(f'step {step}: online kNN skipped, the checkpoint is saved all the same '
+                  f'({type(e).__name__}: {e})')
+        else:
+            best_knn = max(best_knn, acc)
+            reg = (f', SIGReg {health["sigreg_val"]:.2f} (Gaussian batch {health["sigreg_gauss"]:.2f})'
+                   if 'sigreg_val' in health else '')
+            print(f'step {step}: online kNN val accuracy {acc:.4f} | val features: erank '
+                  f'{health["erank_val"]:.1f}, mean cos {health["cos_val"]:.3f}{reg}')
+            print(json.dumps(dict(iter=step, knn_val=acc, **health)), file=log, flush=True)
+    path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    if not all(v.isfinite().all() for v in raw_model.state_dict().values() if v.is_floating_point()):
+        raise FloatingPointError(f"the weights hold NaN/inf at step {step}: not saving them over {path}. "
+                                 + advice(cfg))
+    model_args = {k: cfg[k] for k in impl.MODEL_KEYS}
+    save_checkpoint(path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), iter_num=step,
+                               best_metric=best_knn, config=cfg, model_args=model_args,
+                               spatial_dims=impl.SPATIAL_DIMS))
+    return best_knn
+
+
+def log_step(log, step, loss, stats, lr, img_per_s, data_frac, mfu, n_bad):
+    """Print one log line and append its record to log.jsonl: the loss terms, the throughput and the
+    collapse monitors of this step's pooled embeddings (emb_std near 0 or a low erank: collapse)."""
+    emb = stats['emb']
+    rec = dict(iter=step, loss=loss.item(), pred=stats['pred'].item(), sigreg=stats['sigreg'].item(), lr=lr,
+               img_per_s=img_per_s, data_frac=data_frac, mfu=mfu,
+               emb_std=float(F.normalize(emb.float(), dim=1).std(0).mean()),
+               erank=effective_rank(emb) if torch.isfinite(emb).all() else math.nan, skipped=n_bad,
+               time=time.time())
+    print(f"step {step}: loss {rec['loss']:.4f} (pred {rec['pred']:.4f}, sigreg {rec['sigreg']:.3f}) "
+          f"lr {lr:.2e} | {img_per_s:.0f} img/s, mfu {100 * mfu:.1f}% | "
+          f"emb std {rec['emb_std']:.3f} erank {rec['erank']:.1f}")
+    print(json.dumps(rec), file=log, flush=True)
