@@ -64,7 +64,7 @@ from threadpoolctl import threadpool_limits
 
 import eval_figures
 import medjepa
-
+from eval_figures import atomic_write, format_table, to_json  # the report's plumbing
 
 # -----------------------------------------------------------------------------
 # defaults (override with --key=value)
@@ -103,14 +103,12 @@ embedding = 'pca'           # 2-D embedding map: 'pca' (instant) or 'tsne' (slow
 KEYS = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 CS = [1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2]  # linear-probe inverse regularisation strengths tried on val
 # -----------------------------------------------------------------------------
-
 SPLITS = ('train', 'val', 'test')
 SUPPORTED = ('multiclass', 'binary', 'ordinal', 'multilabel', 'segmentation')  # segmentation: masks only
 # the metric that selects on val and heads the per-k / few-shot / domain columns (QWK for ordinal grades, as in APTOS)
 MAIN = {'multiclass': 'acc', 'binary': 'acc', 'ordinal': 'qwk', 'multilabel': 'auroc', 'segmentation': 'acc'}  # segmentation: no label task runs
 METRIC_NAMES = {'acc': 'acc', 'bal_acc': 'bal-acc', 'macro_f1': 'macro-F1', 'auroc': 'AUROC', 'qwk': 'QWK'}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's augreg models use 0.5, 0.5
-
 
 # -----------------------------------------------------------------------------
 # data and metrics
@@ -204,7 +202,6 @@ def dice_per_class(pred, target, num_classes):
 def metric_cells(prefix, m):
     """Table cells (in %) for whichever of acc / bal-acc / macro-F1 / AUROC / QWK a result has."""
     return {f'{prefix} {name}': 100 * m[k] for k, name in METRIC_NAMES.items() if k in m}
-
 
 # -----------------------------------------------------------------------------
 # encoders and features. A row = dict(name, encoder: (B, C, S, S) -> (B, N, D) tokens, prep: uint8 images -> input)
@@ -341,7 +338,6 @@ def load_imagenet_encoder(path, in_chans):
     enc.load_state_dict(mapped)  # strict: a missing or extra tensor is an error, not a warning
     return enc, arch
 
-
 # -----------------------------------------------------------------------------
 # frozen-feature probes: kNN and logistic regression
 
@@ -432,7 +428,6 @@ def fraction_indices(labels, frac, seed):
         return np.sort(rng.permutation(len(labels))[:max(1, round(frac * len(labels)))])
     by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
     return np.sort(np.concatenate([idx[:max(1, round(frac * len(idx)))] for idx in by_class]))
-
 
 # -----------------------------------------------------------------------------
 # fine-tuning end to end
@@ -561,7 +556,6 @@ def train_supervised(encoder, prep, data, config, cfg):
     r = train_classifier(encoder, head, prep, crop, data, cfg['supervised_iters'], cfg['supervised_lr'], run)
     return {**r, 'iters': cfg['supervised_iters'], 'batch': batch, 'lr': cfg['supervised_lr']}
 
-
 # -----------------------------------------------------------------------------
 # segmentation: a light head on frozen patch tokens. It works on a token GRID of any dimension,
 # (N, gh, gw, D) for images or (N, gd, gh, gw, D) for volumes, so that 3-D code can reuse it.
@@ -654,7 +648,6 @@ def finetune_segmentation(encoder, prep, head, images, idx, masks, cfg):
     pred = predict_split('test')  # the one look at test
     dice = dice_per_class(pred, masks['test'], K)
     return {'dice': dice, 'mean_dice': float(np.nanmean(dice)), 'best_step': step, 'val_mean_dice': val, 'n': len(pred)}, pred
-
 
 # -----------------------------------------------------------------------------
 # tasks: (row, data, cfg) -> (numbers for eval.json, table cells). row['X'] = {split: (N, D) features}.
@@ -793,54 +786,6 @@ def captions(data, c):
             'domain': f"**Domain shift** across sites (hospitals / devices): kNN (k=20) per test site with all train images; "
                       f"a→b = train images of site a, test images of site b; a linear probe predicting the site from the "
                       f"features, C {sel}; {test}."}
-
-
-# -----------------------------------------------------------------------------
-# output
-
-
-def format_table(rows, title='', notes=()):
-    """rows: list of dicts {column: value} -> markdown table. Columns in first-seen order; floats with one
-    decimal (we pass percentages), None / missing as '-', the rest with str(); numbers right-aligned."""
-    cols = []
-    for r in rows:
-        cols += [c for c in r if c not in cols]
-    def cell(v):
-        if v is None or (isinstance(v, float) and np.isnan(v)):
-            return '-'
-        return f'{v:.1f}' if isinstance(v, (float, np.floating)) else str(v)
-    numeric = [all(isinstance(r.get(c), (int, float, np.number)) for r in rows if r.get(c) is not None) for c in cols]
-    lines = [title, ''] if title else []
-    lines.append('| ' + ' | '.join(cols) + ' |')
-    lines.append('|' + '|'.join('---:' if num else '---' for num in numeric) + '|')
-    lines += ['| ' + ' | '.join(cell(r.get(c)) for c in cols) + ' |' for r in rows]
-    if notes:
-        lines += [''] + list(notes)
-    return '\n'.join(lines) + '\n'
-
-
-def atomic_write(path, text):
-    """Write to a temp file, then rename: a crash never leaves a half-written eval.json."""
-    tmp = f'{path}.tmp-{os.getpid()}'  # per process: two evals of one checkpoint never share a temp file
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def to_json(obj):
-    """NaN is not valid JSON: write null instead; numpy scalars / odd config values become plain."""
-    if isinstance(obj, dict):
-        return {str(k): to_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [to_json(v) for v in obj]
-    if isinstance(obj, (np.integer, np.floating)):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return str(obj)
-
 
 # -----------------------------------------------------------------------------
 # command line

@@ -7,6 +7,9 @@ axes, legend. draw_figures is the one entry point; eval.py calls it after every 
     attention        the attention each patch receives in the last block, per ViT row
     data_efficiency  few-shot and fraction-of-labels curves, every row
     segmentation     test images with ground-truth and predicted contours, every row
+
+It also holds the plumbing of eval.py's report (eval.py imports it): format_table (markdown), to_json
+(NaN -> null) and atomic_write (a crash never leaves a half-written eval.json).
 """
 import json
 import math
@@ -174,3 +177,49 @@ def draw_figures(rows, results, data, cfg, out_dir, metric):
                 print(f"warning: figure {path} not drawn ({type(e).__name__}: {e})")
             plt.close('all')
     return made
+
+# -----------------------------------------------------------------------------
+# the report: markdown tables, JSON, atomic writes
+
+
+def format_table(rows, title='', notes=()):
+    """rows: list of dicts {column: value} -> markdown table. Columns in first-seen order; floats with one
+    decimal (we pass percentages), None / missing as '-', the rest with str(); numbers right-aligned."""
+    cols = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    def cell(v):
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return '-'
+        return f'{v:.1f}' if isinstance(v, (float, np.floating)) else str(v)
+    numeric = [all(isinstance(r.get(c), (int, float, np.number)) for r in rows if r.get(c) is not None) for c in cols]
+    lines = [title, ''] if title else []
+    lines.append('| ' + ' | '.join(cols) + ' |')
+    lines.append('|' + '|'.join('---:' if num else '---' for num in numeric) + '|')
+    lines += ['| ' + ' | '.join(cell(r.get(c)) for c in cols) + ' |' for r in rows]
+    if notes:
+        lines += [''] + list(notes)
+    return '\n'.join(lines) + '\n'
+
+
+def atomic_write(path, text):
+    """Write to a temp file, then rename: a crash never leaves a half-written eval.json."""
+    tmp = f'{path}.tmp-{os.getpid()}'  # per process: two evals of one checkpoint never share a temp file
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def to_json(obj):
+    """NaN is not valid JSON: write null instead; numpy scalars / odd config values become plain."""
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, (np.integer, np.floating)):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
