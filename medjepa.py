@@ -513,9 +513,11 @@ class JEPA(nn.Module):
         return z.reshape(-1, z.shape[-1]) if self.cfg['sigreg_on'] == 'tokens' else z.mean(1)
 
     def sigreg_loss(self, reg_in, step, local=False):
-        """SIGReg of sigreg_input's output over the global batch (standardised first: 'pooled_std')."""
+        """SIGReg of what the loss tests, over the global batch: the 'mask' objective's sigreg_input
+        (standardised first for 'pooled_std'), or the raw projector output of 'views' (sigreg_probe)."""
         c = self.cfg
-        reg_in = standardise(reg_in, local=local) if c['sigreg_on'] == 'pooled_std' else reg_in
+        std = c['sigreg_on'] == 'pooled_std' and c['objective'] == 'mask'
+        reg_in = standardise(reg_in, local=local) if std else reg_in
         return sigreg(reg_in, step, c['num_slices'], c['seed'], local)
 
     @torch.no_grad()

@@ -146,5 +146,9 @@ def test_feature_health_tells_a_gaussian_batch_from_a_shifted_or_collapsed_one()
     assert shifted['sigreg_val'] > 20 * ok['sigreg_gauss'] and shifted['cos_val'] > 0.8
     collapsed = mj.feature_health(model, (0 * g + 1).numpy(), step=5)
     assert collapsed['erank_val'] < 1.5 and collapsed['sigreg_val'] > 0.2 * 999
-    views = mj.feature_health(_model(objective='views').float(), g.numpy(), step=5)  # the projector's output is tested
+    vm = _model(objective='views', sigreg_on='pooled_std').float()
+    views = mj.feature_health(vm, g.numpy(), step=5)
     assert set(views) == {'erank_val', 'cos_val', 'sigreg_val', 'sigreg_gauss'}
+    with torch.no_grad():  # 'views' tests the RAW projector output, whatever sigreg_on says (it is a 'mask' option)
+        raw = mj.sigreg(vm.projector.eval()(g), 5, vm.cfg['num_slices'], vm.cfg['seed'], local=True)
+    assert views['sigreg_val'] == pytest.approx(float(raw), rel=1e-5)
