@@ -203,7 +203,7 @@ def disk_size(path):
 # Every real data set starts from its official files. Without --source they are downloaded into
 # data/downloads/<name>/ (next to the output folder); with --source=PATH a folder or archive already
 # on disk is used instead, which is the offline path. Archives found there are unpacked next to the
-# downloads, never into the user's folder, and every file with a published md5 is verified.
+# downloads, never into the user's folder, and every file with a published checksum (md5 or sha256) is verified.
 
 
 class ChecksumError(ValueError):
@@ -214,27 +214,35 @@ class UnsafeArchiveError(ValueError):
     pass
 
 
-def md5sum(path):
-    h = hashlib.md5()
+CHECKSUM_KINDS = {32: 'md5', 64: 'sha256'}  # a published checksum's algorithm, told by its length in hex
+
+
+def file_hash(path, algorithm='md5'):
+    h = hashlib.new(algorithm)
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
             h.update(block)
     return h.hexdigest()
 
 
-def verify(path, md5, name=None):
-    """Raise ChecksumError, naming the file, if md5 is given and path does not have it."""
-    if md5 and (got := md5sum(path)) != md5:
-        raise ChecksumError(f"{name or Path(path).name}: md5 is {got}, the official file has {md5}. "
+def verify(path, checksum, name=None):
+    """Raise ChecksumError, naming the file, if checksum (an md5 or sha256 in hex, told apart by length) is
+    given and path does not have it."""
+    if not checksum:
+        return
+    algorithm = CHECKSUM_KINDS[len(checksum)]
+    if (got := file_hash(path, algorithm)) != checksum.lower():
+        raise ChecksumError(f"{name or Path(path).name}: {algorithm} is {got}, the official file has {checksum}. "
                             f"The file is damaged or not the official one: delete it and run again.")
 
 
-def download(url, dest, md5=None):
+def download(url, dest, checksum=None):
     """Fetch url into dest with a progress bar. Bytes land in dest.part first; an interrupted download
-    resumes from there with an HTTP Range request, and dest appears only once its md5 matches."""
+    resumes from there with an HTTP Range request, and dest appears only once its checksum (md5 or sha256)
+    matches."""
     dest = Path(dest)
     if dest.exists():
-        verify(dest, md5)
+        verify(dest, checksum)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + '.part')
@@ -261,7 +269,7 @@ def download(url, dest, md5=None):
                     f.write(block)
                     bar.update(len(block))
     try:
-        verify(part, md5, name=dest.name)
+        verify(part, checksum, name=dest.name)
     except ChecksumError:
         part.unlink()  # resuming a wrong file could never succeed
         raise
@@ -308,7 +316,7 @@ def check_members(archive, members):
                                  f"refusing to unpack this archive (nothing was written)")
     for name, kind, target in members:
         where = resolve_member(name, links, follow_last=kind != 'symlink')
-        if not where:
+        if where is None or not where and kind != 'dir':  # () is the folder itself: fine as a folder ('./' in tars)
             refuse(name)
         if kind == 'symlink':
             if resolve_member('/'.join(where[:-1] + (target,)) if not target.startswith('/') else target, links) is None:
@@ -339,11 +347,11 @@ def extract(archive, dest):
         old = json.loads(marker.read_text()) if marker.exists() else {}
         if all(old.get(k) == v for k, v in stamp.items()):
             return dest
-        if old.get('archive') == stamp['archive'] and old.get('size') == stamp['size'] and old.get('md5') == md5sum(archive):
+        if old.get('archive') == stamp['archive'] and old.get('size') == stamp['size'] and old.get('md5') == file_hash(archive):
             marker.write_text(json.dumps({**stamp, 'md5': old['md5']}))  # touched or copied, not changed
             return dest
         print(f"{archive.name} is not the archive {dest} was unpacked from (or it changed): unpacking it again")
-    md5 = md5sum(archive)
+    md5 = file_hash(archive)
     tmp = dest.with_name(dest.name + '.tmp')
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -392,18 +400,18 @@ def visible(path):
 
 def get_raw(name, out_dir, source='', files=None, how_to_get=None):
     """The folders holding a data set's original files, every archive among them unpacked.
-    source '': download `files` ({file name: (url, md5 or None)}) into <out_dir>/../downloads/<name>/;
+    source '': download `files` ({file name: (url, md5 or sha256 or None)}) into <out_dir>/../downloads/<name>/;
     data sets behind a login have no `files` and stop here with `how_to_get`.
     source = a folder: used in place (read only); source = an archive: unpacked into the downloads.
-    Files with a known md5 are verified in every case."""
+    Files with a known checksum are verified in every case."""
     downloads = Path(out_dir).parent / 'downloads' / name
     if not source:
         if not files:
             raise ValueError(f"{name} cannot be downloaded automatically. {how_to_get}\n"
                              f"Then run: python prepare.py {name} --source=PATH (a folder or archive)")
         print(f"downloading {name} into {downloads} (a re-run resumes where this one stopped)")
-        for file_name, (url, md5) in files.items():
-            download(url, downloads / file_name, md5)
+        for file_name, (url, checksum) in files.items():
+            download(url, downloads / file_name, checksum)
         roots = [downloads]
     else:
         source = Path(source)
@@ -413,10 +421,10 @@ def get_raw(name, out_dir, source='', files=None, how_to_get=None):
             roots = [extract(source, downloads / (source.name + '.d'))]
         else:
             raise FileNotFoundError(f"--source={source} does not exist")
-        for file_name, (url, md5) in (files or {}).items():
+        for file_name, (url, checksum) in (files or {}).items():
             found = [p for p in roots[0].rglob(file_name) if visible(p)]
-            if found and md5:
-                verify(found[0], md5)
+            if found and checksum:
+                verify(found[0], checksum)
     # unpack archives inside (HAM10000's image zips, ChestX-ray14's tarballs, an MSD task's tar), once
     done, todo, claimed = set(), True, set()
     while todo:
