@@ -8,6 +8,7 @@ Prepare data sets for MedJEPA as flat numpy arrays that training memory-maps.
     python prepare.py demo3d                # synthetic CT-like volumes with organ masks, 32^3: about 10 s
     python prepare.py demovideo             # synthetic echo-like clips, 32 frames of 32x32: about 10 s
     python prepare.py msd_hippocampus       # 27 MB of MRI volumes -> (N, 48, 48, 48, 1) at 1 mm, z-scored
+    python prepare.py brainlobes            # 16 MB: patches of one real brain MRI labelled by lobe, 7 classes
     python prepare.py nifti --source=scans/ --modality=ct                   # CT window, spacing, crop/pad
     python prepare.py video --source=clips/ --frames=16 --stride=2          # frame folders, GIF, TIFF, DICOM cines
     python prepare.py aptos2019 --source=aptos2019-blindness-detection.zip   # behind a login: bring the file
@@ -46,6 +47,7 @@ import hmac
 import inspect
 import io
 import json
+import lzma
 import math
 import multiprocessing as mp
 import os
@@ -203,7 +205,7 @@ def disk_size(path):
 # Every real data set starts from its official files. Without --source they are downloaded into
 # data/downloads/<name>/ (next to the output folder); with --source=PATH a folder or archive already
 # on disk is used instead, which is the offline path. Archives found there are unpacked next to the
-# downloads, never into the user's folder, and every file with a published md5 is verified.
+# downloads, never into the user's folder, and every file with a published checksum (md5 or sha256) is verified.
 
 
 class ChecksumError(ValueError):
@@ -214,27 +216,35 @@ class UnsafeArchiveError(ValueError):
     pass
 
 
-def md5sum(path):
-    h = hashlib.md5()
+CHECKSUM_KINDS = {32: 'md5', 64: 'sha256'}  # a published checksum's algorithm, told by its length in hex
+
+
+def file_hash(path, algorithm='md5'):
+    h = hashlib.new(algorithm)
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
             h.update(block)
     return h.hexdigest()
 
 
-def verify(path, md5, name=None):
-    """Raise ChecksumError, naming the file, if md5 is given and path does not have it."""
-    if md5 and (got := md5sum(path)) != md5:
-        raise ChecksumError(f"{name or Path(path).name}: md5 is {got}, the official file has {md5}. "
+def verify(path, checksum, name=None):
+    """Raise ChecksumError, naming the file, if checksum (an md5 or sha256 in hex, told apart by length) is
+    given and path does not have it."""
+    if not checksum:
+        return
+    algorithm = CHECKSUM_KINDS[len(checksum)]
+    if (got := file_hash(path, algorithm)) != checksum.lower():
+        raise ChecksumError(f"{name or Path(path).name}: {algorithm} is {got}, the official file has {checksum}. "
                             f"The file is damaged or not the official one: delete it and run again.")
 
 
-def download(url, dest, md5=None):
+def download(url, dest, checksum=None):
     """Fetch url into dest with a progress bar. Bytes land in dest.part first; an interrupted download
-    resumes from there with an HTTP Range request, and dest appears only once its md5 matches."""
+    resumes from there with an HTTP Range request, and dest appears only once its checksum (md5 or sha256)
+    matches."""
     dest = Path(dest)
     if dest.exists():
-        verify(dest, md5)
+        verify(dest, checksum)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + '.part')
@@ -261,7 +271,7 @@ def download(url, dest, md5=None):
                     f.write(block)
                     bar.update(len(block))
     try:
-        verify(part, md5, name=dest.name)
+        verify(part, checksum, name=dest.name)
     except ChecksumError:
         part.unlink()  # resuming a wrong file could never succeed
         raise
@@ -308,7 +318,7 @@ def check_members(archive, members):
                                  f"refusing to unpack this archive (nothing was written)")
     for name, kind, target in members:
         where = resolve_member(name, links, follow_last=kind != 'symlink')
-        if not where:
+        if where is None or not where and kind != 'dir':  # () is the folder itself: fine as a folder ('./' in tars)
             refuse(name)
         if kind == 'symlink':
             if resolve_member('/'.join(where[:-1] + (target,)) if not target.startswith('/') else target, links) is None:
@@ -339,11 +349,11 @@ def extract(archive, dest):
         old = json.loads(marker.read_text()) if marker.exists() else {}
         if all(old.get(k) == v for k, v in stamp.items()):
             return dest
-        if old.get('archive') == stamp['archive'] and old.get('size') == stamp['size'] and old.get('md5') == md5sum(archive):
+        if old.get('archive') == stamp['archive'] and old.get('size') == stamp['size'] and old.get('md5') == file_hash(archive):
             marker.write_text(json.dumps({**stamp, 'md5': old['md5']}))  # touched or copied, not changed
             return dest
         print(f"{archive.name} is not the archive {dest} was unpacked from (or it changed): unpacking it again")
-    md5 = md5sum(archive)
+    md5 = file_hash(archive)
     tmp = dest.with_name(dest.name + '.tmp')
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -378,6 +388,68 @@ def extract(archive, dest):
     return dest
 
 
+def deb_files(deb, wanted, dest):
+    """Copy the files `wanted` (paths inside the package, e.g. 'usr/share/mricron/templates/ch2.nii.gz') out of
+    a Debian package into the folder dest, under their base names; returns {base name: path}. A .deb is an
+    ar archive: b'!<arch>\\n', then per member a 60-byte header (name 16, mtime 12, uid 6, gid 6, mode 8,
+    size 10, b'`\\n') and the data, padded to an even length. Its members are debian-binary, control.tar.*
+    and data.tar.{xz,gz,bz2} (zstd is refused: the standard library cannot read it). Only data.tar is read,
+    in one pass, and only the wanted files are kept; as in extract, any member that would land outside
+    the folder refuses the package (check_members), and so does a wanted file that is not a regular file
+    (a link), all before anything is written."""
+    deb, dest = Path(deb), Path(dest)
+    damaged = f"{deb}: damaged Debian package"
+    members = {}
+    with open(deb, 'rb') as f:
+        if f.read(8) != b'!<arch>\n':
+            raise ValueError(f"{deb}: not a Debian package (no ar archive header)")
+        end = deb.stat().st_size
+        while header := f.read(60):
+            size = header[48:58].strip()
+            if len(header) < 60 or header[58:60] != b'`\n' or not size.isdigit() or f.tell() + int(size) > end:
+                raise ValueError(f"{damaged} (a bad or truncated ar member): delete it and fetch it again")
+            members[header[:16].decode('ascii', 'replace').strip().rstrip('/')] = (f.tell(), int(size))
+            f.seek(int(size) + int(size) % 2, 1)  # GNU ar ends names with '/'; data is padded to even length
+        data = [name for name in members if name.startswith('data.tar')]
+        if len(data) != 1:
+            raise ValueError(f"{deb}: not a Debian package (members {', '.join(members)}; no single data.tar.*)")
+        data = data[0]
+        compression = {'data.tar': '', 'data.tar.gz': 'gz', 'data.tar.xz': 'xz', 'data.tar.bz2': 'bz2'}.get(data)
+        if compression is None:
+            raise ValueError(f"{deb.name}: its {data} is compressed in a way Python's standard library cannot read"
+                             f"{' (zstd)' if data.endswith('.zst') else ''}: unpack it with `dpkg-deb -x {deb.name} "
+                             f"DIR` (or install the package) and pass the folder holding the files with --source")
+        offset, size = members[data]
+        f.seek(offset)
+        blob = io.BytesIO(f.read(size))
+    want = {resolve_member(w, {}): w for w in wanted}
+    listing, found = [], {}
+    try:
+        with tarfile.open(fileobj=blob, mode=f'r|{compression}') as t:
+            for m in t:
+                if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+                    continue  # devices and fifos are never written
+                kind = 'symlink' if m.issym() else 'hardlink' if m.islnk() else 'dir' if m.isdir() else 'file'
+                listing.append((m.name, kind, m.linkname or None))
+                if (w := want.get(resolve_member(m.name, {}))) is not None:
+                    if kind != 'file':
+                        raise UnsafeArchiveError(f"{deb.name}: {m.name!r} is a {kind}, not a file; refusing this "
+                                                 f"package (nothing was written)")
+                    found[w] = t.extractfile(m).read()
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise ValueError(f"{damaged} ({data}: {type(e).__name__}: {e}): delete it and fetch it again") from e
+    check_members(deb, listing)
+    if missing := [w for w in wanted if w not in found]:
+        raise FileNotFoundError(f"{deb.name} holds no {', '.join(missing)}: not the package this data set needs")
+    dest.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for w in wanted:
+        out[Path(w).name] = path = dest / Path(w).name
+        path.with_name(path.name + '.part').write_bytes(found[w])
+        os.replace(path.with_name(path.name + '.part'), path)  # whole or absent, never half-written
+    return out
+
+
 ARCHIVE_SUFFIXES = ('.zip', '.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tar.xz')
 
 
@@ -392,18 +464,18 @@ def visible(path):
 
 def get_raw(name, out_dir, source='', files=None, how_to_get=None):
     """The folders holding a data set's original files, every archive among them unpacked.
-    source '': download `files` ({file name: (url, md5 or None)}) into <out_dir>/../downloads/<name>/;
+    source '': download `files` ({file name: (url, md5 or sha256 or None)}) into <out_dir>/../downloads/<name>/;
     data sets behind a login have no `files` and stop here with `how_to_get`.
     source = a folder: used in place (read only); source = an archive: unpacked into the downloads.
-    Files with a known md5 are verified in every case."""
+    Files with a known checksum are verified in every case."""
     downloads = Path(out_dir).parent / 'downloads' / name
     if not source:
         if not files:
             raise ValueError(f"{name} cannot be downloaded automatically. {how_to_get}\n"
                              f"Then run: python prepare.py {name} --source=PATH (a folder or archive)")
         print(f"downloading {name} into {downloads} (a re-run resumes where this one stopped)")
-        for file_name, (url, md5) in files.items():
-            download(url, downloads / file_name, md5)
+        for file_name, (url, checksum) in files.items():
+            download(url, downloads / file_name, checksum)
         roots = [downloads]
     else:
         source = Path(source)
@@ -413,10 +485,10 @@ def get_raw(name, out_dir, source='', files=None, how_to_get=None):
             roots = [extract(source, downloads / (source.name + '.d'))]
         else:
             raise FileNotFoundError(f"--source={source} does not exist")
-        for file_name, (url, md5) in (files or {}).items():
+        for file_name, (url, checksum) in (files or {}).items():
             found = [p for p in roots[0].rglob(file_name) if visible(p)]
-            if found and md5:
-                verify(found[0], md5)
+            if found and checksum:
+                verify(found[0], checksum)
     # unpack archives inside (HAM10000's image zips, ChestX-ray14's tarballs, an MSD task's tar), once
     done, todo, claimed = set(), True, set()
     while todo:
@@ -1262,6 +1334,14 @@ SOURCES = {
         licence="the BraTS 2021 data use agreement (research use, cite the papers below)",
         citation="Baid U et al. The RSNA-ASNR-MICCAI BraTS 2021 benchmark on brain tumor segmentation and "
                  "radiogenomic classification. arXiv:2107.02314 (2021); Menze BH et al. IEEE TMI 34(10) (2015)"),
+    'brainlobes': dict(
+        source="Debian package mricron-data 1.2.20211006+dfsg-4 (deb.debian.org): ch2.nii.gz (Colin27 average T1) "
+               "and aal.nii.gz / aal.nii.txt (AAL atlas) from usr/share/mricron/templates",
+        licence="BSD-3-Clause (the package's debian/copyright); the template's and the atlas' authors ask to be cited",
+        citation="Holmes CJ et al. Enhancement of MR images using registration for signal averaging. J Comput Assist "
+                 "Tomogr 22(2), 324-333 (1998); Tzourio-Mazoyer N et al. Automated anatomical labeling of "
+                 "activations in SPM using a macroscopic anatomical parcellation of the MNI MRI single-subject "
+                 "brain. NeuroImage 15(1), 273-289 (2002)"),
     'local': dict(source="a local folder", licence="as the owner of the files says", citation=None),
 }
 
@@ -2013,6 +2093,164 @@ def prepare_nifti(out_dir='data/nifti', source: str = '', labels: str = '', moda
                       recipe=recipe, source_files=[str(p) for p in files])
     return finish(out_dir, t0)
 
+# --- brainlobes: 2-D patches of one real brain MRI, labelled by lobe -------------------------------
+
+BRAINLOBES_DEB = dict(  # Debian's mricron-data: the files below are in its usr/share/mricron/templates/
+    name='mricron-data_1.2.20211006+dfsg-4_all.deb',
+    url='http://deb.debian.org/debian/pool/main/m/mricron/mricron-data_1.2.20211006+dfsg-4_all.deb',
+    size=16122652, sha256='d40aa0ed66cf89bf6cafa049ad3884703c9d975c2ee2737525b7196528df9d6f')
+BRAINLOBES_INSTALLED = Path('/usr/share/mricron/templates')  # where `apt install mricron-data` puts them
+BRAINLOBES_FILES = {  # the files used, with their md5 in that package's md5sums (other copies: used, with a note)
+    'ch2.nii.gz': 'cedf2b7d8656dc2f35dd86a57e0318e8',   # Colin27 average T1, 181x217x181 uint8, 1 mm
+    'aal.nii.gz': '2e7f077885659926ff0bb4702e9d7f56',   # AAL atlas: region index 0..116 per voxel, same grid
+    'aal.nii.txt': '0eb4c3db6e127dab71638ff603170c05',  # one line per region: "index name code"
+}
+BRAINLOBES_CLASSES = ['frontal', 'limbic+insula', 'occipital', 'parietal', 'subcortical', 'temporal', 'cerebellum']
+AAL_LOBES = {2: 'frontal', 3: 'limbic+insula', 4: 'limbic+insula', 5: 'occipital', 6: 'parietal',
+             7: 'subcortical', 8: 'temporal', 9: 'cerebellum'}  # AAL code // 1000 -> class; 3 insula, 4 limbic
+SLAB = 10             # axial slices per slab, the unit of the split (groups)
+SLAB_KEEP = (2, 8)    # slices z % SLAB in [2, 8) are kept: 4 slices (4 mm) between neighbouring slabs
+
+
+def brainlobes_files(source, out_dir):
+    """{name: path} of BRAINLOBES_FILES. source: a folder holding them (searched recursively), a folder
+    holding the .deb, or the .deb; '': the installed package if it is there, else the .deb downloaded
+    into data/downloads/brainlobes/. The official .deb is sha256-checked; a .deb's three files are
+    copied out next to the downloads, into data/downloads/brainlobes/<.deb name>.d/ (as get_raw unpacks)."""
+    deb, roots = None, []
+    if source and Path(source).is_file():
+        deb = Path(source)
+        if deb.name == BRAINLOBES_DEB['name']:
+            verify(deb, BRAINLOBES_DEB['sha256'])
+    elif not source and all((BRAINLOBES_INSTALLED / f).is_file() for f in BRAINLOBES_FILES):
+        roots = [BRAINLOBES_INSTALLED]
+        print(f"  reading the installed mricron-data in {BRAINLOBES_INSTALLED}")
+    else:
+        if not source:
+            print(f"  {BRAINLOBES_DEB['name']}: {BRAINLOBES_DEB['size'] / 1e6:.1f} MB")
+        roots = get_raw('brainlobes', out_dir, source,  # downloads, or checks an official .deb in the folder
+                        {BRAINLOBES_DEB['name']: (BRAINLOBES_DEB['url'], BRAINLOBES_DEB['sha256'])})
+    files = {f: find(roots, f, required=False) for f in BRAINLOBES_FILES}
+    if deb is None and not all(files.values()):
+        deb = find(roots, 'mricron-data*.deb', required=False)
+        if deb is None:
+            raise FileNotFoundError(
+                f"--source={source} holds no {', '.join(f for f, p in files.items() if p is None)} and no "
+                f"mricron-data .deb: pass the folder holding {', '.join(BRAINLOBES_FILES)} (after `apt install "
+                f"mricron-data` that is {BRAINLOBES_INSTALLED}) or the .deb itself, or leave --source out to download")
+    if deb is not None:
+        print(f"  reading {', '.join(BRAINLOBES_FILES)} out of {deb.name}")
+        files = deb_files(deb, [f'usr/share/mricron/templates/{f}' for f in BRAINLOBES_FILES],
+                          Path(out_dir).parent / 'downloads' / 'brainlobes' / (deb.name + '.d'))
+    return files
+
+
+def aal_lobes(table_path):
+    """aal.nii.txt -> int64 array: class index (BRAINLOBES_CLASSES) of each AAL region index, -1 for none."""
+    regions = {}
+    for line in Path(table_path).read_text(errors='replace').splitlines():
+        fields = line.split()
+        if len(fields) != 3 or not (fields[0].isdigit() and fields[2].isdigit()):
+            continue  # blank lines, a header (a region left out this way is caught: its voxels are unlisted)
+        index, code = int(fields[0]), int(fields[2])
+        if code // 1000 not in AAL_LOBES:
+            raise ValueError(f"{table_path}: region {fields[1]} has code {code}, in no lobe this data set knows "
+                             f"(code // 1000 must be one of {sorted(AAL_LOBES)})")
+        regions[index] = BRAINLOBES_CLASSES.index(AAL_LOBES[code // 1000])
+    if not regions:
+        raise ValueError(f"{table_path}: no 'index name code' line")
+    lut = np.full(max(regions) + 1, -1, np.int64)
+    lut[list(regions)] = list(regions.values())
+    return lut
+
+
+def lobe_patches(t1, lobe, size, stride):
+    """Patches of the T1 around labelled centres. t1: uint8 (X, Y, Z); lobe: int (X, Y, Z), -1 outside the
+    lobes. Centres: every axial slice z whose z % SLAB is in SLAB_KEEP's range, every (x, y) on a grid of
+    `stride` voxels from 0 whose voxel has a lobe. Patch: size x size of slice z centred on the voxel
+    (zero beyond the volume). Returns images uint8 (N, size, size, 1), labels, z, in (z, x, y) order."""
+    h = size // 2
+    pad = np.pad(t1, ((h, size - 1 - h), (h, size - 1 - h), (0, 0)))  # pad[x + h, y + h, z] = t1[x, y, z]
+    z, i, j = np.nonzero(lobe[::stride, ::stride].transpose(2, 0, 1) >= 0)
+    keep = (z % SLAB >= SLAB_KEEP[0]) & (z % SLAB < SLAB_KEEP[1])
+    z, x, y = z[keep], i[keep] * stride, j[keep] * stride
+    images = np.empty((len(z), size, size, 1), np.uint8)
+    for k in range(len(z)):
+        images[k, ..., 0] = pad[x[k]:x[k] + size, y[k]:y[k] + size, z[k]]
+    return images, lobe[x, y, z], z
+
+
+def slab_split(z):
+    """Split of each axial slice: slab z // SLAB, val if slab % 5 == 2, test if slab % 5 == 4, else train."""
+    slab = np.asarray(z) // SLAB
+    return np.where(slab % 5 == 2, 'val', np.where(slab % 5 == 4, 'test', 'train'))
+
+
+def prepare_brainlobes(out_dir='data/brainlobes', source: str = '', size: int = 64, stride: int = 8):
+    """
+    One real brain, cut into 2-D patches labelled by lobe: a small real-image check that pretraining pays
+    off, with no registration and 16 MB to download. Input: the Colin27 average T1 (ch2.nii.gz, 181x217x181
+    at 1 mm) and the AAL atlas on the same grid (aal.nii.gz + aal.nii.txt), from Debian's mricron-data.
+    Each labelled voxel's class is the lobe of its AAL region (code // 1000; insula merged into limbic):
+    BRAINLOBES_CLASSES. A patch is the size x size square of an axial slice centred on a labelled voxel
+    of a stride-voxel grid (lobe_patches), grey, label = that voxel's lobe. Split by axial slab of SLAB
+    slices (groups = slab): 4 slices dropped between slabs, slab % 5 == 2 val, == 4 test (slab_split).
+    With the defaults: 8,341 / 2,904 / 2,613 patches. It is ONE brain: the test split is other slices
+    of the same head, so this tests whether features see anatomy; it is not a benchmark.
+    """
+    t0 = time.time()
+    args = {'source': source, 'size': size, 'stride': stride}
+    if size < 8 or stride < 1:
+        raise ValueError(f"--size must be at least 8 and --stride at least 1 (got {size}, {stride})")
+    if is_up_to_date(out_dir, args):
+        return Path(out_dir)
+    info = announce('brainlobes')
+    files = brainlobes_files(source, out_dir)
+    with staging_dir(out_dir) as tmp:
+        (t1, t1_mm), (aal, aal_mm) = (read_nifti(files[f], spacing=True) for f in ('ch2.nii.gz', 'aal.nii.gz'))
+        if t1.shape != aal.shape or t1.shape[-1] != 1 or t1_mm != aal_mm:
+            raise ValueError(f"ch2.nii.gz ({'x'.join(map(str, t1.shape[2::-1]))} voxels of {t1_mm[::-1]} mm) and "
+                             f"aal.nii.gz ({'x'.join(map(str, aal.shape[2::-1]))} of {aal_mm[::-1]} mm) are not one "
+                             f"3-D grid: take both from the same mricron-data package")
+        t1, aal = t1[..., 0].transpose(2, 1, 0), aal[..., 0].transpose(2, 1, 0)  # read_nifti's (z, y, x) -> (x, y, z)
+        if t1.min() < 0 or t1.max() > 255 or (t1 != np.round(t1)).any():
+            raise ValueError(f"ch2.nii.gz: intensities {t1.min():g}..{t1.max():g} are not the uint8 "
+                             f"0..255 of the Colin27 template in mricron-data")
+        lut = aal_lobes(files['aal.nii.txt'])
+        listed = lambda r: r == int(r) and 0 < r < len(lut) and lut[int(r)] >= 0
+        unknown = [r for r in np.unique(aal).tolist() if r != 0 and not listed(r)]
+        if unknown:
+            raise ValueError(f"aal.nii.gz holds region indices {', '.join(f'{r:g}' for r in unknown[:10])} that "
+                             f"aal.nii.txt does not list: take both from the same mricron-data package")
+        lobe = np.where(aal > 0, lut[aal.astype(np.int64)], -1)  # every value is now 0 or a listed region
+        images, labels, z = lobe_patches(t1.astype(np.uint8), lobe, size, stride)
+        split = slab_split(z)
+        for s in SPLITS:
+            if not (split == s).any():
+                raise ValueError(f"the {s} split is empty: the volume's {t1.shape[2]} axial slices are too few "
+                                 f"for slabs of {SLAB} (5 slabs at least)")
+            write_split(tmp, s, images[split == s], labels[split == s], groups=z[split == s] // SLAB)
+            print(f"  {s}: {int((split == s).sum())} patches from {len(set((z[split == s] // SLAB).tolist()))} slabs")
+        checksums = {f: file_hash(p) for f, p in files.items()}
+        official = checksums == BRAINLOBES_FILES
+        if not official:
+            print(f"  note: these files differ from {BRAINLOBES_DEB['name']}'s (md5), so the counts may differ "
+                  f"from the documented ones")
+        write_meta(tmp, 'brainlobes', BRAINLOBES_CLASSES, args=args, **info,
+                   split_rule=f"by axial slab of {SLAB} slices (groups = slab = z // {SLAB}); slices with z % {SLAB} "
+                              f"in {{{', '.join(str(k) for k in range(SLAB) if not SLAB_KEEP[0] <= k < SLAB_KEEP[1])}}} are dropped, a "
+                              f"{SLAB - SLAB_KEEP[1] + SLAB_KEEP[0]}-slice gap between neighbouring slabs; "
+                              f"slab % 5 == 2 -> val, slab % 5 == 4 -> test, the rest train",
+                   note="ONE brain (the Colin27 average of 27 scans of one person): the splits are other slices of "
+                        "the same head. A test of whether features see anatomy, not a benchmark.",
+                   patch={'size': size, 'stride': stride, 'centre': 'the labelled voxel at row/column size // 2'},
+                   axes="(N, H, W, C) = (patch, x: left to right, y: posterior to anterior, grey): an axial slice "
+                        "of the RAS-oriented T1, 1 mm pixels",
+                   lobes_from="AAL code // 1000: 2 frontal, 3 insula + 4 limbic, 5 occipital, 6 parietal, "
+                              "7 subcortical, 8 temporal, 9 cerebellum",
+                   input_md5=checksums, inputs_are_the_packaged_files=official)
+    return finish(out_dir, t0)
+
 # --- any folder of pictures ----------------------------------------------------------------------
 
 PICTURE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -2558,6 +2796,7 @@ DATASETS = {
                                **({'window': '{:g},{:g}'.format(*SOFT_TISSUE_WINDOW)} if t[2] == 'CT' else {}))
        for name, t in MSD_TASKS.items()},
     'brats2021': prepare_brats2021,
+    'brainlobes': prepare_brainlobes,
     'folder': prepare_folder,
     'dicom': prepare_dicom,
     'nifti': prepare_nifti,

@@ -6,6 +6,7 @@ import http.server
 import io
 import json
 import os
+import re
 import tarfile
 import threading
 import zipfile
@@ -70,6 +71,16 @@ def test_checksum_mismatch_is_an_error_naming_the_file_and_leaves_nothing(tmp_pa
     with pytest.raises(prepare.ChecksumError, match='camelyonpatch_level_2_split_test_y.h5.gz'):
         prepare.download(src.as_uri(), tmp_path / 'dl' / src.name, '0' * 32)
     assert list((tmp_path / 'dl').iterdir()) == []
+
+
+def test_download_checks_a_sha256_told_apart_from_an_md5_by_its_length(tmp_path):
+    src = tmp_path / 'mricron-data_1.2.20211006+dfsg-4_all.deb'
+    src.write_bytes(b'!<arch>\n' * 100)
+    sha256 = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert prepare.download(src.as_uri(), tmp_path / 'dl' / src.name, sha256).read_bytes() == src.read_bytes()
+    with pytest.raises(prepare.ChecksumError, match=re.escape(f'{src.name}: sha256 is {sha256}')):
+        prepare.download(src.as_uri(), tmp_path / 'dl2' / src.name, '0' * 64)
+    assert list((tmp_path / 'dl2').iterdir()) == []  # the .part of a wrong file is gone
 
 
 def test_interrupted_download_resumes_with_a_range_request(server, tmp_path):
@@ -159,6 +170,16 @@ def test_extract_keeps_links_that_stay_inside(tmp_path):
     archive = make_tar(tmp_path / 'ok.tar', {'d/ok.txt': b'1'}, links=[('d/alias.txt', 'ok.txt', tarfile.SYMTYPE)])
     out = prepare.extract(archive, tmp_path / 'out')
     assert (out / 'd/alias.txt').read_bytes() == b'1'
+
+
+def test_extract_accepts_the_folder_itself_as_a_member(tmp_path):
+    src = tmp_path / 'src'
+    (src / 'd').mkdir(parents=True)
+    (src / 'd' / 'x.txt').write_bytes(b'1')
+    with tarfile.open(tmp_path / 'dot.tar', 'w') as t:  # as `tar -C src -cf dot.tar .` makes it: './' comes first
+        t.add(src, arcname='.')
+    assert [m.name for m in tarfile.open(tmp_path / 'dot.tar')][0] == '.'
+    assert (prepare.extract(tmp_path / 'dot.tar', tmp_path / 'out') / 'd' / 'x.txt').read_bytes() == b'1'
 
 
 def test_extract_refuses_zip_symlink_pointing_outside(tmp_path):
