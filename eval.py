@@ -804,7 +804,7 @@ def parse_args(argv=None):
         return v.lower() in ('true', '1')
     for k in KEYS:
         p.add_argument(f'--{k}', type=boolean if isinstance(g[k], bool) else type(g[k]), default=g[k],
-                       help=f"{helps.get(k, '')} (default: {g[k]!r})")
+                       help=f"{helps.get(k, '')} (default: {g[k]!r})".replace('%', '%%'))  # argparse formats %
     args, unknown = p.parse_known_args(argv)
     for u in unknown:
         close = difflib.get_close_matches(u.split('=', 1)[0].lstrip('-'), KEYS, n=1)

@@ -425,3 +425,12 @@ def test_a_killed_runs_log_a_failing_figure_or_old_results_never_cost_or_fake_th
     saved = json.load(open(out / 'eval.json'))
     assert saved['dataset'] == 'tiny' and saved['figures'] == report['figures']
     assert json.load(open(out / 'eval.prev.json')) == {'dataset': 'another data set'}
+
+
+def test_help_lists_every_flag(capsys):
+    """`python eval.py --help` prints every flag with its default (a '%' in a comment once crashed it)."""
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(['--help'])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f'--{k}' in out for k in ev.KEYS)
