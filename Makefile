@@ -2,13 +2,14 @@
 #   make demo   set up, generate the demo data, pretrain (~14 min on 2 CPU cores in float32), evaluate with the
 #               random-init, raw-pixel and supervised rows, print the tables
 #   make test   set up and run the test suite (about 8 min on 2 CPU cores); pytest and hypothesis are test-only
-# A torch that is already installed (e.g. your CUDA build) is kept; without one, torch==2.13.0 is
-# installed. Use another interpreter with `make demo PYTHON=/path/to/python`.
+# A torch that is already installed (e.g. your CUDA build) is kept if it is at least 2.10 (older ones load
+# crafted checkpoints unsafely, docs/reliability.md); otherwise torch==2.13.0 is installed, never an unpinned
+# torch. Use another interpreter with `make demo PYTHON=/path/to/python`.
 PYTHON ?= python3
 
 .PHONY: install demo test
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
+	@$(PYTHON) -c "import re, sys, torch; sys.exit(tuple(map(int, re.match(r'(\d+)\.(\d+)', torch.__version__).groups())) < (2, 10))" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
 	@$(PYTHON) -m pip install -q -r requirements.txt
 
 demo: install

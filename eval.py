@@ -333,7 +333,7 @@ def imagenet_to_medjepa(sd, in_chans=3):
 
 
 def load_imagenet_encoder(path, in_chans):
-    mapped, arch = imagenet_to_medjepa(torch.load(path, map_location='cpu', weights_only=True), in_chans)
+    mapped, arch = imagenet_to_medjepa(medjepa.safe_load(path), in_chans)
     enc = LearnedPosViT(in_chans, **arch)
     enc.load_state_dict(mapped)  # strict: a missing or extra tensor is an error, not a warning
     return enc, arch
@@ -991,4 +991,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (medjepa.ConfigError, FileNotFoundError) as e:  # bad data, a torch too old to load safely: one line
+        print(f'eval.py: error: {e}', file=sys.stderr)
+        sys.exit(2)

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 import torch.distributed as dist
 
 from medjepa_utils import (  # the plumbing, re-exported (medjepa.configure is medjepa_utils.configure)
-    ConfigError, advice, any_rank, barrier, checkpoint_dims, cli, compile_model, configure, effective_rank,
-    estimate_flops, evaluate_and_save, extract_features, knn_predict, load_checkpoint, load_split, log_step,
-    mean_cosine, measure_matmul_flops, need, open_data, precision, read_meta, resolve_dtype, resume,
-    save_checkpoint, setup_distributed, stop_signals, to_device, to_float, validate, validate_shared,
-    wrap_model)
+    ConfigError, DataError, advice, any_rank, barrier, checkpoint_dims, claim_out_dir, cli, compile_model,
+    configure, effective_rank, estimate_flops, evaluate_and_save, extract_features, knn_predict, load_checkpoint,
+    load_split, log_step, mean_cosine, measure_matmul_flops, need, open_data, open_log, precision, read_meta,
+    resolve_dtype, resume, safe_load, save_checkpoint, setup_distributed, stop_signals, to_device, to_float,
+    validate, validate_shared, wrap_model)
 
 # -----------------------------------------------------------------------------
 # default config values: a CPU-sized demo that trains on data/demo (64 px) in about 10 minutes
@@ -47,6 +47,7 @@ from medjepa_utils import (  # the plumbing, re-exported (medjepa.configure is m
 out_dir = 'out-demo'       # checkpoint, log.jsonl and eval results go here
 data_dir = 'data/demo'     # a folder written by prepare.py (data/demo is generated if missing)
 init_from = 'scratch'      # 'scratch' or 'resume' (continue from out_dir/ckpt.pt)
+overwrite = False          # 'scratch' into an out_dir that holds a checkpoint: refused, or (True) its run deleted first
 eval_interval = 200        # every this many steps: online kNN on val, checkpoint
 log_interval = 10          # every this many steps: print and log the loss terms and monitors
 knn_train_size = 3000      # train images used as the kNN memory bank of the online monitor
@@ -736,69 +737,69 @@ def train(cfg, impl=None):
     impl = impl or sys.modules[__name__]
     ddp, rank, world, dev = setup_distributed(cfg)
     master, accum = rank == 0, cfg['gradient_accumulation_steps']  # per process: any world size works
-    if cfg['num_threads'] > 0:
-        torch.set_num_threads(cfg['num_threads'])
-    dtype, ptdtype, autocast = precision(cfg['dtype'], dev)
-    data = open_data(cfg, impl, master, ddp, dev)
-    images, ckpt_path = data['images'], os.path.join(cfg['out_dir'], 'ckpt.pt')
-    torch.manual_seed(cfg['seed'])
-    model = impl.build_model(cfg, images.shape[-1]).to(dev)
-    optimizer = make_optimizer(model, cfg, dev)
-    scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))  # (loss scaling: fp16 only)
-    iter_num, best_knn = 0, 0.0
-    if cfg['init_from'] == 'resume':
-        iter_num, best_knn = resume(ckpt_path, cfg, impl, model, optimizer, dev, master)
-    model, raw_model = wrap_model(model, cfg, impl, dev, ddp, master)  # SyncBatchNorm, compile, DDP
-    if master:
-        os.makedirs(cfg['out_dir'], exist_ok=True)
-        print(f"{data['meta'].get('name', cfg['data_dir'])}: {len(images)} train images "
-              f"{tuple(images.shape[1:])}; model {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
-              f"params; objective={cfg.get('objective', 'mask')}; device={dev} dtype={dtype} world={world} "
-              f"batch={cfg['batch_size']}x{accum}x{world}")
-        peak = measure_matmul_flops(dev, ptdtype)
-        print(f'measured {dtype} matmul throughput (MFU denominator): {peak / 1e9:.0f} GFLOP/s')
-        log = open(os.path.join(cfg['out_dir'], 'log.jsonl'), 'a')
-    with stop_signals() as stop:  # SIGTERM / SIGUSR1 (pre-emption): finish the step, save, exit
-        t0, tdata, flops, imgs = time.time(), 0.0, 0.0, 0  # since the last log line
-        stopping, bad, n_bad, first = False, 0, 0, iter_num
-        while iter_num < cfg['max_iters']:
-            if master and iter_num > first and iter_num % cfg['eval_interval'] == 0:  # (not again on resume)
-                best_knn = evaluate_and_save(cfg, impl, raw_model, optimizer, data, iter_num, best_knn, log,
-                                             dev)  # online kNN on val, then a checkpoint
-            lr = lr_at(iter_num, cfg)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            batch = lambda micro: get_batch(cfg, impl, data, iter_num, micro, dev, rank, world)
-            loss, stats, f = train_step(model, optimizer, scaler, batch, accum, iter_num, autocast,
-                                        cfg['grad_clip'])
-            iter_num, flops, imgs = iter_num + 1, flops + f * world, imgs + cfg['batch_size'] * accum * world
-            tdata += stats['data_time']
-            bad, n_bad = (bad + 1, n_bad + 1) if stats['skipped'] else (0, n_bad)
-            if master and stats['skipped']:
-                print(f'step {iter_num}: non-finite loss or gradients, update skipped ({bad} in a row, '
-                      f'{n_bad} in all)')
-            if bad >= cfg['max_bad_steps']:
-                raise FloatingPointError(f"{bad} non-finite steps in a row at step {iter_num}: training "
-                                         f"diverged. {advice(cfg)}")
-            if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
-                if dev.startswith('cuda'):
-                    torch.cuda.synchronize()
-                dt = time.time() - t0
-                log_step(log, iter_num, loss, stats, lr, imgs / dt, tdata / dt, flops / dt / peak, n_bad)
-                t0, tdata, flops, imgs = time.time(), 0.0, 0.0, 0
-            stopping = any_rank(len(stop) > 0, ddp, dev)  # every rank stops at the same step
-            if stopping:
-                break
+    with claim_out_dir(cfg, rank, ddp, dev):  # one run per out_dir: a lock, no silent overwrite
+        if cfg['num_threads'] > 0:
+            torch.set_num_threads(cfg['num_threads'])
+        dtype, ptdtype, autocast = precision(cfg['dtype'], dev)
+        data = open_data(cfg, impl, master, ddp, dev)
+        images, ckpt_path = data['images'], os.path.join(cfg['out_dir'], 'ckpt.pt')
+        torch.manual_seed(cfg['seed'])
+        model = impl.build_model(cfg, images.shape[-1]).to(dev)
+        optimizer = make_optimizer(model, cfg, dev)
+        scaler = torch.amp.GradScaler(enabled=(dtype == 'float16'))  # (loss scaling: fp16 only)
+        iter_num, best_knn = 0, 0.0
+        if cfg['init_from'] == 'resume':
+            iter_num, best_knn = resume(ckpt_path, cfg, impl, model, optimizer, dev, master)
+        model, raw_model = wrap_model(model, cfg, impl, dev, ddp, master)  # SyncBatchNorm, compile, DDP
         if master:
-            if stopping:
-                print(f'stopped by a signal at step {iter_num} (resume with --init_from=resume)')
-            evaluate_and_save(cfg, impl, raw_model, optimizer, data, iter_num, best_knn, log, dev,
-                              knn=not stopping)
-            log.close()
-            print(f'saved {ckpt_path}')
-        if ddp:  # wait for rank 0's evaluation and save: a rank that leaves early can abort the other
-            barrier(dev)
-            dist.destroy_process_group()
+            print(f"{data['meta'].get('name', cfg['data_dir'])}: {len(images)} train images "
+                  f"{tuple(images.shape[1:])}; model {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
+                  f"params; objective={cfg.get('objective', 'mask')}; device={dev} dtype={dtype} world={world} "
+                  f"batch={cfg['batch_size']}x{accum}x{world}")
+            peak = measure_matmul_flops(dev, ptdtype)
+            print(f'measured {dtype} matmul throughput (MFU denominator): {peak / 1e9:.0f} GFLOP/s')
+            log = open_log(cfg)  # (a scratch run first deletes an earlier run's files)
+        with stop_signals() as stop:  # SIGTERM / SIGUSR1 (pre-emption): finish the step, save, exit
+            t0, tdata, flops, imgs = time.time(), 0.0, 0.0, 0  # since the last log line
+            stopping, bad, n_bad, first = False, 0, 0, iter_num
+            while iter_num < cfg['max_iters']:
+                if master and iter_num > first and iter_num % cfg['eval_interval'] == 0:  # (not again on resume)
+                    best_knn = evaluate_and_save(cfg, impl, raw_model, optimizer, data, iter_num, best_knn, log,
+                                                 dev)  # online kNN on val, then a checkpoint
+                lr = lr_at(iter_num, cfg)
+                for group in optimizer.param_groups:
+                    group['lr'] = lr
+                batch = lambda micro: get_batch(cfg, impl, data, iter_num, micro, dev, rank, world)
+                loss, stats, f = train_step(model, optimizer, scaler, batch, accum, iter_num, autocast,
+                                            cfg['grad_clip'])
+                iter_num, flops, imgs = iter_num + 1, flops + f * world, imgs + cfg['batch_size'] * accum * world
+                tdata += stats['data_time']
+                bad, n_bad = (bad + 1, n_bad + 1) if stats['skipped'] else (0, n_bad)
+                if master and stats['skipped']:
+                    print(f'step {iter_num}: non-finite loss or gradients, update skipped ({bad} in a row, '
+                          f'{n_bad} in all)')
+                if bad >= cfg['max_bad_steps']:
+                    raise FloatingPointError(f"{bad} non-finite steps in a row at step {iter_num}: training "
+                                             f"diverged. {advice(cfg)}")
+                if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
+                    if dev.startswith('cuda'):
+                        torch.cuda.synchronize()
+                    dt = time.time() - t0
+                    log_step(log, iter_num, loss, stats, lr, imgs / dt, tdata / dt, flops / dt / peak, n_bad)
+                    t0, tdata, flops, imgs = time.time(), 0.0, 0.0, 0
+                stopping = any_rank(len(stop) > 0, ddp, dev)  # every rank stops at the same step
+                if stopping:
+                    break
+            if master:
+                if stopping:
+                    print(f'stopped by a signal at step {iter_num} (resume with --init_from=resume)')
+                evaluate_and_save(cfg, impl, raw_model, optimizer, data, iter_num, best_knn, log, dev,
+                                  knn=not stopping)
+                log.close()
+                print(f'saved {ckpt_path}')
+            if ddp:  # wait for rank 0's evaluation and save: a rank that leaves early can abort the other
+                barrier(dev)
+                dist.destroy_process_group()
     return raw_model
 
 

@@ -45,6 +45,7 @@ import medjepa as mj
 out_dir = 'out-demo3d'     # checkpoint, log.jsonl and eval results go here
 data_dir = 'data/demo3d'   # a folder of volumes written by prepare.py (data/demo3d is generated if missing)
 init_from = 'scratch'      # 'scratch' or 'resume' (continue from out_dir/ckpt.pt)
+overwrite = False          # 'scratch' into an out_dir that holds a checkpoint: refused, or (True) its run deleted first
 eval_interval = 200        # every this many steps: online kNN on val (labelled data sets), checkpoint
 log_interval = 10          # every this many steps: print and log the loss terms and monitors
 knn_train_size = 3000      # train volumes used as the kNN memory bank of the online monitor

@@ -5,7 +5,8 @@ part there). medjepa.py imports and re-exports every name: medjepa.configure is 
     configuration   defaults < config files < --key=value, every key and value checked before any work
     data            prepare.py's memory-mapped arrays, opened and checked (docs/data_format.md); uint8
                     batches to normalised floats on the device
-    checkpoints     atomic writes, the previous file kept, readable errors (docs/reliability.md); resume
+    checkpoints     atomic writes, the previous file kept, readable errors (docs/reliability.md); resume; one
+                    run per out_dir (a lock, no silent overwrite)
     system          DDP start-up, pre-emption signals, precision, torch.compile and the DDP wrappers, the CLI
     measurements    FLOPs of a step and matmul throughput (MFU), frozen features, online kNN, mean cosine,
                     effective rank
@@ -23,7 +24,10 @@ import glob
 import json
 import math
 import os
+import re
+import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -43,13 +47,29 @@ class ConfigError(ValueError):
     """A bad config key or value; main() prints it and exits with code 2."""
 
 
+class DataError(ConfigError):
+    """A data folder that breaks docs/data_format.md: also one line and exit code 2."""
+
+
 def _closest(key, valid):
     near = difflib.get_close_matches(key, valid, n=1)
     return f" (did you mean '{near[0]}'?)" if near else ''
 
 
+def _short(value):
+    r = repr(value)
+    return r if len(r) <= 40 else f'{r[:20]}...({len(r)} characters)'
+
+
 def _coerce(key, value, default):
     """Check that `value` has the type of the default; ints widen to floats, lists to tuples."""
+    try:
+        return _coerce_type(key, value, default)
+    except OverflowError:  # float() of an int of hundreds of digits
+        raise ConfigError(f"{key}={_short(value)} is too large for a float") from None
+
+
+def _coerce_type(key, value, default):
     if isinstance(default, bool):
         if isinstance(value, str) and value.lower() in ('true', 'false'):
             return value.lower() == 'true'
@@ -70,7 +90,7 @@ def _coerce(key, value, default):
         if isinstance(value, (tuple, list)) and len(value) == len(default):
             return tuple(_coerce(key, v, d) for v, d in zip(value, default))
     raise ConfigError(f"config key '{key}' expects a {type(default).__name__} like {default!r}, "
-                      f"got {value!r}")
+                      f"got {_short(value)}")
 
 
 def configure(argv, defaults=None):
@@ -139,6 +159,8 @@ _RULES = [  # (rule, test, keys) checked first: the rules of validate_shared bel
      'patch_size image_size local_size volume_size num_targets proj_dim min_keep max_bad_steps'),
     ('in [0, 1)', lambda v: 0 <= v < 1, 'beta1 beta2'),
     ('>= 0', lambda v: v >= 0, 'seed warmup_iters weight_decay grad_clip num_threads min_lr n_local_views'),
+    ('below 4294967296 (2**32)', lambda v: v < 2**32, 'seed'),  # (torch.manual_seed overflows near 2**64)
+    ('at most 4096', lambda v: v <= 4096, 'num_threads'),
     ('non-empty', bool, 'out_dir data_dir')]
 
 
@@ -147,9 +169,11 @@ def validate_shared(c):
     vals = lambda v: v if isinstance(v, tuple) else (v,)
     for rule, ok, keys in _RULES:
         for k in (k for k in keys.split() if k in c):
-            need(all(ok(v) for v in vals(c[k])), f"{k}={c[k]!r} must be {rule}")
-    need(all(math.isfinite(x) for v in c.values() for x in vals(v) if isinstance(x, float)),
-         'values must be finite, not inf')
+            need(all(ok(v) for v in vals(c[k])), f"{k}={_short(c[k])} must be {rule}")
+    for k, v in c.items():  # no int beyond what a float (the schedule) or a seed can hold; no inf or nan
+        need(all(abs(x) <= 2**53 for x in vals(v) if isinstance(x, int)), f"{k}={_short(v)} must be at most 2**53")
+        need(all(math.isfinite(x) for x in vals(v) if isinstance(x, float)),
+             f"{k}={v!r} must be finite, not inf or nan")
     dev = c['device']
     need(dev in ('auto', 'cpu', 'mps', 'cuda') or dev[:5] == 'cuda:' and dev[5:].isdigit(),
          f"device '{c['device']}' is not one of auto, cpu, cuda, cuda:N, mps")
@@ -177,7 +201,57 @@ def validate_shared(c):
 # {split}_images.npy (N, H, W, C) or (N, D, H, W, C), {split}_labels.npy, ... and meta.json.
 
 
+TASKS = ('multiclass', 'binary', 'ordinal', 'multilabel', 'segmentation', 'unlabeled')  # docs/data_format.md
+CLASS_TASKS = ('multiclass', 'binary', 'ordinal')  # one class id in [0, num_classes) per image
+
+
+def _data_set(data_dir, meta=None):
+    """"data set 'NAME' in 'DIR'" and the way to remake it, for error messages."""
+    import prepare  # (here: prepare imports the readers of every format)
+    base = os.path.basename(os.path.normpath(data_dir))
+    name = meta.get('name') if isinstance(meta, dict) and isinstance(meta.get('name'), str) else base
+    cmd = name if name in prepare.DATASETS else base if base in prepare.DATASETS else '<dataset>'
+    return f"data set '{name}' in '{data_dir}'", f"Delete '{data_dir}' and make it again with python prepare.py {cmd}"
+
+
+def meta_problems(meta):
+    """What is wrong with the meta.json values that training and evaluation read (types and ranges)."""
+    if not isinstance(meta, dict):
+        return [f"meta.json holds a {type(meta).__name__}, not an object"]
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    numbers = lambda v: isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                         for x in v)
+    bad = [f"meta.json lacks '{k}'" for k in ('mean', 'std', 'num_classes') if k not in meta]
+    task, k = meta.get('task', 'multiclass'), meta.get('num_classes', 0)
+    if not isinstance(task, str) or task not in TASKS:
+        bad.append(f"meta.json's task {_short(task)} is not one of {', '.join(TASKS)}")
+    if not is_int(k) or k < 0:
+        bad.append(f"meta.json's num_classes {_short(k)} is not an integer >= 0")
+    elif task == 'binary' and k != 2 or task in TASKS[:4] and k < 1:
+        bad.append(f"meta.json's num_classes is {k}, which task '{task}' cannot have")
+    elif 'classes' in meta and (not isinstance(meta['classes'], list) or len(meta['classes']) != k):
+        bad.append(f"meta.json's len(classes) is {len(meta['classes']) if isinstance(meta['classes'], list) else '-'} "
+                   f"but num_classes is {k}")
+    for key in ('mean', 'std'):
+        v = meta.get(key, [1])
+        if not numbers(v):
+            bad.append(f"meta.json's {key} {_short(v)} is not a list of numbers, one per channel")
+        elif not all(math.isfinite(x) for x in v):
+            bad.append(f"meta.json's {key} {v} is not finite")
+        elif key == 'std' and min(v) <= 0:  # every normalised pixel would be inf or NaN, and so every step
+            bad.append(f"meta.json's std {v} holds {min(v)}: a channel's std must be > 0 (prepare.py writes 1.0 for "
+                       f"a channel without variation)")
+    checks = [('channels', lambda v: is_int(v) and v >= 1, 'an integer >= 1'),
+              ('spatial_dims', lambda v: is_int(v) and v in (2, 3), '2 or 3'),
+              ('video', lambda v: isinstance(v, bool), 'true or false'),
+              ('name', lambda v: isinstance(v, str), 'a string')]
+    bad += [f"meta.json's {key} {_short(meta[key])} is not {rule}" for key, ok, rule in checks
+            if key in meta and not ok(meta[key])]
+    return bad
+
+
 def read_meta(data_dir):
+    """meta.json of a data folder, its values checked (meta_problems): DataError names each problem."""
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(path):
         import prepare
@@ -185,13 +259,23 @@ def read_meta(data_dir):
         name = name if name in prepare.DATASETS else '<dataset>'
         raise FileNotFoundError(f"no data set in '{data_dir}' (missing meta.json): run 'python prepare.py "
                                 f"{name}' first (python prepare.py --help lists them)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: a torn or foreign file
+        where, fix = _data_set(data_dir)
+        raise DataError(f"{where}: meta.json is not valid JSON ({e}). {fix}") from None
+    bad = meta_problems(meta)
+    if bad:
+        where, fix = _data_set(data_dir, meta)
+        raise DataError(f"{where}: {'; '.join(bad)}. {fix}")
+    return meta
 
 
 def load_split(data_dir, split):
     """Open one split without reading it: images stay on disk until indexed. Checks the format
-    (docs/data_format.md): shapes, dtypes, equal counts, class labels in [0, num_classes)."""
+    (docs/data_format.md): shapes, dtypes, equal counts, labels that fit meta.json's task (class ids in
+    [0, num_classes), 0/1 columns for multilabel), one mean and std per channel."""
     out, meta = {}, read_meta(data_dir)
     for key in ('images', 'labels', 'masks', 'groups', 'sites'):
         path = os.path.join(data_dir, f'{split}_{key}.npy')
@@ -199,20 +283,35 @@ def load_split(data_dir, split):
     if out['images'] is None:
         raise FileNotFoundError(f"'{data_dir}' has no {split}_images.npy: the data set is incomplete, "
                                 f"delete the folder and run prepare.py again")
-    x, y, n, k = out['images'], out['labels'], len(out['images']), meta.get('num_classes', 0)
-    bad = [f"meta.json lacks '{key}'" for key in ('mean', 'std', 'num_classes') if key not in meta]
+    x, y, n = out['images'], out['labels'], len(out['images'])
+    task, k, bad = meta.get('task', 'multiclass'), meta['num_classes'], []
     if x.dtype != np.uint8 or x.ndim not in (4, 5) or n == 0:
         bad.append(f"{split}_images.npy is {x.dtype} {x.shape}, not non-empty uint8 (N, H, W, C) or "
                    f"(N, D, H, W, C)")
+    elif x.ndim != meta.get('spatial_dims', 2) + 2:
+        bad.append(f"{split}_images.npy has {x.ndim - 2} spatial axes, meta.json's spatial_dims says "
+                   f"{meta.get('spatial_dims', 2)}")
+    else:
+        C, (m, s) = x.shape[-1], (meta['mean'], meta['std'])
+        if len(m) != C or len(s) != C:
+            bad.append(f"meta.json's mean and std have {len(m)} and {len(s)} values: the images have {C} channels")
+        if meta.get('channels', C) != C:
+            bad.append(f"meta.json's channels {meta['channels']} but the images have {C}")
     bad += [f"{split}_{key}.npy has {len(a)} rows, images {n}"
             for key, a in out.items() if a is not None and len(a) != n]
-    if (y is not None and meta.get('task') == 'multiclass'
-            and (y.dtype.kind not in 'iu' or ((y < 0) | (y >= k)).any())):
-        bad.append(f"{split}_labels.npy holds {y.dtype} {y.min(initial=0)}..{y.max(initial=0)}, not classes "
-                   f"0..{k - 1}")
+    if y is not None:
+        shape = (k,) if task == 'multilabel' else ()
+        if y.dtype.kind not in 'iu' or y.shape[1:] != shape:
+            want = (f"(N, {k}) of 0/1, a column per class" if task == 'multilabel' else
+                    "(N,) class ids" if task in CLASS_TASKS else "(N,) integers")
+            bad.append(f"{split}_labels.npy is {y.dtype} {y.shape}, not {want} (task '{task}')")
+        elif task in CLASS_TASKS + ('multilabel',) and y.size:
+            hi, want = (1, '0/1') if task == 'multilabel' else (k - 1, f"classes 0..{k - 1}")
+            if y.min() < 0 or y.max() > hi:
+                bad.append(f"{split}_labels.npy holds {y.dtype} {y.min()}..{y.max()}, not {want} (task '{task}')")
     if bad:
-        raise ValueError(f"'{data_dir}' breaks the format of docs/data_format.md: {'; '.join(bad)}. "
-                         f"Run prepare.py again")
+        where, fix = _data_set(data_dir, meta)
+        raise DataError(f"{where} breaks the format of docs/data_format.md: {'; '.join(bad)}. {fix}")
     return out
 
 
@@ -254,14 +353,48 @@ def open_data(cfg, impl, master, ddp, dev):
     return dict(meta=meta, train=train, val=val, images=train['images'], mean=meta['mean'], std=meta['std'])
 
 # -----------------------------------------------------------------------------
-# Checkpoints: one dict, written atomically, read without executing code
+# Checkpoints: one dict, written atomically, read without executing code; one run per out_dir
+
+
+def _running(pid, start=None):
+    """Whether process `pid` of this host is alive (not a zombie) and, where /proc tells (Linux), is the one
+    that started at clock tick `start` (so a dead run's pid reused by another process does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            state, *rest = f.read().rsplit(')', 1)[1].split()
+    except OSError:  # no /proc (macOS): kill() has answered
+        return True
+    return state != 'Z' and (start is None or int(rest[18]) == start)
+
+
+def _start_tick(pid):
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return int(f.read().rsplit(')', 1)[1].split()[19])
+    except OSError:
+        return None
+
+
+def _writer_gone(tmp):
+    """Whether the writer of a checkpoint's temporary file (<ckpt>.tmp-<host>-<pid>; <ckpt>.tmp-<pid> from older
+    versions) is a dead process of this host; another host's writer cannot be checked from here."""
+    host, _, pid = tmp.rpartition('.tmp-')[2].rpartition('-')
+    return (pid.isdigit() and host in ('', socket.gethostname())
+            and (int(pid) == os.getpid() or not _running(int(pid))))
 
 
 def save_checkpoint(path, obj):
     """tmp file, fsync, rename; the replaced one stays as ckpt.prev.pt (docs/reliability.md)."""
-    for stale in glob.glob(glob.escape(path) + '.tmp-*'):  # left by a writer that was killed
-        os.remove(stale)
-    tmp = f'{path}.tmp-{os.getpid()}'
+    for stale in glob.glob(glob.escape(path) + '.tmp-*'):  # left by a writer that was killed (not a live one's)
+        if _writer_gone(stale):
+            os.remove(stale)
+    tmp = f'{path}.tmp-{socket.gethostname()}-{os.getpid()}'
     try:
         with open(tmp, 'wb') as f:
             torch.save(obj, f)
@@ -280,6 +413,19 @@ def save_checkpoint(path, obj):
     os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
 
 
+SAFE_TORCH = (2, 10)  # torch.load(weights_only=True) ran code from crafted files before: CVE-2025-32434 (fixed in
+# 2.6.0), CVE-2026-24747 (GHSA-63cw-57p8-fm3p, fixed in 2.10.0); requirements.txt and the Makefile ask for it too
+
+
+def safe_load(path, map_location='cpu'):
+    """torch.load(weights_only=True), refused on a torch with a known way around weights_only."""
+    version = tuple(int(v) for v in re.match(r'(\d+)\.(\d+)', str(torch.__version__)).groups())
+    need(version >= SAFE_TORCH, f"torch {torch.__version__} can run code hidden in a crafted checkpoint even with "
+         f"weights_only=True (CVE-2025-32434, CVE-2026-24747): pip install 'torch>={SAFE_TORCH[0]}.{SAFE_TORCH[1]}' to "
+         f"load {path}")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_checkpoint(path, map_location='cpu', spatial_dims=None):
     """The checkpoint dict; with spatial_dims, refuse one written for the other kind of model
     (a 3-D checkpoint's Conv3d weights do not fit a 2-D model, and vice versa)."""
@@ -288,7 +434,9 @@ def load_checkpoint(path, map_location='cpu', spatial_dims=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint '{path}' not found: train one with 'python medjepa.py'{prev}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = safe_load(path, map_location)
+    except ConfigError:
+        raise
     except Exception as e:
         raise RuntimeError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {e}); it may be "
                            f"truncated or not a MedJEPA checkpoint{prev}") from e
@@ -298,6 +446,104 @@ def load_checkpoint(path, map_location='cpu', spatial_dims=None):
                           f"{spatial_dims}-D one: use {'medjepa3d.py' if spatial_dims == 2 else 'medjepa.py'}"
                           f" for it, or another out_dir")
     return ckpt
+
+
+RUN_FILES = ('ckpt.pt', 'ckpt.prev.pt', 'log.jsonl', 'eval.json', 'eval.md', 'eval.prev.json', 'eval.prev.md',
+             'figures')  # what a run (training, then eval.py) writes into its out_dir
+
+
+def _take_lock(out):
+    """Create out/run.lock ({pid, host, start, started}) or say who holds it; a dead run's lock is cleared."""
+    path = os.path.join(out, 'run.lock')
+    me = dict(pid=os.getpid(), host=socket.gethostname(), start=_start_tick(os.getpid()),
+              started=time.strftime('%Y-%m-%d %H:%M:%S'))
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # atomic: one run gets it
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    held = json.load(f)
+                pid, host, started = int(held['pid']), str(held['host']), held.get('started', '?')
+                if pid <= 0:  # (kill() would ask about a process group)
+                    raise ValueError(pid)
+            except (OSError, ValueError, KeyError, TypeError):
+                raise ConfigError(f"out_dir '{out}': its lock {path} cannot be read: if no run is using this "
+                                  f"out_dir, delete it") from None
+            who = f"(pid {pid} on {host}, started {started})"
+            need(host == socket.gethostname(), f"out_dir '{out}' is in use by a run on another machine {who}: wait "
+                 f"for it or use another --out_dir; if that run is dead, delete {path}")
+            need(not _running(pid, held.get('start')), f"out_dir '{out}' is in use by a live run {who}: wait for "
+                 f"it, stop it, or use another --out_dir")
+            print(f"cleared the lock of a run that is gone {who}")
+            if os.path.exists(path):
+                os.remove(path)
+            continue
+        with os.fdopen(fd, 'w') as f:
+            json.dump(me, f)
+        return me
+    raise ConfigError(f"out_dir '{out}': could not take its lock {path}")
+
+
+def _release(out, lock, made):
+    """Remove our lock (only ours), and out_dir if this run made it and left it empty (it stopped early)."""
+    path = os.path.join(out, 'run.lock')
+    try:
+        if lock is not None:
+            with open(path) as f:
+                if json.load(f) == lock:
+                    os.remove(path)
+    except (OSError, ValueError):
+        pass
+    if made and os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)
+
+
+@contextmanager
+def claim_out_dir(cfg, rank, ddp, dev):
+    """One run per out_dir (docs/reliability.md). Rank 0 takes out_dir/run.lock (a live run's lock stops this
+    run; a dead run's is cleared) and refuses init_from='scratch' into an out_dir holding a checkpoint unless
+    overwrite=True; if it cannot, every rank stops here, before any work. The lock is released on the way out."""
+    out, error, lock, made = cfg['out_dir'], None, None, False
+    if rank == 0:
+        try:
+            made = not os.path.isdir(out)
+            os.makedirs(out, exist_ok=True)
+            lock = _take_lock(out)
+            held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+            need(cfg['init_from'] == 'resume' or cfg.get('overwrite') or not {'ckpt.pt', 'ckpt.prev.pt'} & set(held),
+                 f"out_dir '{out}' already holds a run ({', '.join(held)}): continue it with --init_from=resume, train "
+                 f"into another --out_dir, or pass --overwrite=True to delete it and start again")
+        except (ConfigError, OSError) as e:
+            error = e if isinstance(e, ConfigError) else ConfigError(f"out_dir '{out}' cannot be used: {e}")
+    if any_rank(error is not None, ddp, dev):  # (every rank takes part: they all stop, or none)
+        _release(out, lock, made)
+        error = error or ConfigError(f"rank {rank}: stopped: rank 0 could not claim out_dir '{out}' (its message "
+                                     f"says why)")
+        if ddp:  # each rank says it before any exits: torchrun kills the other ranks once one has exited
+            print(f'{os.path.basename(sys.argv[0])}: error: {error}', file=sys.stderr, flush=True)
+            error.printed = True
+            barrier(dev)
+            dist.destroy_process_group()
+        raise error
+    try:
+        yield
+    finally:
+        _release(out, lock, made)
+
+
+def open_log(cfg):
+    """Rank 0's log.jsonl, for appending. A scratch run first deletes what an earlier run left in out_dir
+    (claim_out_dir let it through: no checkpoint there, or overwrite=True), so that log.jsonl and eval.json
+    describe this run alone."""
+    out, old = cfg['out_dir'], []
+    if cfg['init_from'] == 'scratch':
+        old = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+        for f in old:
+            (shutil.rmtree if os.path.isdir(os.path.join(out, f)) else os.remove)(os.path.join(out, f))
+    if old:
+        print(f"init_from=scratch: deleted the earlier run's {', '.join(old)} in {out}")
+    return open(os.path.join(out, 'log.jsonl'), 'a')
 
 
 def checkpoint_dims(ckpt):
@@ -422,7 +668,8 @@ def cli(main, impl):
     try:
         main(impl=impl)
     except (ConfigError, FileNotFoundError) as e:
-        print(f'{os.path.basename(impl.__file__)}: error: {e}', file=sys.stderr)
+        if not getattr(e, 'printed', False):  # (claim_out_dir prints its own under torchrun)
+            print(f'{os.path.basename(impl.__file__)}: error: {e}', file=sys.stderr)
         sys.exit(2)
 
 # -----------------------------------------------------------------------------

@@ -107,7 +107,8 @@ def write_split(tmp_dir, split, images, labels, masks=None, groups=None, sites=N
 
 
 def channel_stats(images):
-    """Per-channel mean and std of uint8 (N, ..., C) images scaled to [0, 1], in bounded memory."""
+    """Per-channel mean and std of uint8 (N, ..., C) images scaled to [0, 1], in bounded memory; std 1.0 for a
+    channel without variation (below)."""
     C = images.shape[-1]
     total, total_sq, count = np.zeros(C), np.zeros(C), 0
     step = max(1, 2**22 // math.prod(images.shape[1:]))  # ~32 MB of float64 per chunk, any image size
@@ -118,6 +119,11 @@ def channel_stats(images):
         count += len(x)
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    # A channel without variation (an empty modality, a grey picture stored as RGB with a zero channel) has
+    # std 0, and (x - mean) / 0 makes every training step NaN. Below one grey level (1/255) a channel carries
+    # next to nothing, and dividing by its tiny std would blow its rare other values up: std 1.0 then only
+    # centres it. medjepa_utils.read_meta refuses std <= 0 in any meta.json.
+    std = np.where(std < 1 / 255, 1.0, std)
     return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
 
 

@@ -73,9 +73,7 @@ def train_missing(out_root='out-docs'):
         cmd = command(name, out_root)
         print(' '.join(cmd), flush=True)
         log = os.path.join(ROOT, out_root, name, 'log.jsonl')
-        if os.path.isfile(log):
-            os.remove(log)  # medjepa.py appends to log.jsonl: start clean
-        subprocess.run([sys.executable] + cmd[1:], cwd=ROOT, check=True)
+        subprocess.run([sys.executable] + cmd[1:] + ['--overwrite=True'], cwd=ROOT, check=True)  # a clean run
         with open(log) as f, open(os.path.join(LOGS, f'{name}.jsonl'), 'w') as g:
             g.write(f.read())
 

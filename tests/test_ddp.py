@@ -5,6 +5,8 @@ medjepa.py itself). What is exact and what is not is written in medjepa.train_st
 """
 import json
 import os
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -55,7 +57,13 @@ def test_sigreg_on_two_gloo_processes_equals_one_process(tmp_path, sizes):
     """Also with shards of unequal size (3-D contexts vary in length, so sigreg_on='tokens' gives ranks
     different row counts): the statistic pools sums and counts, not per-rank means."""
     world = 2
-    mp.spawn(_worker, args=(world, str(tmp_path / 'rdv'), str(tmp_path / 'out'), sizes), nprocs=world)
+    ctx = mp.spawn(_worker, args=(world, str(tmp_path / 'rdv'), str(tmp_path / 'out'), sizes), nprocs=world, join=False)
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=5):  # (raises if a worker failed)
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise AssertionError('the gloo workers did not finish within 180 s')
     ref_loss, ref_wgrad, ref_zgrad = _reference()
     outs = [torch.load(f'{tmp_path}/out.{r}', weights_only=True) for r in range(world)]
     for r, o in enumerate(outs):
@@ -175,3 +183,25 @@ def test_medjepa_py_trains_under_torchrun_and_rank_0_saves_one_checkpoint(tiny_d
     recs = [json.loads(line) for line in open(out / 'log.jsonl')]
     assert [r['iter'] for r in recs if 'loss' in r] == [1, 2, 3]
     assert mj.load_checkpoint(str(out / 'ckpt.pt'))['iter_num'] == 3
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']  # rank 0 took the lock and released it
+
+
+def test_under_torchrun_a_busy_out_dir_stops_every_rank_with_one_message(tiny_data, tmp_path):
+    """Only rank 0 takes the out_dir's lock; when it cannot (a live run holds it: here this test's own
+    process), every rank stops before any work with one line each, and nothing in the out_dir changes."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    lock = json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), started='2026-01-01 00:00:00'))
+    (out / 'run.lock').write_text(lock)
+    args = ['--n_layer=1', '--n_embd=32', '--n_head=2', '--image_size=32', '--patch_size=8', '--batch_size=4',
+            '--num_slices=16', '--max_iters=3', '--device=cpu', '--dtype=float32', f'--data_dir={tiny_data}',
+            f'--out_dir={out}']
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'medjepa.py'] + args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True,
+                       text=True, timeout=180)
+    ours = [line for line in p.stderr.splitlines() if line.startswith('medjepa.py: error:')]
+    assert p.returncode != 0 and len(ours) == 2, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f'is in use by a live run (pid {os.getpid()} on {socket.gethostname()}' in ours[0] + ours[1]
+    assert 'rank 1: stopped: rank 0 could not claim' in ours[0] + ours[1]
+    assert 'medjepa_utils.py", line' not in p.stderr  # no traceback of ours, on any rank
+    assert os.listdir(out) == ['run.lock'] and (out / 'run.lock').read_text() == lock

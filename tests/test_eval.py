@@ -274,7 +274,8 @@ def tiny_run(tmp_path):
 
 # every task, shrunk to seconds on the tiny data
 FAST = ['--shots=1,5', '--fractions=0.5,1', '--fewshot_seeds=2', '--finetune_iters=4', '--finetune_eval_every=2',
-        '--finetune_batch=16', '--seg_epochs=20', '--seg_lr=0.03', '--seg_finetune_iters=4', '--supervised_eval_every=2']
+        '--finetune_batch=16', '--seg_epochs=20', '--seg_lr=0.03', '--seg_finetune_iters=4', '--supervised_eval_every=2',
+        '--dtype=float32']  # explicit: 'auto' times bf16 against float32 per run, and two runs compared could differ
 
 
 def test_end_to_end_writes_tables_json_and_figures_next_to_the_checkpoint(tiny_run, capsys):

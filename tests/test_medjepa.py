@@ -58,7 +58,7 @@ def test_validate_rejects_values_that_cannot_work():
 
 
 def test_command_line_error_exits_2_with_a_message():
-    r = subprocess.run([sys.executable, 'medjepa.py', '--bach_size=3'], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, 'medjepa.py', '--bach_size=3'], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "unknown config key 'bach_size'" in r.stderr and "batch_size" in r.stderr
     assert 'Traceback' not in r.stderr

@@ -217,6 +217,12 @@ def test_2d_and_3d_checkpoints_and_data_are_not_mixed_up(demo3d, tmp_path):
         mj.main([f'--data_dir={demo3d}', f'--out_dir={tmp_path}/x', '--device=cpu', '--max_iters=1'])
     with pytest.raises(mj.ConfigError, match='2-D images.*medjepa.py'):  # 3-D trainer on 2-D images
         m3.main(TINY + [f'--data_dir={_tiny_2d(tmp_path)}', f'--out_dir={tmp_path}/y', '--max_iters=1'])
+    two_d = tmp_path / 'o2'  # an out_dir holding a 2-D run: a 3-D run from scratch never writes over it
+    os.makedirs(two_d)
+    mj.save_checkpoint(str(two_d / 'ckpt.pt'), dict(model={}, iter_num=1))
+    for out in (two_d, out3):
+        with pytest.raises(mj.ConfigError, match=r'already holds a run.*--init_from=resume.*--overwrite=True'):
+            m3.main(TINY + [f'--data_dir={demo3d}', f'--out_dir={out}', '--max_iters=1'])
     with pytest.raises(SystemExit, match='3-D model'):  # eval: a 3-D checkpoint on 2-D data
         ev.main([f'--ckpt={out3}/ckpt.pt', f'--data_dir={_tiny_2d(tmp_path)}', '--figures=false'])
 

@@ -1,14 +1,16 @@
 """Faults and bad input (docs/reliability.md has the table): kill -9 during training and
-during a checkpoint write, torn checkpoints, a full disk, NaN/inf steps, bad config values, bad data."""
+during a checkpoint write, torn checkpoints, a full disk, NaN/inf steps, bad config values, bad data,
+two runs on one out_dir, the torch that may load checkpoints."""
 import errno
 import io
 import json
 import os
+import re
 import signal
 import shutil
+import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ import medjepa as mj
 import medjepa_utils
 import medjepa3d as m3
 import prepare
+from subproc import Child  # tests/subproc.py: output read with a deadline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--pred_n_layer=1', '--pred_n_embd=16', '--pred_n_head=2',
@@ -66,32 +69,41 @@ def assert_same_weights(a, b):
 def start(args, code=None):
     """medjepa.py (or a python snippet that runs it) in a subprocess with unbuffered output."""
     cmd = [sys.executable, '-u'] + (['-c', code] if code else ['medjepa.py']) + args
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS='1'))
-
-
-def wait_for(p, prefix):
-    seen = []
-    for line in p.stdout:
-        seen.append(line)
-        if line.startswith(prefix):
-            return
-    raise AssertionError(f"the run ended before printing {prefix!r}:\n{''.join(seen[-30:])}")
+    return Child(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'))
 
 # ----------------------------------------------------------------------------- kill -9, torn checkpoints
 
 
+PAUSED_AFTER_STEP_13 = '''
+import sys, time, medjepa
+log_step = medjepa.log_step
+def paused(log, step, *args):  # after the log line of step 13, hang mid-training: to be killed there
+    log_step(log, step, *args)
+    if step == 13:
+        print('PAUSED', flush=True)
+        time.sleep(600)
+medjepa.log_step = paused
+medjepa.main(sys.argv[1:])
+'''
+
+
 def test_kill_9_mid_training_then_resume_ends_with_the_same_weights(unlabeled, reference, tmp_path):
-    """Unlabelled data (no kNN monitor) still get a checkpoint every eval_interval steps."""
+    """Unlabelled data (no kNN monitor) still get a checkpoint every eval_interval steps. The run is held
+    after step 13, so the checkpoint on disk is step 10's whatever the speed of either process (the
+    step-15 one is never written). While it lives, a second run on its out_dir is refused; once killed,
+    its lock is recognised as a dead run's and cleared by the resume."""
     out = str(tmp_path / 'out')
-    p = start(run_args(unlabeled, out))
-    wait_for(p, 'step 13:')  # checkpoints were written at steps 5 and 10
-    p.kill()
-    p.wait(timeout=60)
-    assert p.returncode == -9
+    child = start(run_args(unlabeled, out), PAUSED_AFTER_STEP_13)
+    child.wait_for('PAUSED', timeout=300)  # checkpoints were written at steps 5 and 10
+    live = rf"in use by a live run \(pid {child.p.pid} on {re.escape(socket.gethostname())}"
+    with pytest.raises(mj.ConfigError, match=live):
+        mj.main(run_args(unlabeled, out, '--init_from=resume'))
+    child.kill()
+    assert child.p.returncode == -9
     assert mj.load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num'] == 10
     mj.main(run_args(unlabeled, out, '--init_from=resume'))
     assert_same_weights(reference, mj.load_checkpoint(os.path.join(out, 'ckpt.pt')))
+    assert not os.path.exists(os.path.join(out, 'run.lock'))  # released at the end of the run
 
 
 TORN_WRITER = '''
@@ -114,12 +126,11 @@ medjepa.main(sys.argv[1:])
 def test_kill_9_mid_checkpoint_write_keeps_the_last_checkpoint_and_resume_ends_with_the_same_weights(
         unlabeled, reference, tmp_path):
     out = tmp_path / 'out'
-    p = start(run_args(unlabeled, out), TORN_WRITER)
-    wait_for(p, 'HALF-WRITTEN')
+    child = start(run_args(unlabeled, out), TORN_WRITER)
+    child.wait_for('HALF-WRITTEN', timeout=300)
     stale = [f for f in os.listdir(out) if f.startswith('ckpt.pt.tmp-')]
     assert stale, os.listdir(out)
-    p.kill()
-    p.wait(timeout=60)
+    child.kill()
     assert mj.load_checkpoint(str(out / 'ckpt.pt'))['iter_num'] == 5  # the last complete one
     mj.main(run_args(unlabeled, out, '--init_from=resume'))
     assert_same_weights(reference, mj.load_checkpoint(str(out / 'ckpt.pt')))
@@ -287,10 +298,30 @@ def test_accumulation_counts_micro_steps_per_process_so_any_world_size_validates
             assert mj.validate(mj.configure([f'--gradient_accumulation_steps={accum}']))['gradient_accumulation_steps'] == accum
 
 
-def test_a_bad_value_on_the_command_line_exits_2_before_any_work(tmp_path):
-    r = subprocess.run([sys.executable, 'medjepa.py', '--beta1=1.5', f'--out_dir={tmp_path}/o'], cwd=ROOT,
+@pytest.mark.parametrize('arg,msg', [
+    ('--learning_rate=' + '9' * 400, 'learning_rate=9{20}.* is too large'),  # float() of it: OverflowError
+    ('--crop_scale=(0.3, 1' + '0' * 400 + ')', 'crop_scale=.* is too large'),
+    (f'--seed={2 ** 64}', f'seed={2 ** 64} must be below {2 ** 32}'),  # torch.manual_seed: overflow
+    (f'--num_threads={2 ** 40}', f'num_threads={2 ** 40} must be at most 4096'),  # torch.set_num_threads: overflow
+    (f'--warmup_iters={10 ** 400}', 'warmup_iters=1000.* must be at most 2\\*\\*53'),  # lr_at: float overflow
+    ('--max_iters=1e300', 'max_iters=1000.* must be at most 2\\*\\*53'),  # an integral float becomes an int
+], ids=['learning_rate', 'crop_scale', 'seed', 'num_threads', 'warmup_iters', 'max_iters'])
+def test_numbers_too_large_to_use_are_rejected_naming_the_key(arg, msg):
+    """Each of these passed validate() and crashed inside train() (or raised OverflowError in configure)."""
+    with pytest.raises(mj.ConfigError, match=msg):
+        mj.validate(mj.configure([arg]))
+
+
+@pytest.mark.parametrize('arg,says', [
+    ('--beta1=1.5', 'beta1=1.5 must be in [0, 1)'),
+    ('--learning_rate=' + '9' * 400, 'is too large'),
+    (f'--seed={2 ** 64}', 'must be below'),
+], ids=['beta1', 'learning_rate', 'seed'])
+def test_a_bad_value_on_the_command_line_exits_2_before_any_work(tmp_path, arg, says):
+    r = subprocess.run([sys.executable, 'medjepa.py', arg, f'--out_dir={tmp_path}/o'], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and 'beta1=1.5 must be in [0, 1)' in r.stderr and 'Traceback' not in r.stderr
+    assert r.returncode == 2 and says in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.exists(tmp_path / 'o')
 
 # ----------------------------------------------------------------------------- bad data
@@ -330,3 +361,217 @@ def test_bad_data_give_a_clear_error_before_training(tmp_path, how, error, msg):
     with pytest.raises(error, match=msg):
         mj.main(TINY + [f'--data_dir={d}', f'--out_dir={tmp_path}/o', '--max_iters=2'])
     assert not os.path.exists(tmp_path / 'o' / 'ckpt.pt')
+
+
+def relabel(d, task, classes, labels):
+    """The data set of make_data with another task, class list and {split: labels}."""
+    for split, y in labels.items():
+        np.save(os.path.join(d, f'{split}_labels.npy'), np.asarray(y, dtype=np.int64))
+    meta = json.load(open(os.path.join(d, 'meta.json')))
+    json.dump(dict(meta, task=task, classes=classes, num_classes=len(classes)), open(os.path.join(d, 'meta.json'), 'w'))
+
+
+GOOD = np.arange(16) % 2
+ORDINAL = np.arange(16) % 5
+MULTI = np.stack([np.arange(16) % 2, np.arange(16) // 2 % 2, np.zeros(16, int)], 1)
+
+
+@pytest.mark.parametrize('task,classes,val,msg', [
+    ('binary', ['no', 'yes'], np.where(GOOD == 1, 2, 0), r'val_labels.npy holds int64 0..2, not classes 0..1'),
+    ('ordinal', list('01234'), ORDINAL - 1, r'val_labels.npy holds int64 -1..3, not classes 0..4'),
+    ('ordinal', list('01234'), ORDINAL + 1, r'val_labels.npy holds int64 1..5, not classes 0..4'),
+    ('multiclass', ['a', 'b'], GOOD[:, None], r'val_labels.npy is int64 \(16, 1\), not \(N,\) class ids'),
+    ('multilabel', ['a', 'b', 'c'], MULTI[:, :2], r'val_labels.npy is int64 \(16, 2\), not \(N, 3\)'),
+    ('multilabel', ['a', 'b', 'c'], 2 * MULTI, r'val_labels.npy holds int64 0..2, not 0/1'),
+    ('multilabel', ['a', 'b', 'c'], MULTI[:, 0], r'val_labels.npy is int64 \(16,\), not \(N, 3\)'),
+    ('unlabeled', [], GOOD[:, None], r'val_labels.npy is int64 \(16, 1\), not \(N,\)'),
+    ('binary', ['no', 'yes'], GOOD, None),  # the right labels for each task pass
+    ('ordinal', list('01234'), ORDINAL, None),
+    ('multilabel', ['a', 'b', 'c'], MULTI, None),
+    ('segmentation', [], -np.ones(16, int), None),
+])
+def test_labels_that_do_not_fit_the_task_are_refused_before_step_1(tmp_path, task, classes, val, msg):
+    """Every task type of docs/data_format.md: out-of-range binary or ordinal grades used to train without a
+    word and then score a QWK of -1.6 in eval.py; now training and evaluation refuse the folder, naming the data
+    set, the split's file and the fix."""
+    d = make_data(tmp_path / 'd', task='multiclass')
+    train = {'binary': GOOD, 'ordinal': ORDINAL, 'multilabel': MULTI}.get(task, GOOD if classes else np.full(64, -1))
+    relabel(d, task, classes, {'train': np.resize(train, (64,) + np.shape(train)[1:]), 'val': val})
+    if msg is None:
+        assert mj.load_split(d, 'val')['labels'].shape == np.shape(val)
+        return
+    says = rf"data set 'tiny' in '.*d'.*{msg}.* \(task '{task}'\).*python prepare.py"
+    with pytest.raises(mj.ConfigError, match=says):
+        mj.main(TINY + [f'--data_dir={d}', f'--out_dir={tmp_path}/o', '--max_iters=2'])
+    assert not os.path.exists(tmp_path / 'o')  # before step 1: no out_dir, no log.jsonl, no checkpoint
+    import eval as ev
+    with pytest.raises(mj.ConfigError, match=msg):
+        ev.load_data(d)
+
+
+def test_a_constant_channel_gets_std_1_and_std_0_never_reaches_training(tmp_path):
+    """prepare.py writes std 1.0 for a channel without variation (an empty modality, a grey picture stored
+    as RGB with one channel zero); a meta.json whose std is 0, negative or not finite (or whose mean is not
+    finite) is refused before any work: every step would be NaN and the error would blame learning_rate."""
+    images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    images[..., 1] = 77
+    mean, std = prepare.channel_stats(images)
+    assert std[1] == 1.0 and 0.2 < std[0] < 0.4 and mean[1] == round(77 / 255, 6)
+    d = make_data(tmp_path / 'd')
+    meta = json.load(open(os.path.join(d, 'meta.json')))
+    for key, values in [('std', [0.3, 0.0, 0.3]), ('std', [0.3, -0.1, 0.3]), ('std', [0.3, float('nan'), 0.3]),
+                        ('std', [0.3, float('inf'), 0.3]), ('mean', [0.5, float('nan'), 0.5])]:
+        json.dump(dict(meta, **{key: values}), open(os.path.join(d, 'meta.json'), 'w'))  # (NaN is written as NaN)
+        with pytest.raises(mj.ConfigError, match=rf"data set 'tiny' in '.*d': meta.json's {key} .*python prepare.py"):
+            mj.main(TINY + [f'--data_dir={d}', f'--out_dir={tmp_path}/o', '--max_iters=2'])
+        assert not os.path.exists(tmp_path / 'o')
+
+
+@pytest.mark.parametrize('change,msg', [
+    (dict(num_classes='2'), "num_classes '2' is not an integer"),
+    (dict(num_classes=True), 'num_classes True is not an integer'),
+    (dict(spatial_dims='2'), "spatial_dims '2' is not 2 or 3"),
+    (dict(mean=[0.5, 0.5]), r'mean and std have 2 and 3 values: the images have 3 channels'),
+    (dict(mean=[0.5, 0.5], std=[0.3, 0.3]), r'mean and std have 2 and 2 values: the images have 3 channels'),
+    (dict(std='0.3'), "std '0.3' is not a list of numbers"),
+    (dict(mean=[0.5, None, 0.5]), r'mean \[0.5, None, 0.5\] is not a list of numbers'),
+    (dict(mean=[0.5, '0.5', 0.5]), r"mean \[0.5, '0.5', 0.5\] is not a list of numbers"),
+    (dict(task=['multiclass']), r"task \['multiclass'\] is not one of multiclass, binary"),
+    (dict(task='regression'), "task 'regression' is not one of"),
+    (dict(classes=['a']), r'len\(classes\) is 1 but num_classes is 2'),
+    (dict(channels=1), 'channels 1 but the images have 3'),
+    (dict(name=['tiny']), r"name \['tiny'\] is not a string"),
+    ('{"name": "tiny", "mean": [0.5', 'meta.json is not valid JSON'),
+    ('[1, 2]', 'meta.json holds a list, not an object'),
+])
+def test_a_hostile_meta_json_is_refused_before_any_work(tmp_path, change, msg):
+    """Strings for numbers, lists of the wrong length, a torn file: one ConfigError naming the key and the
+    data set (they gave TypeErrors, or spatial_dims "2" the message to train with medjepa.py, which it was)."""
+    d = make_data(tmp_path / 'd', task='multiclass')
+    meta = json.load(open(os.path.join(d, 'meta.json')))
+    with open(os.path.join(d, 'meta.json'), 'w') as f:
+        f.write(change if isinstance(change, str) else json.dumps(dict(meta, **change)))
+    with pytest.raises(mj.ConfigError, match=msg) as e:
+        mj.main(TINY + [f'--data_dir={d}', f'--out_dir={tmp_path}/o', '--max_iters=2'])
+    assert f"in '{d}'" in str(e.value) and 'prepare.py' in str(e.value)
+    assert not os.path.exists(tmp_path / 'o')
+
+
+def test_a_hostile_video_flag_is_refused_by_the_3d_checks(tmp_path):
+    d = make_data(tmp_path / 'd')
+    meta = json.load(open(os.path.join(d, 'meta.json')))
+    json.dump(dict(meta, spatial_dims=3, video='false'), open(os.path.join(d, 'meta.json'), 'w'))
+    with pytest.raises(mj.ConfigError, match="video 'false' is not true or false"):  # bool('false') is True
+        m3.validate(mj.configure([f'--data_dir={d}'], m3.DEFAULTS))
+
+
+def test_bad_data_are_one_line_and_exit_2_in_training_and_evaluation(tmp_path):
+    d = make_data(tmp_path / 'd', task='multiclass')
+    relabel(d, 'binary', ['no', 'yes'], {'val': np.where(GOOD == 1, 2, 0)})
+    ckpt = tmp_path / 'e' / 'ckpt.pt'
+    os.makedirs(ckpt.parent)
+    torch.save(dict(model={}, config=dict(mj.DEFAULTS, data_dir=d), iter_num=1), ckpt)
+    for cmd in (['medjepa.py', *TINY, f'--data_dir={d}', f'--out_dir={tmp_path}/o'], ['eval.py', f'--ckpt={ckpt}']):
+        r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and 'val_labels.npy holds int64 0..2' in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / 'o')
+
+# ----------------------------------------------------------------------------- one run per out_dir
+
+
+def test_a_scratch_run_never_mixes_with_the_run_already_in_its_out_dir(unlabeled, tmp_path):
+    """A second --init_from=scratch run into an out_dir that holds a run (here two checkpoints, a log and an
+    evaluation) is refused before any work, the files untouched; also when the checkpoint is another kind's
+    (3-D). With --overwrite=True the earlier run's files are deleted first: the log holds one run."""
+    out = tmp_path / 'out'
+    mj.main(run_args(unlabeled, out, '--max_iters=6'))  # checkpoints at 5 (ckpt.prev.pt) and 6
+    (out / 'eval.json').write_text('{"from": "the first run"}\n')
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    assert set(before) == {'ckpt.pt', 'ckpt.prev.pt', 'log.jsonl', 'eval.json'}
+    with pytest.raises(mj.ConfigError, match=r"already holds a run \(ckpt.pt, ckpt.prev.pt, log.jsonl, eval.json\)"
+                                             r".*--init_from=resume.*another --out_dir.*--overwrite=True"):
+        mj.main(run_args(unlabeled, out, '--max_iters=3'))
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    other = tmp_path / 'other'
+    os.makedirs(other)
+    mj.save_checkpoint(str(other / 'ckpt.pt'), dict(model={}, iter_num=1, spatial_dims=3))
+    with pytest.raises(mj.ConfigError, match='already holds a run'):
+        mj.main(run_args(unlabeled, other, '--max_iters=3'))
+    mj.main(run_args(unlabeled, out, '--max_iters=3', '--overwrite=True'))
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']  # no ckpt.prev.pt, no eval.json of the first run
+    assert [json.loads(line)['iter'] for line in open(out / 'log.jsonl')] == [1, 2, 3]
+    assert mj.load_checkpoint(str(out / 'ckpt.pt'))['iter_num'] == 3
+
+
+def write_lock(out, pid, host=None):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, 'run.lock'), 'w') as f:
+        json.dump(dict(pid=pid, host=host or socket.gethostname(), started='2026-01-01 00:00:00'), f)
+
+
+def test_the_lock_of_a_live_run_stops_a_second_one_and_a_dead_runs_lock_is_cleared(unlabeled, tmp_path, capsys):
+    out = str(tmp_path / 'out')
+    sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])
+    try:
+        write_lock(out, sleeper.pid)  # a live process on this host holds the out_dir
+        with pytest.raises(mj.ConfigError, match=rf"'{re.escape(out)}' is in use by a live run \(pid {sleeper.pid} on "
+                                                 rf"{re.escape(socket.gethostname())}, started 2026-01-01 00:00:00\)"):
+            mj.main(run_args(unlabeled, out, '--max_iters=2'))
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=60)
+    write_lock(out, sleeper.pid, host='another-host')  # cannot be checked from here: refused, saying how to clear it
+    with pytest.raises(mj.ConfigError, match=r"pid \d+ on another-host.*if that run is dead, delete .*run.lock"):
+        mj.main(run_args(unlabeled, out, '--max_iters=2'))
+    (tmp_path / 'out' / 'run.lock').write_text('{"pid": 12')  # torn: cannot tell who holds it
+    with pytest.raises(mj.ConfigError, match=r"run.lock cannot be read.*delete it"):
+        mj.main(run_args(unlabeled, out, '--max_iters=2'))
+    write_lock(out, sleeper.pid)  # the sleeper is dead now: its lock is recognised and cleared
+    mj.main(run_args(unlabeled, out, '--max_iters=2'))
+    assert f'cleared the lock of a run that is gone (pid {sleeper.pid}' in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']  # and the run released its own lock
+
+
+def test_a_checkpoint_write_removes_only_the_temporary_files_of_dead_writers(tmp_path):
+    """The cleanup of stale ckpt.pt.tmp-* files must not delete the file another live process is writing."""
+    sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])
+    gone = subprocess.Popen([sys.executable, '-c', 'pass'])
+    gone.wait(timeout=60)
+    host, path = socket.gethostname(), tmp_path / 'ckpt.pt'
+    try:
+        names = {'live': f'ckpt.pt.tmp-{host}-{sleeper.pid}', 'dead': f'ckpt.pt.tmp-{host}-{gone.pid}',
+                 'old-style dead': f'ckpt.pt.tmp-{gone.pid}', 'other host': f'ckpt.pt.tmp-elsewhere-{gone.pid}'}
+        for name in names.values():
+            (tmp_path / name).write_bytes(b'half a checkpoint')
+        mj.save_checkpoint(str(path), {'iter_num': 1})
+        assert sorted(os.listdir(tmp_path)) == sorted(['ckpt.pt', names['live'], names['other host']])
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=60)
+
+# ----------------------------------------------------------------------------- the torch that may load checkpoints
+
+
+def test_torch_with_a_known_weights_only_bypass_is_refused_and_never_installed(tmp_path, monkeypatch):
+    """requirements.txt, the Makefile and load_checkpoint agree on the floor (docs/reliability.md, Security)."""
+    floor = medjepa_utils.SAFE_TORCH
+    req = re.search(r'^torch>=(\d+)\.(\d+)\s*$', open(os.path.join(ROOT, 'requirements.txt')).read(), re.M)
+    assert req and tuple(map(int, req.groups())) == floor >= (2, 10)
+    install = [line.strip() for line in open(os.path.join(ROOT, 'Makefile')) if 'import' in line and 'torch' in line]
+    assert len(install) == 1 and install[0].endswith('|| $(PYTHON) -m pip install "torch==2.13.0"'), install
+    check = install[0].lstrip('@').split('||')[0].replace('$(PYTHON)', sys.executable)
+    for version, kept in [('2.5.1', False), ('2.9.1+cu121', False), ('2.10.0', True), ('2.13.0+cpu', True),
+                          ('2.10.0a0+git1234', True), ('3.0.0', True), ('1.13.1', False)]:
+        fake = tmp_path / version / 'torch'
+        fake.mkdir(parents=True)
+        (fake / '__init__.py').write_text(f'__version__ = {version!r}\n')
+        r = subprocess.run(['sh', '-c', check], env=dict(os.environ, PYTHONPATH=str(fake.parent)), timeout=60)
+        assert (r.returncode == 0) == kept, version
+    makefile = open(os.path.join(ROOT, 'Makefile')).read()
+    assert not re.search(r'pip install[^\n]*["\s]torch["\s]', makefile)  # never an unpinned torch
+    path = tmp_path / 'ckpt.pt'
+    mj.save_checkpoint(str(path), {'iter_num': 1})
+    monkeypatch.setattr(torch, '__version__', '2.9.1')
+    with pytest.raises(mj.ConfigError, match=r"torch 2.9.1 .*CVE-2026-24747.*pip install 'torch>=2.10'"):
+        mj.load_checkpoint(str(path))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import medjepa as mj
+from subproc import Child  # tests/subproc.py: output read with a deadline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--pred_n_layer=1', '--pred_n_embd=16', '--pred_n_head=2',
@@ -92,14 +93,11 @@ def test_resume_after_sigterm_ends_with_the_same_weights(tiny_data, tmp_path):
     mj.main(common + [f'--out_dir={full}'])
 
     cut = str(tmp_path / 'cut')
-    p = subprocess.Popen([sys.executable, '-u', 'medjepa.py'] + common + [f'--out_dir={cut}'], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in p.stdout:  # wait until training is under way
-        if line.startswith('step 4:'):
-            p.send_signal(signal.SIGTERM)
-            break
-    rest = p.stdout.read()
-    assert p.wait(timeout=120) == 0, rest
+    child = Child([sys.executable, '-u', 'medjepa.py'] + common + [f'--out_dir={cut}'], cwd=ROOT)
+    child.wait_for('step 4:', timeout=300)  # training is under way
+    child.p.send_signal(signal.SIGTERM)
+    code, rest = child.finish(timeout=120)
+    assert code == 0, rest
     stopped_at = mj.load_checkpoint(os.path.join(cut, 'ckpt.pt'))['iter_num']
     assert 4 <= stopped_at < 60 and 'stopped by a signal' in rest
 
