@@ -521,7 +521,7 @@ def claim_out_dir(cfg, rank, ddp, dev):
         error = error or ConfigError(f"rank {rank}: stopped: rank 0 could not claim out_dir '{out}' (its message "
                                      f"says why)")
         if ddp:  # each rank says it before any exits: torchrun kills the other ranks once one has exited
-            print(f'{os.path.basename(sys.argv[0])}: error: {error}', file=sys.stderr, flush=True)
+            say_error(f'{os.path.basename(sys.argv[0])}: error: {error}')
             error.printed = True
             barrier(dev)
             dist.destroy_process_group()
@@ -662,6 +662,16 @@ def wrap_model(model, cfg, impl, dev, ddp, master):
     return model, raw_model
 
 
+def say_error(line):
+    """One line on stderr in ONE write: ranks of a torchrun job share the pipe, and print() may split a
+    line into several writes that interleave with another rank's (pipe writes up to 4 KB are atomic)."""
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), (line + '\n').encode())
+    except (AttributeError, OSError, ValueError):  # stderr is not a file (captured, redirected in-process)
+        print(line, file=sys.stderr, flush=True)
+
+
 def cli(main, impl):
     """The command line: wrong settings, missing data or a missing checkpoint found once training has
     started are one line on stderr and exit code 2, not a traceback (main() itself raises them)."""
@@ -669,7 +679,7 @@ def cli(main, impl):
         main(impl=impl)
     except (ConfigError, FileNotFoundError) as e:
         if not getattr(e, 'printed', False):  # (claim_out_dir prints its own under torchrun)
-            print(f'{os.path.basename(impl.__file__)}: error: {e}', file=sys.stderr)
+            say_error(f'{os.path.basename(impl.__file__)}: error: {e}')
         sys.exit(2)
 
 # -----------------------------------------------------------------------------
