@@ -205,13 +205,19 @@ TASKS = ('multiclass', 'binary', 'ordinal', 'multilabel', 'segmentation', 'unlab
 CLASS_TASKS = ('multiclass', 'binary', 'ordinal')  # one class id in [0, num_classes) per image
 
 
-def _data_set(data_dir, meta=None):
-    """"data set 'NAME' in 'DIR'" and the way to remake it, for error messages."""
+def _prepare_name(data_dir, name=None):
+    """The `python prepare.py NAME` that makes data_dir: its meta.json name, else the folder's, else '<dataset>'."""
     import prepare  # (here: prepare imports the readers of every format)
     base = os.path.basename(os.path.normpath(data_dir))
+    return name if name in prepare.DATASETS else base if base in prepare.DATASETS else '<dataset>'
+
+
+def _data_set(data_dir, meta=None):
+    """"data set 'NAME' in 'DIR'" and the way to remake it, for error messages."""
+    base = os.path.basename(os.path.normpath(data_dir))
     name = meta.get('name') if isinstance(meta, dict) and isinstance(meta.get('name'), str) else base
-    cmd = name if name in prepare.DATASETS else base if base in prepare.DATASETS else '<dataset>'
-    return f"data set '{name}' in '{data_dir}'", f"Delete '{data_dir}' and make it again with python prepare.py {cmd}"
+    return (f"data set '{name}' in '{data_dir}'",
+            f"Delete '{data_dir}' and make it again with python prepare.py {_prepare_name(data_dir, name)}")
 
 
 def meta_problems(meta):
@@ -254,11 +260,8 @@ def read_meta(data_dir):
     """meta.json of a data folder, its values checked (meta_problems): DataError names each problem."""
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(path):
-        import prepare
-        name = os.path.basename(os.path.normpath(data_dir))
-        name = name if name in prepare.DATASETS else '<dataset>'
         raise FileNotFoundError(f"no data set in '{data_dir}' (missing meta.json): run 'python prepare.py "
-                                f"{name}' first (python prepare.py --help lists them)")
+                                f"{_prepare_name(data_dir)}' first (python prepare.py --help lists them)")
     try:
         with open(path) as f:
             meta = json.load(f)
