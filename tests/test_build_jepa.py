@@ -126,9 +126,9 @@ def test_sigreg_matches_medjepa_and_its_two_reference_values(run):
         # a collapsed batch: N * 0.402 on the 17 knots (0.409 N for the exact integral)
         assert abs(ns['sigreg'](zero, step).item() / N - 0.402) < 0.001
     # a Gaussian batch: about 1.05 per slice on average, whatever N
-    for N in (64, 512, 4096):
-        mean = ns['epps_pulley'](torch.randn(N, 4000, generator=g, dtype=torch.float64)).mean().item()
-        assert abs(mean - 1.052) < 0.05, (N, mean)
+    for N in (64, 512, 2048):  # (one slice's statistic has a standard deviation of about 1: 0.015 for the mean)
+        mean = ns['epps_pulley'](torch.randn(N, 4000, generator=g)).mean().item()
+        assert abs(mean - 1.052) < 0.06, (N, mean)
     # the page's non-Gaussian batches with the right two moments fail Epps-Pulley by an order of magnitude
     gauss = ns['sigreg'](ns['batches']['Gaussian'], 0).item()
     assert gauss < 2
