@@ -126,6 +126,16 @@ def configure(argv, defaults=None):
     return cfg
 
 
+def parse_config(argv, impl):
+    """defaults < config files < --key=value (argv None: sys.argv), checked by impl.validate; a bad one is
+    one line on stderr and exit code 2, before any work."""
+    try:
+        return impl.validate(configure(sys.argv[1:] if argv is None else argv, impl.DEFAULTS))
+    except ConfigError as e:
+        print(f'{os.path.basename(impl.__file__)}: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
 def need(ok, msg):
     if not ok:
         raise ConfigError(msg)
@@ -601,6 +611,37 @@ def any_rank(flag, ddp, dev):
     return t.item() > 0
 
 
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is also a sum over ranks (the gradient of y = sum_r x_r
+    w.r.t. rank r's x_r, collected from every rank's loss). A plain dist.all_reduce is invisible
+    to autograd and loses the other ranks' gradient contributions (a factor of world size)."""
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_mean(x):
+    """Mean over ranks that autograd can see through (identity when not distributed)."""
+    return AllReduceSum.apply(x) / dist.get_world_size() if distributed() else x
+
+
+def fp32(x):
+    """x in at least float32: bf16/fp16 (autocast outputs) are upcast, float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 @contextmanager
 def stop_signals():
     """Pre-emption (SIGTERM from a scheduler, SIGUSR1 as a warning): the handlers only append the signal
@@ -684,6 +725,26 @@ def cli(main, impl):
         if not getattr(e, 'printed', False):  # (claim_out_dir prints its own under torchrun)
             say_error(f'{os.path.basename(impl.__file__)}: error: {e}')
         sys.exit(2)
+
+# -----------------------------------------------------------------------------
+# Gradient accumulation that equals one big batch, SIGReg included (docs/scaling.md)
+
+
+def exact_sigreg_grads(raw, batches, step, autocast, scale):
+    """Accumulation that equals one big batch, SIGReg included (GradCache's idea; docs/scaling.md).
+    SIGReg is a statistic of the whole batch, not a sum over images. So: encode every micro-batch's
+    context without a graph, score SIGReg on all of them at once, and return its gradient G_i w.r.t.
+    each image's SIGReg input r_i (times `scale`), per micro-batch and mask set, with SIGReg's value;
+    each micro-step then adds <r_i, G_i> to its loss, whose gradient is the big batch's."""
+    with torch.no_grad(), autocast:
+        r = [raw.sigreg_inputs(b) for b in batches]  # [micro][mask set] -> (B, D)
+    R = [fp32(torch.cat(rs)).requires_grad_(True) for rs in zip(*r)]  # [mask set] -> (K*B, D) the whole batch
+    with torch.enable_grad():
+        regs = [raw.sigreg_loss(Rs, step) for Rs in R]
+        G = torch.autograd.grad(sum(regs) * scale, R)
+    G = [g.split([len(x) for x in rs]) for g, rs in zip(G, zip(*r))]  # [mask set][micro]
+    return [list(gm) for gm in zip(*G)], (sum(regs) / len(regs)).detach()
+
 
 # -----------------------------------------------------------------------------
 # Measurements: FLOPs and MFU, frozen features, kNN accuracy (DINO protocol), collapse statistics
@@ -778,6 +839,22 @@ def advice(cfg):
             f"the last checkpoint")
 
 
+@torch.no_grad()
+def feature_health(model, feats, step):
+    """Monitors of the val features (N, D) -- a collapsed encoder predicts perfectly, so the loss cannot
+    show collapse; these can: effective rank, mean pairwise cosine, and SIGReg of the tensor the loss
+    tests beside the same test on a Gaussian batch of that shape (~1.06; collapsed: ~0.40 N)."""
+    f = torch.as_tensor(feats, dtype=torch.float32)
+    out = dict(erank_val=effective_rank(f), cos_val=mean_cosine(f))
+    reg_in = model.sigreg_probe(f)
+    if reg_in is not None:
+        gen = torch.Generator().manual_seed(step)
+        out['sigreg_val'] = float(model.sigreg_loss(reg_in, step, local=True))
+        gauss = torch.randn(reg_in.shape, generator=gen)
+        out['sigreg_gauss'] = float(model.sigreg_loss(gauss, step, local=True))  # the same test
+    return out
+
+
 def evaluate_and_save(cfg, impl, raw_model, optimizer, data, step, best_knn, log, dev, knn=True):
     """Rank 0: the online kNN on val (labelled data sets) and impl.feature_health's monitors, then a
     checkpoint (never NaN/inf weights over the last good one). Returns the best online kNN accuracy so far."""
@@ -812,6 +889,31 @@ def evaluate_and_save(cfg, impl, raw_model, optimizer, data, step, best_knn, log
                                best_metric=best_knn, config=cfg, model_args=model_args,
                                spatial_dims=impl.SPATIAL_DIMS))
     return best_knn
+
+
+def describe_run(cfg, data, raw_model, dev, dtype, world):
+    """The first lines of a run (data, model size, objective, device, batch); returns the measured matmul
+    throughput that MFU is computed against."""
+    accum, images = cfg['gradient_accumulation_steps'], data['images']
+    print(f"{data['meta'].get('name', cfg['data_dir'])}: {len(images)} train images "
+          f"{tuple(images.shape[1:])}; model {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
+          f"params; objective={cfg.get('objective', 'mask')}; device={dev} dtype={dtype} world={world} "
+          f"batch={cfg['batch_size']}x{accum}x{world}")
+    peak = measure_matmul_flops(dev, getattr(torch, dtype))
+    print(f'measured {dtype} matmul throughput (MFU denominator): {peak / 1e9:.0f} GFLOP/s')
+    return peak
+
+
+def count_bad_steps(skipped, bad, n_bad, step, cfg, master):
+    """(in a row, in all) after a step whose update was skipped or not (non-finite gradients); raises
+    FloatingPointError at max_bad_steps in a row: training diverged."""
+    bad, n_bad = (bad + 1, n_bad + 1) if skipped else (0, n_bad)
+    if master and skipped:
+        print(f'step {step}: non-finite loss or gradients, update skipped ({bad} in a row, {n_bad} in all)')
+    if bad >= cfg['max_bad_steps']:
+        raise FloatingPointError(f"{bad} non-finite steps in a row at step {step}: training diverged. "
+                                 f"{advice(cfg)}")
+    return bad, n_bad
 
 
 def log_step(log, step, loss, stats, lr, img_per_s, data_frac, mfu, n_bad):
