@@ -668,7 +668,7 @@ def train(cfg, impl=None):
         model, raw_model = wrap_model(model, cfg, impl, dev, ddp, master)  # SyncBatchNorm, compile, DDP
         if master:
             peak = describe_run(cfg, data, raw_model, dev, dtype, world)  # (and the MFU denominator)
-            log = open_log(cfg)  # (a scratch run first deletes an earlier run's files)
+            log = open_log(cfg, iter_num)  # (scratch: deletes an earlier run's files)
         with stop_signals() as stop:  # SIGTERM / SIGUSR1 (pre-emption): finish the step, save, exit
             t0, tdata, flops, imgs = time.time(), 0.0, 0.0, 0  # since the last log line
             stopping, bad, n_bad, first = False, 0, 0, iter_num

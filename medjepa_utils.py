@@ -545,18 +545,37 @@ def claim_out_dir(cfg, rank, ddp, dev):
         _release(out, lock, made)
 
 
-def open_log(cfg):
+def _logged_by(line, step):
+    """A whole log.jsonl record of a step <= step."""
+    try:
+        return line.endswith('\n') and json.loads(line).get('iter', 0) <= step
+    except (ValueError, AttributeError):
+        return False
+
+
+def open_log(cfg, step=0):
     """Rank 0's log.jsonl, for appending. A scratch run first deletes what an earlier run left in out_dir
     (claim_out_dir let it through: no checkpoint there, or overwrite=True), so that log.jsonl and eval.json
-    describe this run alone."""
-    out, old = cfg['out_dir'], []
+    describe this run alone. A run resumed at `step` first drops the records of later steps (a killed run
+    logged them after its last checkpoint; they are about to be run again) and a torn last line, so that
+    every step is in the log once."""
+    out, old, path = cfg['out_dir'], [], os.path.join(cfg['out_dir'], 'log.jsonl')
     if cfg['init_from'] == 'scratch':
         old = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
         for f in old:
             (shutil.rmtree if os.path.isdir(os.path.join(out, f)) else os.remove)(os.path.join(out, f))
     if old:
         print(f"init_from=scratch: deleted the earlier run's {', '.join(old)} in {out}")
-    return open(os.path.join(out, 'log.jsonl'), 'a')
+    elif cfg['init_from'] == 'resume' and os.path.isfile(path):
+        lines = open(path).read().splitlines(True)
+        keep = [line for line in lines if _logged_by(line, step)]
+        dropped = len(lines) - len(keep)
+        if dropped:
+            with open(path + '.tmp', 'w') as f:
+                f.writelines(keep)
+            os.replace(path + '.tmp', path)  # atomic: a crash here leaves the old log or the new one
+            print(f'resume at step {step}: dropped {dropped} log.jsonl record(s) written after that checkpoint')
+    return open(path, 'a')
 
 
 def checkpoint_dims(ckpt):
