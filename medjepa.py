@@ -38,8 +38,8 @@ from medjepa_utils import (  # the plumbing, re-exported (medjepa.configure is m
     configure, count_bad_steps, DataError, describe_run, distributed, effective_rank, estimate_flops,
     evaluate_and_save, exact_sigreg_grads, extract_features, feature_health, fp32, global_mean, knn_predict,
     load_checkpoint, load_split, log_step, mean_cosine, measure_matmul_flops, need, open_data, open_log,
-    parse_config, precision, read_meta, resolve_dtype, resume, safe_load, save_checkpoint, setup_distributed,
-    stop_signals, to_device, to_float, validate, validate_shared, wrap_model)
+    parse_config, precision, Prefetcher, read_meta, resolve_dtype, resume, safe_load, save_checkpoint,
+    setup_distributed, stop_signals, to_device, to_float, validate, validate_shared, wrap_model)
 
 # -----------------------------------------------------------------------------
 # default config values: a CPU-sized demo that trains on data/demo (64 px) in minutes
@@ -96,9 +96,9 @@ grad_clip = 1.0            # clip the global gradient norm to this (0 disables)
 max_bad_steps = 10         # NaN/inf steps are skipped; this many in a row stop the run
 # system
 device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto'             # 'auto', 'float32', 'bfloat16' (autocast), 'float16' (autocast + GradScaler)
-compile = False            # torch.compile the model (worth it on GPUs)
-num_threads = 0            # CPU threads for torch (0: leave torch's default)
+dtype = 'auto'             # 'auto', 'float32', 'bfloat16' (autocast), 'float16' (+ GradScaler)
+compile = False            # torch.compile the model (pays on GPUs)
+num_threads = 0            # CPU threads for torch (0: torch's default)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
@@ -151,9 +151,8 @@ def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3), ro
 
 
 def color_jitter(x, gen, strength, gray_prob=0.0):
-    """Per-image brightness, contrast and saturation jitter, and random grayscale, on normalised
-    images or volumes. Without it an encoder can tell images apart by skin tone and lesion darkness
-    alone, a shortcut that satisfies both the prediction and SIGReg terms without learning morphology."""
+    """Per-image brightness, contrast and saturation jitter, and random grayscale, on normalised images
+    or volumes. Without it an encoder may tell images apart by skin tone and lesion darkness alone."""
     if strength <= 0 and gray_prob <= 0:
         return x
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per image
@@ -521,9 +520,8 @@ class JEPA(nn.Module):
         return loss, dict(pred=pred_loss.detach(), sigreg=reg.detach(), emb=pooled.detach())
 
     def views_loss(self, g, l, step):
-        """LeJEPA objective: every view's embedding should match the mean of the global views'
-        embeddings, and each view's embeddings should be N(0, I) (SIGReg, same slices per view).
-        g: (V_g, B, C, S, S) global crops, l: (V_l, B, C, s, s) local crops."""
+        """LeJEPA objective: each view's embedding should match the mean of the global views', and each
+        view's embeddings be N(0, I) (SIGReg). g: (Vg, B, C, S, S) global crops, l: (Vl, B, C, s, s)."""
         c, lam = self.cfg, self.cfg['sigreg_lambda']
         Vg, B = g.shape[:2]
         feats = [self.encoder(g.flatten(0, 1)).mean(1)]  # (Vg*B, D)
@@ -551,8 +549,7 @@ def build_model(cfg, in_chans=3):
 
 
 def batch_generator(cfg, step, micro, rank):
-    """The random generator of one micro-batch (crops, masks), a function of the step alone: resuming
-    reproduces the same batches, and every rank and micro-step draws its own."""
+    """One micro-batch's generator: resuming redraws the same batches; ranks and micro-steps differ."""
     seed = np.random.SeedSequence([cfg['seed'], step, micro, rank]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(seed))
 
@@ -672,6 +669,7 @@ def train(cfg, impl=None):
         with stop_signals() as stop:  # SIGTERM / SIGUSR1 (pre-emption): finish the step, save, exit
             t0, tdata, flops, imgs = time.time(), 0.0, 0.0, 0  # since the last log line
             stopping, bad, n_bad, first = False, 0, 0, iter_num
+            batches = Prefetcher(lambda s, m: get_batch(cfg, impl, data, s, m, dev, rank, world), accum)
             while iter_num < cfg['max_iters']:
                 if master and iter_num > first and iter_num % cfg['eval_interval'] == 0:  # (not on resume)
                     # online kNN on val, monitors, then a checkpoint
@@ -680,7 +678,7 @@ def train(cfg, impl=None):
                 lr = lr_at(iter_num, cfg)
                 for group in optimizer.param_groups:
                     group['lr'] = lr
-                batch = lambda micro: get_batch(cfg, impl, data, iter_num, micro, dev, rank, world)
+                batch = functools.partial(batches, iter_num)  # micro -> batch (made in the background)
                 loss, stats, f = train_step(model, optimizer, scaler, batch, accum, iter_num, autocast,
                                             cfg['grad_clip'])
                 iter_num, flops, tdata = iter_num + 1, flops + f * world, tdata + stats['data_time']
@@ -692,9 +690,11 @@ def train(cfg, impl=None):
                     dt = time.time() - t0
                     log_step(log, iter_num, loss, stats, lr, imgs / dt, tdata / dt, flops / dt / peak, n_bad)
                     t0, tdata, flops, imgs = time.time(), 0.0, 0.0, 0
-                stopping = any_rank(len(stop) > 0, ddp, dev)  # every rank stops at the same step
+                # a signal stops every rank at the same step (DDP: an all-reduce, on log steps only)
+                stopping = (not ddp or iter_num % cfg['log_interval'] == 0) and any_rank(bool(stop), ddp, dev)
                 if stopping:
                     break
+            batches.close()
             if master:
                 if stopping:
                     print(f'stopped by a signal at step {iter_num} (resume with --init_from=resume)')
@@ -702,7 +702,7 @@ def train(cfg, impl=None):
                                   knn=not stopping)
                 log.close()
                 print(f'saved {ckpt_path}')
-            if ddp:  # wait for rank 0's evaluation and save: a rank that leaves early can abort the other
+            if ddp:  # wait for rank 0's evaluation and save (a rank that leaves early can abort the other)
                 barrier(dev)
                 dist.destroy_process_group()
     return raw_model

@@ -31,6 +31,7 @@ import socket
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -908,6 +909,26 @@ def evaluate_and_save(cfg, impl, raw_model, optimizer, data, step, best_knn, log
                                best_metric=best_knn, config=cfg, model_args=model_args,
                                spatial_dims=impl.SPATIAL_DIMS))
     return best_knn
+
+
+class Prefetcher:
+    """make(step, micro) -> batch, one call ahead in a background thread: while a micro-step computes, the
+    next batch is read from the memory map, copied and augmented, so the step does not wait for data
+    (on a GPU the host work overlaps the kernels). Batches depend on (step, micro) alone, so order and
+    results are those of calling make() directly: resume stays bit-identical."""
+    def __init__(self, make, accum):
+        self.make, self.accum, self.ahead = make, accum, None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix='batches')
+
+    def __call__(self, step, micro):
+        key = (step, micro)
+        now = self.ahead[1] if self.ahead and self.ahead[0] == key else self.pool.submit(self.make, *key)
+        nxt = (step, micro + 1) if micro + 1 < self.accum else (step + 1, 0)
+        self.ahead = (nxt, self.pool.submit(self.make, *nxt))  # queued behind `now` (one worker)
+        return now.result()  # (re-raises the worker's exception)
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def describe_run(cfg, data, raw_model, dev, dtype, world):
