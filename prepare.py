@@ -9,6 +9,7 @@ Prepare data sets for MedJEPA as flat numpy arrays that training memory-maps.
     python prepare.py demovideo             # synthetic echo-like clips, 32 frames of 32x32: about 10 s
     python prepare.py msd_hippocampus       # 27 MB of MRI volumes -> (N, 48, 48, 48, 1) at 1 mm, z-scored
     python prepare.py brainlobes            # 16 MB: patches of one real brain MRI labelled by lobe, 7 classes
+    python prepare.py slices --source=data/demo3d   # 2-D slices of any prepared volume set, masks and labels kept
     python prepare.py nifti --source=scans/ --modality=ct                   # CT window, spacing, crop/pad
     python prepare.py video --source=clips/ --frames=16 --stride=2          # frame folders, GIF, TIFF, DICOM cines
     python prepare.py aptos2019 --source=aptos2019-blindness-detection.zip   # behind a login: bring the file
@@ -2929,7 +2930,7 @@ def prepare_slices(out_dir=None, source: str = '', axis: int = 0, stride: int = 
     out_dir = Path(out_dir or f"{source.rstrip('/')}_slices")
     if out_dir.resolve() == Path(source).resolve():
         raise ValueError(f"--out={out_dir} is the source folder: pick another --out")
-    args = {'source': source, 'axis': axis, 'stride': stride, 'skip_empty': skip_empty,
+    args = {'source': str(Path(source)), 'axis': axis, 'stride': stride, 'skip_empty': skip_empty,
             'min_foreground': min_foreground, 'pad_square': pad_square, 'source_fingerprint': source_fingerprint(source)}
     try:
         old = json.loads((out_dir / 'meta.json').read_text()).get('args') or {}

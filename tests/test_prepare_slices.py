@@ -103,6 +103,7 @@ def fabricate(folder, shape=(6, 10, 8), channels=2, n=(3, 2, 2), task='unlabeled
             np.save(folder / f'{split}_masks.npy', (x[..., 0] > 128).astype(np.uint8))
         if groups is not None:
             np.save(folder / f'{split}_groups.npy', np.asarray(groups[split], np.int64))
+        np.save(folder / f'{split}_sites.npy', np.arange(count) % 2)
     meta = dict(name='vols', task=task, classes=[], num_classes=0, channels=channels, spatial_dims=3,
                 image_size=list(shape), mean=[0.5] * channels, std=[0.3] * channels, spacing=[3.0, 1.0, 1.5],
                 mask_labels=['background', 'bright'] if masks else None, split_rule='by volume', source='fabricated')
@@ -123,6 +124,7 @@ def test_without_masks_empty_means_no_signal_and_each_volume_is_its_own_subject(
         assert all(np.array_equal(images[i], im) for i, (_, _, im, _) in enumerate(want))
         assert np.array_equal(load(out, split, 'groups'), load(out, split, 'slice_index')[:, 0] + first)
         assert (load(out, split, 'labels') == -1).all() and load(out, split, 'masks') is None
+        assert np.array_equal(load(out, split, 'sites'), load(out, split, 'slice_index')[:, 0] % 2)
         first += len(load(src, split, 'images'))
     assert meta['task'] == 'unlabeled' and meta['image_size'] == [6, 8] and meta['spacing'] == [3.0, 1.5]
     assert 'any channel > 0' in meta['slicing']['empty_rule'] and 'own subject' in meta['groups_rule']
