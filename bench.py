@@ -7,8 +7,9 @@ bench.py: how fast is a MedJEPA training step, and how close is it to what the h
     python bench.py --preset=vitb16 --batch_size=256 --compile=True   # ViT-B/16 on one GPU
     python bench.py config/vit_tiny_224.py --bench_data=real          # a training config, real data only
 
-It times medjepa.train_step (the code medjepa.py trains with) on a synthetic batch held on the device
-and on the real data path (memory-mapped data_dir + make_batch, as in training), then breaks one
+It times medjepa.train_step (the code medjepa.py trains with) on synthetic batches held on the device
+(random pixels, with the same crops and masks as the real step, so the same work) and on the real data
+path (memory-mapped data_dir + make_batch, as in training), then breaks one
 step into data / forward / backward / optimiser (with a device sync between phases), times the input
 pipeline alone, and prints images/s, MFU and peak memory. MFU = model FLOPs per second / peak:
 on a GPU the peak is the device's dense bf16 datasheet number; on a CPU it is the matmul
@@ -117,11 +118,15 @@ def main(argv):
     def real_batch(step, micro):
         idx = np.sort(mj.batch_indices(step, micro, len(images), B, 1, 0, accum, cfg['seed']))
         return mj.make_batch(cfg, images[idx], mean, std, step, micro, dev)
+    # synthetic: fixed random pixels with the real step's crops and masks, made before timing and held on the
+    # device. The masks set the work (the target block size, drawn per step, sets the predictor's length),
+    # so synthetic and real steps do the same FLOPs and differ only by the data path.
     fake = np.random.default_rng(0).integers(0, 256, (B, cfg['image_size'], cfg['image_size'], in_chans), dtype=np.uint8)
-    synthetic = mj.make_batch(cfg, fake, mean, std, 0, 0, dev)  # made once, reused: no data cost
-    sources = {'synthetic': lambda step, micro: synthetic}
+    n_steps = cfg['bench_warmup'] + cfg['bench_iters'] + cfg['breakdown_iters']
+    premade = {(i, m): mj.make_batch(cfg, fake, mean, std, i, m, dev) for i in range(n_steps) for m in range(accum)}
+    sources = {'synthetic': lambda step, micro: premade[(step, micro)]}
     if have_data and cfg['bench_data'] != 'synthetic':
-        sources['real'] = real_batch
+        sources['real'] = mj.Prefetcher(real_batch, accum)  # as in training: the next batch made in the background
     if cfg['bench_data'] == 'real':
         del sources['synthetic']
 

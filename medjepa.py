@@ -3,23 +3,22 @@ MedJEPA: self-supervised JEPA pretraining for medical images, in one file.
 
 A JEPA (Joint-Embedding Predictive Architecture) learns from unlabeled images by predicting the
 *representations* of hidden parts of an image from the visible parts, instead of predicting pixels.
-Predicting in latent space lets the encoder ignore unpredictable pixel noise (sensor noise, hair,
-illumination) and spend its capacity on structure (lesion borders, textures). The danger is
-*collapse*: an encoder that maps every image to the same vector predicts itself perfectly. We
-prevent it with SIGReg (LeJEPA, Balestriero & LeCun 2025), a statistical test that pushes the
-embeddings toward an isotropic Gaussian, instead of the EMA teachers and heuristics of I-JEPA / DINO.
+Predicting in latent space lets the encoder ignore unpredictable pixel noise and spend its capacity on
+structure. The danger is *collapse*: an encoder that maps every image to the same vector predicts
+itself perfectly. SIGReg (LeJEPA, Balestriero & LeCun 2025) prevents it, a statistical test of the
+embeddings against an isotropic Gaussian, instead of the EMA teachers and heuristics of I-JEPA / DINO.
 
 Run it:
-    python medjepa.py                                  # CPU demo on data/demo (~10 min on 2 cores)
-    python medjepa.py config/demo_views.py             # same, LeJEPA's multi-view objective
+    python medjepa.py                                  # CPU demo on data/demo (minutes on 2 cores)
+    python medjepa.py config/demo_views.py             # LeJEPA's multi-view objective
     python medjepa.py --max_iters=50 --out_dir=out-x   # any global below can be overridden
     torchrun --nproc_per_node=8 medjepa.py config/x.py # data-parallel on 8 GPUs (or CPU/gloo)
 then evaluate the checkpoint:
     python eval.py --ckpt=out-demo/ckpt.pt
 
 The file reads top to bottom: config -> data -> model -> masks -> SIGReg -> objectives -> training.
-The plumbing a reader may skip (config parsing, data files, checkpoints, DDP, precision, MFU, kNN) is in
-medjepa_utils.py. docs/ has one page per idea; docs/reading_medjepa.md walks through this file.
+The plumbing a reader may skip (config, data files, checkpoints, DDP, precision, MFU, monitors) is in
+medjepa_utils.py. docs/reading_medjepa.md walks through this file.
 """
 
 import functools
@@ -35,28 +34,28 @@ import torch.nn.functional as F
 import torch.distributed as dist
 
 from medjepa_utils import (  # the plumbing, re-exported (medjepa.configure is medjepa_utils.configure)
-    ConfigError, DataError, advice, any_rank, barrier, checkpoint_dims, claim_out_dir, cli, compile_model,
-    configure, effective_rank, estimate_flops, evaluate_and_save, extract_features, knn_predict, load_checkpoint,
-    load_split, log_step, mean_cosine, measure_matmul_flops, need, open_data, open_log, precision, read_meta,
-    resolve_dtype, resume, safe_load, save_checkpoint, setup_distributed, stop_signals, to_device, to_float,
-    validate, validate_shared, wrap_model)
+    advice, AllReduceSum, any_rank, barrier, checkpoint_dims, claim_out_dir, cli, compile_model, ConfigError,
+    configure, count_bad_steps, DataError, describe_run, distributed, effective_rank, estimate_flops,
+    evaluate_and_save, exact_sigreg_grads, extract_features, feature_health, fp32, global_mean, knn_predict,
+    load_checkpoint, load_split, log_step, mean_cosine, measure_matmul_flops, need, open_data, open_log,
+    parse_config, precision, Prefetcher, read_meta, resolve_dtype, resume, safe_load, save_checkpoint,
+    setup_distributed, stop_signals, to_device, to_float, validate, validate_shared, wrap_model)
 
 # -----------------------------------------------------------------------------
-# default config values: a CPU-sized demo that trains on data/demo (64 px) in about 10 minutes
+# default config values: a CPU-sized demo that trains on data/demo (64 px) in minutes
 # I/O
-out_dir = 'out-demo'       # checkpoint, log.jsonl and eval results go here
-data_dir = 'data/demo'     # a folder written by prepare.py (data/demo is generated if missing)
+out_dir = 'out-demo'       # checkpoint, log.jsonl and eval results
+data_dir = 'data/demo'     # a folder written by prepare.py (data/demo is made if missing)
 init_from = 'scratch'      # 'scratch' or 'resume' (continue from out_dir/ckpt.pt)
-overwrite = False          # 'scratch' into an out_dir that holds a checkpoint: refused, or (True) its run deleted first
+overwrite = False          # True: a 'scratch' run may delete the run already in out_dir (else: refused)
 eval_interval = 200        # every this many steps: online kNN on val, checkpoint
-log_interval = 10          # every this many steps: print and log the loss terms and monitors
-knn_train_size = 3000      # train images used as the kNN memory bank of the online monitor
-seed = 0                   # everything random derives from this (data order, masks, init)
+log_interval = 10          # every this many steps: print and log losses and monitors
+knn_train_size = 3000      # train images in the online kNN's bank
+seed = 0                   # all randomness derives from it (data order, masks, init)
 # data and augmentation
 image_size = 64            # side of the (square) training crops, in pixels
-crop_scale = (0.3, 1.0)    # random-resized-crop area range (I-JEPA uses only this augmentation)
-color_jitter = 0.0         # brightness/contrast/saturation jitter (0 = off); 'mask': context and targets
-                           # get independent draws
+crop_scale = (0.3, 1.0)    # random-resized-crop area range (I-JEPA's only augmentation)
+color_jitter = 0.0         # brightness/contrast/saturation jitter (0 = off)
 gray_prob = 0.0            # probability of turning a view grayscale
 rot90 = False              # also rotate crops by k * 90 degrees (images with no 'up': skin, slides)
 # model
@@ -70,14 +69,14 @@ pred_n_head = 3            # predictor heads
 # objective
 objective = 'mask'         # 'mask': masked latent prediction (I-JEPA style); 'views': LeJEPA multi-view
 sigreg_lambda = 0.05       # the one knob: loss = (1 - lambda) * prediction + lambda * SIGReg
-num_slices = 1024          # SIGReg random 1-D projections per step (docs/sigreg.md: 1024 beat 256 here)
-sigreg_on = 'pooled_std'   # 'mask': SIGReg on per-image context vectors, batch-standardised ('pooled_std')
-                           # or raw ('pooled'), or on all 'tokens'
+num_slices = 1024          # SIGReg random 1-D projections per step (1024 beat 256 on val: docs/sigreg.md)
+sigreg_on = 'pooled_std'   # 'mask': SIGReg on pooled context vectors standardised over the batch
+                           # (a decorrelation penalty), raw ('pooled': LeJEPA's test), or all 'tokens'
 num_targets = 4            # target blocks per image
 target_scale = (0.15, 0.2) # area of each target block, as a fraction of the patch grid
 target_aspect = (0.75, 1.5)  # aspect ratio range of the target blocks
 context_scale = (0.85, 1.0)  # area of the context block before the targets are cut out of it
-context_keep = 0.33        # every image sees exactly this fraction of the grid as context (docs/masking.md)
+context_keep = 0.33        # every image sees exactly this fraction of the grid as context
 min_keep = 10              # ... and at least this many patches
 n_local_views = 4          # 'views' objective: small crops per image (plus 2 global crops)
 local_size = 32            # 'views' objective: side of the local crops in pixels
@@ -85,21 +84,21 @@ local_scale = (0.05, 0.3)  # 'views' objective: area range of the local crops
 proj_dim = 64              # 'views' objective: projector output width (SIGReg acts on it)
 # optimisation
 batch_size = 64            # images per micro-step per process
-gradient_accumulation_steps = 1  # micro-steps per optimiser step per process (batch_size x this x world)
+gradient_accumulation_steps = 1  # micro-steps per optimiser step, per process
 max_iters = 600            # optimiser steps
 learning_rate = 1e-3       # peak AdamW learning rate
 min_lr = 1e-5              # learning rate at the end of the cosine decay
 warmup_iters = 60          # linear warmup steps
-weight_decay = 0.05        # AdamW decay on matrices only (not on biases, norms, tokens)
+weight_decay = 0.05        # AdamW decay, on matrices only
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0            # clip the global gradient norm to this (0 disables)
-max_bad_steps = 10         # steps with NaN/inf gradients are skipped; this many in a row stop the run
+max_bad_steps = 10         # NaN/inf steps are skipped; this many in a row stop the run
 # system
 device = 'auto'            # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto'             # 'auto', 'float32', 'bfloat16' (autocast), 'float16' (autocast + GradScaler)
-compile = False            # torch.compile the model (worth it on GPU, slow to start on CPU)
-num_threads = 0            # CPU threads for torch (0: leave torch's default)
+dtype = 'auto'             # 'auto', 'float32', 'bfloat16' (autocast), 'float16' (+ GradScaler)
+compile = False            # torch.compile the model (pays on GPUs)
+num_threads = 0            # CPU threads for torch (0: torch's default)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
@@ -111,12 +110,9 @@ DEFAULTS = {k: globals()[k] for k in config_keys}
 
 
 def batch_indices(step, micro, n, batch, world, rank, accum, seed):
-    """The images of one micro-batch, computed from the step alone (no sampler state to save).
-
-    The training stream is an endless concatenation of seeded permutations of the data set.
-    Optimiser step `step` consumes the next world * accum * batch positions; micro-step `micro`
-    of rank `rank` takes its own contiguous slice, so ranks never overlap and nothing is skipped.
-    Resuming at any step reproduces exactly the same data order.
+    """The images of one micro-batch, from the step alone (no sampler state to save). The stream is an
+    endless concatenation of seeded permutations of the data; each step takes the next world * accum *
+    batch positions, each (rank, micro-step) its own slice: no overlap, no skip, the same order on resume.
     """
     start = ((step * accum + micro) * world + rank) * batch
     pos = np.arange(start, start + batch)
@@ -129,12 +125,9 @@ def batch_indices(step, micro, n, batch, world, rank, accum, seed):
 
 
 def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3), rot90=False):
-    """Batched random-resized crop + horizontal flip (+ rotation by k * 90 degrees) on tensors, as one
-    affine resampling.
-
-    Each output pixel u in [-1, 1]^2 reads the input at  S R u + c  (per image: S = diag(w, h), crop
-    width and height, sign of w = flip; R the rotation; c the centre), so one grid_sample does the whole
-    batch on any device. R maps the square [-1, 1]^2 onto itself, so the crop never leaves the image.
+    """Batched random-resized crop + horizontal flip (+ k * 90 degree turns) as one affine resampling:
+    output pixel u in [-1, 1]^2 reads the input at  S R u + c  (S = diag(w, h) the crop's width and height,
+    sign of w = flip; R the turn, which maps [-1, 1]^2 onto itself; c the centre). One grid_sample per batch.
     """
     B = x.shape[0]
     dev = x.device
@@ -151,18 +144,19 @@ def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3), ro
     if rot90:  # S R with R = [[cos, -sin], [sin, cos]] at a random multiple of 90 degrees (exact 0/+-1)
         a = torch.randint(0, 4, (B,), generator=gen) * (math.pi / 2)
         cos, sin = a.cos().round(), a.sin().round()
-        theta[:, :, :2] = theta[:, :, :2] @ torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)
+        R = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)  # (B, 2, 2)
+        theta[:, :, :2] = theta[:, :, :2] @ R
     grid = F.affine_grid(theta.to(dev, non_blocking=True), (B, x.shape[1], size, size), align_corners=False)
     return F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
 
 
 def color_jitter(x, gen, strength, gray_prob=0.0):
-    """Per-image brightness, contrast and saturation jitter, and random grayscale, on normalised
-    images or volumes. Without it an encoder can tell images apart by skin tone and lesion darkness
-    alone, a shortcut that satisfies both the prediction and SIGReg terms without learning morphology."""
+    """Per-image brightness, contrast and saturation jitter, and random grayscale, on normalised images
+    or volumes. Without it an encoder may tell images apart by skin tone and lesion darkness alone."""
     if strength <= 0 and gray_prob <= 0:
         return x
-    rand = lambda: torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), generator=gen).to(x.device, non_blocking=True)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per image
+    rand = lambda: torch.rand(shape, generator=gen).to(x.device, non_blocking=True)
     factor = lambda: 1 + (rand() * 2 - 1) * strength
     x = x * factor() + (rand() - 0.5) * strength  # contrast, brightness
     gray = x.mean(1, keepdim=True)
@@ -171,8 +165,8 @@ def color_jitter(x, gen, strength, gray_prob=0.0):
 
 
 # -----------------------------------------------------------------------------
-# Model: a plain ViT encoder, a narrow predictor, a projector. Parameter names follow the common
-# ImageNet ViT layout (patch_embed.proj, blocks.i.attn.qkv, blocks.i.mlp.fc1, norm, ...).
+# Model: a plain ViT encoder, a narrow predictor, a projector. Parameter names follow the usual ViT
+# layout (patch_embed.proj, blocks.i.attn.qkv, blocks.i.mlp.fc1, norm, ...).
 
 
 def sincos_1d(pos, d):
@@ -203,7 +197,7 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd)
         if q.is_cuda or q.dtype == torch.float32:  # flash / memory-efficient kernels
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        else:  # bf16 on a CPU: SDPA's backward is ~3x slower than plain matmuls there (docs/scaling.md)
+        else:  # bf16 on a CPU: SDPA's backward is ~3x slower than matmuls there (docs/scaling.md)
             att = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, nh, T, T)
             if attn_mask is not None:  # True = may attend, as in SDPA
                 att = att + torch.where(attn_mask, 0.0, float('-inf')).to(att.dtype)
@@ -264,8 +258,7 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
         self.norm = nn.LayerNorm(n_embd, eps=1e-6)
         init_weights(self)
-        # like a Linear layer on the flattened patch (MAE's choice): patch content then enters with
-        # about the same scale as the unit-amplitude sin-cos positions instead of being drowned by them
+        # as a Linear layer on the flattened patch (MAE): content enters at the scale of the positions
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
@@ -288,12 +281,11 @@ class ViT(nn.Module):
 
 
 class Predictor(nn.Module):
-    """Fills in target blocks from the context, all blocks of all images in ONE transformer pass.
+    """Fills in the target blocks from the context: all blocks of all images in ONE transformer pass.
 
-    Sequence = [context tokens (Nc) | mask tokens of block 1 (K) | ... | block M (K)]. A boolean
-    attention mask lets every token read the context, mask tokens also read their own block, and
-    nothing read another block: the M predictions stay independent, as if run one by one, at the
-    cost of one pass (four separate passes were measured at ~1.9x the time of one).
+    Sequence = [context (Nc) | mask tokens of block 1 (K) | ... | block M (K)]. The attention mask lets
+    every token read the context and mask tokens also their own block, never another block: the M
+    predictions stay independent, as if run one by one (four passes took ~1.9x the time of one).
     """
     positions = staticmethod(sincos_2d)  # medjepa3d.py: sincos_3d
 
@@ -335,12 +327,10 @@ class Projector(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Multi-block masks (I-JEPA) for a whole batch on a (gh, gw) patch grid (docs/masking.md).
-# Per batch one target block size (h, w) from scale ~ U(target_scale), aspect ~ U(target_aspect): all
-# images have M * h * w target patches. Per image M target blocks and one context block, top-left corners
-# uniform in [0, gh - h] INCLUSIVE; context = context block minus all targets. Every image keeps the same
-# number L of context patches, fixed by the grid (not by the batch's shortest context), as a RANDOM subset
-# of its visible ones (not the first indices: they are the top of the image). Short contexts are redrawn
-# a bounded number of times, then fall back (tiny grids never hang).
+# One target block size (h, w) per batch (scale ~ U(target_scale), aspect ~ U(target_aspect)); per image
+# M target blocks and a context block, corners uniform in [0, gh - h] INCLUSIVE; context = context block
+# minus the targets. Every image keeps L context patches, fixed by the grid (not by the batch's shortest
+# context), a RANDOM subset of its visible ones (not the first: they are the top of the image).
 
 
 def _uniform(lo, hi, gen):
@@ -393,45 +383,19 @@ def sample_masks(B, grid, gen, *, num_targets=4, target_scale=(0.15, 0.2), targe
             ctx[i] = ~tgt[i, 0]
     tgt_idx = tgt.flatten(2).nonzero()[:, 2].view(B, M, h * w)
     ctx = ctx.flatten(1)  # (B, N)
-    score = torch.rand(B, N, generator=gen) + (~ctx).float() * 2  # visible patches rank first, in random order
+    score = torch.rand(B, N, generator=gen) + (~ctx).float() * 2  # visible patches first, in random order
     ctx_idx = score.argsort(1)[:, :L].sort(1).values
     return ctx_idx, tgt_idx
 
 # -----------------------------------------------------------------------------
 # SIGReg: Sketched Isotropic Gaussian Regularisation (LeJEPA) with the Epps-Pulley test
-# (docs/sigreg.md derives it). z ~ N(0, I) iff every 1-D projection a.z is N(0, 1) (Cramer-Wold), and
+# (docs/sigreg.md): z ~ N(0, I) iff every 1-D projection a.z is N(0, 1) (Cramer-Wold), and
 # a 1-D law is N(0, 1) iff its characteristic function is exp(-t^2/2). Per step: M random unit
 # directions a_m (seeded by the step: the same on every rank), projections x_nm = a_m . z_n, and
 #   EP_m = N * integral [ (c_m(t) - exp(-t^2/2))^2 + s_m(t)^2 ] exp(-t^2/2) dt,   SIGReg = mean_m EP_m
 #   c_m(t) = mean_n cos(t x_nm), s_m(t) = mean_n sin(t x_nm); trapezoid rule, 17 knots on [0, 3], doubled.
-# A Gaussian batch scores ~1.06 per slice, a collapsed one ~0.41 * N. Under DDP c and s are averaged over
-# ranks with an autograd-aware all-reduce: every rank sees the global statistic and its gradient.
-
-
-class AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose backward is also a sum over ranks (the gradient of y = sum_r x_r
-    w.r.t. rank r's x_r, collected from every rank's loss). A plain dist.all_reduce is invisible
-    to autograd and loses the other ranks' gradient contributions (a factor of world size)."""
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.clone()
-        dist.all_reduce(g)
-        return g
-
-
-def distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def global_mean(x):
-    """Mean over ranks that autograd can see through (identity when not distributed)."""
-    return AllReduceSum.apply(x) / dist.get_world_size() if distributed() else x
+# A Gaussian batch scores ~1.06 per slice, a collapsed one ~0.40 * N. Under DDP, sums over ranks through
+# an autograd-aware all-reduce (AllReduceSum) give every rank the global statistic and its gradient.
 
 
 _EP_T = torch.linspace(0, 3, 17, dtype=torch.float64)
@@ -441,16 +405,10 @@ _EP_W[0] = _EP_W[-1] = 3 / 16  # trapezoid on [0, 3], doubled for [-3, 0]
 _EP_W = _EP_W * _EP_PHI  # times the Gaussian weighting exp(-t^2/2)
 
 
-def fp32(x):
-    """x in at least float32: bf16/fp16 (autocast outputs) are upcast, float64 stays float64."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def standardise(z, eps=1e-6, local=False):
-    """Each dimension to zero mean and unit variance over the global batch (BatchNorm without the
-    affine part; statistics averaged over ranks). (N, K) -> (N, K). The 'mask' objective applies SIGReg
-    to standardise(pooled): then a batch passes only if its dimensions are decorrelated, instead of
-    SIGReg spending its pull on the mean and scale of a near-constant vector (docs/design.md)."""
+    """(N, K) -> (N, K): each dimension to zero mean, unit variance over the global batch (BatchNorm
+    without affine). sigreg_on='pooled_std' scores SIGReg on this: blind to the mean and scale, it then
+    acts as a decorrelation penalty, not as LeJEPA's Gaussian test (docs/sigreg.md)."""
     z, mean = fp32(z), (lambda t: t) if local else global_mean
     mu = mean(z.mean(0))  # (K,)
     var = mean((z - mu).pow(2).mean(0))  # (K,) biased, as BatchNorm's
@@ -471,11 +429,11 @@ def _sigreg(z, step, num_slices, seed, local=False):
     xt = (z @ A)[..., None] * _EP_T.to(z, non_blocking=True)  # (N, M, T)
     # sums and counts over ranks, not means of per-rank means: ranks may hold different numbers of
     # rows (sigreg_on='tokens' with 3-D contexts of varying length)
-    c, s, n = xt.cos().sum(0), xt.sin().sum(0), torch.tensor(float(z.shape[0]), dtype=z.dtype, device=z.device)
+    c, s, n = xt.cos().sum(0), xt.sin().sum(0), torch.tensor(float(len(z)), dtype=z.dtype, device=z.device)
     if distributed() and not local:
         c, s = AllReduceSum.apply(c), AllReduceSum.apply(s)
         dist.all_reduce(n)  # (a count: no gradient)
-    c, s = c / n, s / n  # (M, T) empirical characteristic function over the global batch: real, imaginary part
+    c, s = c / n, s / n  # (M, T) empirical characteristic function of the global batch: real, imaginary
     ep = ((c - _EP_PHI.to(z, non_blocking=True)) ** 2 + s ** 2) @ _EP_W.to(z, non_blocking=True)  # (M,)
     return n * ep.mean()
 
@@ -514,8 +472,8 @@ class JEPA(nn.Module):
         return z.reshape(-1, z.shape[-1]) if self.cfg['sigreg_on'] == 'tokens' else z.mean(1)
 
     def sigreg_loss(self, reg_in, step, local=False):
-        """SIGReg of what the loss tests, over the global batch: the 'mask' objective's sigreg_input
-        (standardised first for 'pooled_std'), or the raw projector output of 'views' (sigreg_probe)."""
+        """SIGReg over the global batch of sigreg_input ('mask'; standardised first for 'pooled_std')
+        or of the projector's output ('views')."""
         c = self.cfg
         std = c['sigreg_on'] == 'pooled_std' and c['objective'] == 'mask'
         reg_in = standardise(reg_in, local=local) if std else reg_in
@@ -523,8 +481,8 @@ class JEPA(nn.Module):
 
     @torch.no_grad()
     def sigreg_probe(self, feats):
-        """What SIGReg tests, from frozen pooled features (N, D) of whole images (the val monitor): the
-        projector's output ('views', BatchNorm in eval mode), the pooled vector, or None ('tokens')."""
+        """What SIGReg tests, from frozen pooled features (N, D) (the val monitor): the projector's output
+        ('views', BatchNorm in eval mode), the pooled vector, or None ('tokens')."""
         if self.cfg['objective'] == 'views':
             was = self.projector.training
             out = self.projector.eval()(feats)
@@ -539,12 +497,10 @@ class JEPA(nn.Module):
         return F.layer_norm(h, h.shape[-1:])
 
     def mask_loss(self, x, x_tgt, ctx_idx, tgt_idx, step, h=None, reg_grad=None):
-        """MedJEPA objective: predict the (stop-gradient, layer-normed) full-image representation
-        of each target block from the context, plus SIGReg against collapse. No EMA teacher.
-        h: self.targets(x_tgt) when the caller already has it (several mask sets per image).
-        reg_grad: gradient of the SIGReg term w.r.t. sigreg_input, scored by train_step on the whole
-        accumulated batch; then the SIGReg term is the surrogate <sigreg_input, reg_grad>, whose gradient
-        is the big batch's (its value is not SIGReg's: train_step reports that)."""
+        """MedJEPA objective: predict the (stop-gradient, layer-normed) full-image representation of each
+        target block from the context, plus SIGReg against collapse. No EMA teacher. h: self.targets(x_tgt)
+        if the caller has it (3-D: several mask sets). reg_grad: SIGReg's gradient w.r.t. sigreg_input on
+        the whole accumulated batch (exact_sigreg_grads); the term is then <sigreg_input, reg_grad>."""
         c, lam = self.cfg, self.cfg['sigreg_lambda']
         B, M, K = tgt_idx.shape
         grid = self.encoder.grid(x)
@@ -564,9 +520,8 @@ class JEPA(nn.Module):
         return loss, dict(pred=pred_loss.detach(), sigreg=reg.detach(), emb=pooled.detach())
 
     def views_loss(self, g, l, step):
-        """LeJEPA objective: every view's embedding should match the mean of the global views'
-        embeddings, and each view's embeddings should be N(0, I) (SIGReg, same slices per view).
-        g: (V_g, B, C, S, S) global crops, l: (V_l, B, C, s, s) local crops."""
+        """LeJEPA objective: each view's embedding should match the mean of the global views', and each
+        view's embeddings be N(0, I) (SIGReg). g: (Vg, B, C, S, S) global crops, l: (Vl, B, C, s, s)."""
         c, lam = self.cfg, self.cfg['sigreg_lambda']
         Vg, B = g.shape[:2]
         feats = [self.encoder(g.flatten(0, 1)).mean(1)]  # (Vg*B, D)
@@ -594,8 +549,7 @@ def build_model(cfg, in_chans=3):
 
 
 def batch_generator(cfg, step, micro, rank):
-    """The random generator of one micro-batch (crops, masks), a function of the step alone: resuming
-    reproduces the same batches, and every rank and micro-step draws its own."""
+    """One micro-batch's generator: resuming redraws the same batches; ranks and micro-steps differ."""
     seed = np.random.SeedSequence([cfg['seed'], step, micro, rank]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(seed))
 
@@ -609,33 +563,14 @@ def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
         x = random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen, rot90=cfg['rot90'])
         grid = (cfg['image_size'] // cfg['patch_size'],) * 2
         ctx_idx, tgt_idx = sample_masks(x.shape[0], grid, gen, **{k: cfg[k] for k in MASK_KEYS})
-        return dict(x=jitter(x), x_tgt=jitter(x), ctx_idx=to_device(ctx_idx, device), tgt_idx=to_device(tgt_idx, device))
+        return dict(x=jitter(x), x_tgt=jitter(x), ctx_idx=to_device(ctx_idx, device),
+                    tgt_idx=to_device(tgt_idx, device))
     crop = lambda size, scale: jitter(random_resized_crop(x, size, scale, gen, rot90=cfg['rot90']))
     g = torch.stack([crop(cfg['image_size'], cfg['crop_scale']) for _ in range(2)])
     loc = [crop(cfg['local_size'], cfg['local_scale'])
            for _ in range(cfg['n_local_views'])]
     loc = torch.stack(loc) if loc else x.new_zeros(0, *x.shape[:2], cfg['local_size'], cfg['local_size'])
     return dict(globals=g, locals=loc)
-
-# -----------------------------------------------------------------------------
-# Monitors: a collapsed encoder predicts perfectly, so the loss cannot show collapse; these can.
-# (The online kNN, effective rank and mean cosine are in medjepa_utils.py.)
-
-
-@torch.no_grad()
-def feature_health(model, feats, step):
-    """Monitors of the val split's frozen features (N, D): effective rank, mean pairwise cosine, and
-    SIGReg of the tensor the loss tests next to the same SIGReg of a Gaussian batch of that shape
-    (~1.06 per slice; a collapsed batch scores ~0.4 N). docs/sigreg.md reads them."""
-    f = torch.as_tensor(feats, dtype=torch.float32)
-    out = dict(erank_val=effective_rank(f), cos_val=mean_cosine(f))
-    reg_in = model.sigreg_probe(f)
-    if reg_in is not None:
-        c, gen = model.cfg, torch.Generator().manual_seed(step)
-        out['sigreg_val'] = float(model.sigreg_loss(reg_in, step, local=True))
-        gauss = torch.randn(reg_in.shape, generator=gen)
-        out['sigreg_gauss'] = float(sigreg(gauss, step, c['num_slices'], c['seed'], True))
-    return out
 
 # -----------------------------------------------------------------------------
 # Training
@@ -651,8 +586,8 @@ def lr_at(it, c):
 
 def make_optimizer(model, cfg, dev):
     """AdamW, weight decay on matrices only; fused (one kernel for all tensors: ~2x faster on a CPU)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # biases, norms, mask token
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases, norms, mask token
     fused = dev.startswith('cuda') or (dev == 'cpu' and torch.__version__ >= '2.4')
     return torch.optim.AdamW([{'params': decay, 'weight_decay': cfg['weight_decay']},
                               {'params': no_decay, 'weight_decay': 0.0}],
@@ -660,11 +595,10 @@ def make_optimizer(model, cfg, dev):
 
 
 def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_clip):
-    """One optimiser step: `accum` micro-batches (get_batch(micro) -> batch) forward and backward with
-    their gradients summed, then clipping and AdamW. Returns the mean loss (a detached tensor: no device
-    sync), the last micro-step's stats (+ data_time: seconds in get_batch) and the FLOPs. W ranks under
-    DDP equal one process on the concatenated batch (SIGReg: global_mean), and so do K micro-steps for
-    'mask' (exact_sigreg_grads; 'views' scores SIGReg per micro-step, docs/scaling.md)."""
+    """One optimiser step: `accum` micro-batches (get_batch(micro) -> batch) forward and backward,
+    gradients summed, then clipping and AdamW. Returns the mean loss (detached: no device sync), the last
+    micro-step's stats (+ data_time) and the FLOPs. K micro-steps of 'mask' equal one K-times bigger batch,
+    SIGReg included (exact_sigreg_grads; 'views' scores SIGReg per micro-step: docs/scaling.md)."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     raw = model.module if ddp else model
     lam = raw.cfg['sigreg_lambda']
@@ -688,7 +622,7 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
         loss_sum, stats['sigreg'] = loss_sum + accum * lam * reg, reg
     scaler.unscale_(optimizer)  # (a no-op without fp16's GradScaler)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
-    skipped = not torch.isfinite(norm).item()  # one sync per step; the same on every rank (all-reduced grads)
+    skipped = not torch.isfinite(norm).item()  # one sync per step; equal on all ranks (all-reduced grads)
     if not skipped:  # NaN/inf gradients would poison the weights and AdamW's moments: skip the update
         scaler.step(optimizer)
     scaler.update()
@@ -696,24 +630,8 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
     return loss_sum / accum, dict(stats, skipped=skipped, data_time=data_time), flops
 
 
-def exact_sigreg_grads(raw, batches, step, autocast, scale):
-    """Accumulation that equals one big batch, SIGReg included (GradCache's idea; docs/scaling.md).
-    SIGReg is a statistic of the whole batch, not a sum over images. So: encode every micro-batch's
-    context without a graph, score SIGReg on all of them at once, and return its gradient G_i w.r.t.
-    each image's SIGReg input r_i (times `scale`), per micro-batch and mask set, with SIGReg's value;
-    each micro-step then adds <r_i, G_i> to its loss, whose gradient is the big batch's."""
-    with torch.no_grad(), autocast:
-        r = [raw.sigreg_inputs(b) for b in batches]  # [micro][mask set] -> (B, D)
-    R = [fp32(torch.cat(rs)).requires_grad_(True) for rs in zip(*r)]  # [mask set] -> (K*B, D) the whole batch
-    with torch.enable_grad():
-        regs = [raw.sigreg_loss(Rs, step) for Rs in R]
-        G = torch.autograd.grad(sum(regs) * scale, R)
-    G = [g.split([len(x) for x in rs]) for g, rs in zip(G, zip(*r))]  # [mask set][micro]
-    return [list(gm) for gm in zip(*G)], (sum(regs) / len(regs)).detach()
-
-
 def get_batch(cfg, impl, data, step, micro, dev, rank, world):
-    """This rank's micro-batch `micro` of step `step` (indices sorted: the memory map is read in order)."""
+    """This rank's micro-batch `micro` of step `step` (sorted indices: the memory map is read in order)."""
     idx = np.sort(batch_indices(step, micro, len(data['images']), cfg['batch_size'], world, rank,
                                 cfg['gradient_accumulation_steps'], cfg['seed']))
     return impl.make_batch(cfg, data['images'][idx], data['mean'], data['std'], step, micro, dev, rank)
@@ -722,25 +640,19 @@ def get_batch(cfg, impl, data, step, micro, dev, rank, world):
 def main(argv=None, impl=None):
     """Config: defaults < config files < --key=value, checked before any work (exit code 2), then train."""
     impl = impl or sys.modules[__name__]
-    try:
-        cfg = impl.validate(configure(sys.argv[1:] if argv is None else argv, impl.DEFAULTS))
-    except ConfigError as e:
-        print(f'{os.path.basename(impl.__file__)}: {e}', file=sys.stderr)
-        sys.exit(2)
-    return train(cfg, impl)
+    return train(parse_config(argv, impl), impl)
 
 
 def train(cfg, impl=None):
-    """The training loop. impl: the module of the parts that depend on the kind of data (build_model,
-    make_batch, extract_features, feature_health, MODEL_KEYS, SPATIAL_DIMS, COMPILE_DYNAMIC): this one, or
-    medjepa3d, so images and volumes share this loop, its logs and its checkpoints."""
+    """The training loop. impl: the module of the data-dependent parts (build_model, make_batch, ...):
+    this one, or medjepa3d, so images and volumes share this loop, its logs and its checkpoints."""
     impl = impl or sys.modules[__name__]
     ddp, rank, world, dev = setup_distributed(cfg)
     master, accum = rank == 0, cfg['gradient_accumulation_steps']  # per process: any world size works
     with claim_out_dir(cfg, rank, ddp, dev):  # one run per out_dir: a lock, no silent overwrite
         if cfg['num_threads'] > 0:
             torch.set_num_threads(cfg['num_threads'])
-        dtype, ptdtype, autocast = precision(cfg['dtype'], dev)
+        dtype, _, autocast = precision(cfg['dtype'], dev)
         data = open_data(cfg, impl, master, ddp, dev)
         images, ckpt_path = data['images'], os.path.join(cfg['out_dir'], 'ckpt.pt')
         torch.manual_seed(cfg['seed'])
@@ -752,44 +664,37 @@ def train(cfg, impl=None):
             iter_num, best_knn = resume(ckpt_path, cfg, impl, model, optimizer, dev, master)
         model, raw_model = wrap_model(model, cfg, impl, dev, ddp, master)  # SyncBatchNorm, compile, DDP
         if master:
-            print(f"{data['meta'].get('name', cfg['data_dir'])}: {len(images)} train images "
-                  f"{tuple(images.shape[1:])}; model {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
-                  f"params; objective={cfg.get('objective', 'mask')}; device={dev} dtype={dtype} world={world} "
-                  f"batch={cfg['batch_size']}x{accum}x{world}")
-            peak = measure_matmul_flops(dev, ptdtype)
-            print(f'measured {dtype} matmul throughput (MFU denominator): {peak / 1e9:.0f} GFLOP/s')
-            log = open_log(cfg)  # (a scratch run first deletes an earlier run's files)
+            peak = describe_run(cfg, data, raw_model, dev, dtype, world)  # (and the MFU denominator)
+            log = open_log(cfg, iter_num)  # (scratch: deletes an earlier run's files)
         with stop_signals() as stop:  # SIGTERM / SIGUSR1 (pre-emption): finish the step, save, exit
             t0, tdata, flops, imgs = time.time(), 0.0, 0.0, 0  # since the last log line
             stopping, bad, n_bad, first = False, 0, 0, iter_num
+            batches = Prefetcher(lambda s, m: get_batch(cfg, impl, data, s, m, dev, rank, world), accum)
             while iter_num < cfg['max_iters']:
-                if master and iter_num > first and iter_num % cfg['eval_interval'] == 0:  # (not again on resume)
-                    best_knn = evaluate_and_save(cfg, impl, raw_model, optimizer, data, iter_num, best_knn, log,
-                                                 dev)  # online kNN on val, then a checkpoint
+                if master and iter_num > first and iter_num % cfg['eval_interval'] == 0:  # (not on resume)
+                    # online kNN on val, monitors, then a checkpoint
+                    best_knn = evaluate_and_save(cfg, impl, raw_model, optimizer, data, iter_num, best_knn,
+                                                 log, dev)
                 lr = lr_at(iter_num, cfg)
                 for group in optimizer.param_groups:
                     group['lr'] = lr
-                batch = lambda micro: get_batch(cfg, impl, data, iter_num, micro, dev, rank, world)
+                batch = functools.partial(batches, iter_num)  # micro -> batch (made in the background)
                 loss, stats, f = train_step(model, optimizer, scaler, batch, accum, iter_num, autocast,
                                             cfg['grad_clip'])
-                iter_num, flops, imgs = iter_num + 1, flops + f * world, imgs + cfg['batch_size'] * accum * world
-                tdata += stats['data_time']
-                bad, n_bad = (bad + 1, n_bad + 1) if stats['skipped'] else (0, n_bad)
-                if master and stats['skipped']:
-                    print(f'step {iter_num}: non-finite loss or gradients, update skipped ({bad} in a row, '
-                          f'{n_bad} in all)')
-                if bad >= cfg['max_bad_steps']:
-                    raise FloatingPointError(f"{bad} non-finite steps in a row at step {iter_num}: training "
-                                             f"diverged. {advice(cfg)}")
+                iter_num, flops, tdata = iter_num + 1, flops + f * world, tdata + stats['data_time']
+                imgs += cfg['batch_size'] * accum * world
+                bad, n_bad = count_bad_steps(stats['skipped'], bad, n_bad, iter_num, cfg, master)  # may stop
                 if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
                     if dev.startswith('cuda'):
                         torch.cuda.synchronize()
                     dt = time.time() - t0
                     log_step(log, iter_num, loss, stats, lr, imgs / dt, tdata / dt, flops / dt / peak, n_bad)
                     t0, tdata, flops, imgs = time.time(), 0.0, 0.0, 0
-                stopping = any_rank(len(stop) > 0, ddp, dev)  # every rank stops at the same step
+                # a signal stops every rank at the same step (DDP: an all-reduce, on log steps only)
+                stopping = (not ddp or iter_num % cfg['log_interval'] == 0) and any_rank(bool(stop), ddp, dev)
                 if stopping:
                     break
+            batches.close()
             if master:
                 if stopping:
                     print(f'stopped by a signal at step {iter_num} (resume with --init_from=resume)')
@@ -797,7 +702,7 @@ def train(cfg, impl=None):
                                   knn=not stopping)
                 log.close()
                 print(f'saved {ckpt_path}')
-            if ddp:  # wait for rank 0's evaluation and save: a rank that leaves early can abort the other
+            if ddp:  # wait for rank 0's evaluation and save (a rank that leaves early can abort the other)
                 barrier(dev)
                 dist.destroy_process_group()
     return raw_model

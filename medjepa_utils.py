@@ -31,6 +31,7 @@ import socket
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -124,6 +125,16 @@ def configure(argv, defaults=None):
                 raise ConfigError(f"unknown config key '{k}'{where}{_closest(k, list(defaults))}")
             cfg[k] = _coerce(k, v, defaults[k])
     return cfg
+
+
+def parse_config(argv, impl):
+    """defaults < config files < --key=value (argv None: sys.argv), checked by impl.validate; a bad one is
+    one line on stderr and exit code 2, before any work."""
+    try:
+        return impl.validate(configure(sys.argv[1:] if argv is None else argv, impl.DEFAULTS))
+    except ConfigError as e:
+        print(f'{os.path.basename(impl.__file__)}: {e}', file=sys.stderr)
+        sys.exit(2)
 
 
 def need(ok, msg):
@@ -535,18 +546,37 @@ def claim_out_dir(cfg, rank, ddp, dev):
         _release(out, lock, made)
 
 
-def open_log(cfg):
+def _logged_by(line, step):
+    """A whole log.jsonl record of a step <= step."""
+    try:
+        return line.endswith('\n') and json.loads(line).get('iter', 0) <= step
+    except (ValueError, AttributeError):
+        return False
+
+
+def open_log(cfg, step=0):
     """Rank 0's log.jsonl, for appending. A scratch run first deletes what an earlier run left in out_dir
     (claim_out_dir let it through: no checkpoint there, or overwrite=True), so that log.jsonl and eval.json
-    describe this run alone."""
-    out, old = cfg['out_dir'], []
+    describe this run alone. A run resumed at `step` first drops the records of later steps (a killed run
+    logged them after its last checkpoint; they are about to be run again) and a torn last line, so that
+    every step is in the log once."""
+    out, old, path = cfg['out_dir'], [], os.path.join(cfg['out_dir'], 'log.jsonl')
     if cfg['init_from'] == 'scratch':
         old = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
         for f in old:
             (shutil.rmtree if os.path.isdir(os.path.join(out, f)) else os.remove)(os.path.join(out, f))
     if old:
         print(f"init_from=scratch: deleted the earlier run's {', '.join(old)} in {out}")
-    return open(os.path.join(out, 'log.jsonl'), 'a')
+    elif cfg['init_from'] == 'resume' and os.path.isfile(path):
+        lines = open(path).read().splitlines(True)
+        keep = [line for line in lines if _logged_by(line, step)]
+        dropped = len(lines) - len(keep)
+        if dropped:
+            with open(path + '.tmp', 'w') as f:
+                f.writelines(keep)
+            os.replace(path + '.tmp', path)  # atomic: a crash here leaves the old log or the new one
+            print(f'resume at step {step}: dropped {dropped} log.jsonl record(s) written after that checkpoint')
+    return open(path, 'a')
 
 
 def checkpoint_dims(ckpt):
@@ -599,6 +629,37 @@ def any_rank(flag, ddp, dev):
     t = torch.tensor(float(flag), device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item() > 0
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is also a sum over ranks (the gradient of y = sum_r x_r
+    w.r.t. rank r's x_r, collected from every rank's loss). A plain dist.all_reduce is invisible
+    to autograd and loses the other ranks' gradient contributions (a factor of world size)."""
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_mean(x):
+    """Mean over ranks that autograd can see through (identity when not distributed)."""
+    return AllReduceSum.apply(x) / dist.get_world_size() if distributed() else x
+
+
+def fp32(x):
+    """x in at least float32: bf16/fp16 (autocast outputs) are upcast, float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 @contextmanager
@@ -684,6 +745,26 @@ def cli(main, impl):
         if not getattr(e, 'printed', False):  # (claim_out_dir prints its own under torchrun)
             say_error(f'{os.path.basename(impl.__file__)}: error: {e}')
         sys.exit(2)
+
+# -----------------------------------------------------------------------------
+# Gradient accumulation that equals one big batch, SIGReg included (docs/scaling.md)
+
+
+def exact_sigreg_grads(raw, batches, step, autocast, scale):
+    """Accumulation that equals one big batch, SIGReg included (GradCache's idea; docs/scaling.md).
+    SIGReg is a statistic of the whole batch, not a sum over images. So: encode every micro-batch's
+    context without a graph, score SIGReg on all of them at once, and return its gradient G_i w.r.t.
+    each image's SIGReg input r_i (times `scale`), per micro-batch and mask set, with SIGReg's value;
+    each micro-step then adds <r_i, G_i> to its loss, whose gradient is the big batch's."""
+    with torch.no_grad(), autocast:
+        r = [raw.sigreg_inputs(b) for b in batches]  # [micro][mask set] -> (B, D)
+    R = [fp32(torch.cat(rs)).requires_grad_(True) for rs in zip(*r)]  # [mask set] -> (K*B, D) the whole batch
+    with torch.enable_grad():
+        regs = [raw.sigreg_loss(Rs, step) for Rs in R]
+        G = torch.autograd.grad(sum(regs) * scale, R)
+    G = [g.split([len(x) for x in rs]) for g, rs in zip(G, zip(*r))]  # [mask set][micro]
+    return [list(gm) for gm in zip(*G)], (sum(regs) / len(regs)).detach()
+
 
 # -----------------------------------------------------------------------------
 # Measurements: FLOPs and MFU, frozen features, kNN accuracy (DINO protocol), collapse statistics
@@ -778,6 +859,22 @@ def advice(cfg):
             f"the last checkpoint")
 
 
+@torch.no_grad()
+def feature_health(model, feats, step):
+    """Monitors of the val features (N, D) -- a collapsed encoder predicts perfectly, so the loss cannot
+    show collapse; these can: effective rank, mean pairwise cosine, and SIGReg of the tensor the loss
+    tests beside the same test on a Gaussian batch of that shape (~1.06; collapsed: ~0.40 N)."""
+    f = torch.as_tensor(feats, dtype=torch.float32)
+    out = dict(erank_val=effective_rank(f), cos_val=mean_cosine(f))
+    reg_in = model.sigreg_probe(f)
+    if reg_in is not None:
+        gen = torch.Generator().manual_seed(step)
+        out['sigreg_val'] = float(model.sigreg_loss(reg_in, step, local=True))
+        gauss = torch.randn(reg_in.shape, generator=gen)
+        out['sigreg_gauss'] = float(model.sigreg_loss(gauss, step, local=True))  # the same test
+    return out
+
+
 def evaluate_and_save(cfg, impl, raw_model, optimizer, data, step, best_knn, log, dev, knn=True):
     """Rank 0: the online kNN on val (labelled data sets) and impl.feature_health's monitors, then a
     checkpoint (never NaN/inf weights over the last good one). Returns the best online kNN accuracy so far."""
@@ -812,6 +909,51 @@ def evaluate_and_save(cfg, impl, raw_model, optimizer, data, step, best_knn, log
                                best_metric=best_knn, config=cfg, model_args=model_args,
                                spatial_dims=impl.SPATIAL_DIMS))
     return best_knn
+
+
+class Prefetcher:
+    """make(step, micro) -> batch, one call ahead in a background thread: while a micro-step computes, the
+    next batch is read from the memory map, copied and augmented, so the step does not wait for data
+    (on a GPU the host work overlaps the kernels). Batches depend on (step, micro) alone, so order and
+    results are those of calling make() directly: resume stays bit-identical."""
+    def __init__(self, make, accum):
+        self.make, self.accum, self.ahead = make, accum, None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix='batches')
+
+    def __call__(self, step, micro):
+        key = (step, micro)
+        now = self.ahead[1] if self.ahead and self.ahead[0] == key else self.pool.submit(self.make, *key)
+        nxt = (step, micro + 1) if micro + 1 < self.accum else (step + 1, 0)
+        self.ahead = (nxt, self.pool.submit(self.make, *nxt))  # queued behind `now` (one worker)
+        return now.result()  # (re-raises the worker's exception)
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def describe_run(cfg, data, raw_model, dev, dtype, world):
+    """The first lines of a run (data, model size, objective, device, batch); returns the measured matmul
+    throughput that MFU is computed against."""
+    accum, images = cfg['gradient_accumulation_steps'], data['images']
+    print(f"{data['meta'].get('name', cfg['data_dir'])}: {len(images)} train images "
+          f"{tuple(images.shape[1:])}; model {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
+          f"params; objective={cfg.get('objective', 'mask')}; device={dev} dtype={dtype} world={world} "
+          f"batch={cfg['batch_size']}x{accum}x{world}")
+    peak = measure_matmul_flops(dev, getattr(torch, dtype))
+    print(f'measured {dtype} matmul throughput (MFU denominator): {peak / 1e9:.0f} GFLOP/s')
+    return peak
+
+
+def count_bad_steps(skipped, bad, n_bad, step, cfg, master):
+    """(in a row, in all) after a step whose update was skipped or not (non-finite gradients); raises
+    FloatingPointError at max_bad_steps in a row: training diverged."""
+    bad, n_bad = (bad + 1, n_bad + 1) if skipped else (0, n_bad)
+    if master and skipped:
+        print(f'step {step}: non-finite loss or gradients, update skipped ({bad} in a row, {n_bad} in all)')
+    if bad >= cfg['max_bad_steps']:
+        raise FloatingPointError(f"{bad} non-finite steps in a row at step {step}: training diverged. "
+                                 f"{advice(cfg)}")
+    return bad, n_bad
 
 
 def log_step(log, step, loss, stats, lr, img_per_s, data_frac, mfu, n_bad):

@@ -9,6 +9,7 @@ Prepare data sets for MedJEPA as flat numpy arrays that training memory-maps.
     python prepare.py demovideo             # synthetic echo-like clips, 32 frames of 32x32: about 10 s
     python prepare.py msd_hippocampus       # 27 MB of MRI volumes -> (N, 48, 48, 48, 1) at 1 mm, z-scored
     python prepare.py brainlobes            # 16 MB: patches of one real brain MRI labelled by lobe, 7 classes
+    python prepare.py slices --source=data/demo3d   # 2-D slices of any prepared volume set, masks and labels kept
     python prepare.py nifti --source=scans/ --modality=ct                   # CT window, spacing, crop/pad
     python prepare.py video --source=clips/ --frames=16 --stride=2          # frame folders, GIF, TIFF, DICOM cines
     python prepare.py aptos2019 --source=aptos2019-blindness-detection.zip   # behind a login: bring the file
@@ -2786,6 +2787,235 @@ def prepare_video(out_dir='data/video', source: str = '', frames: int = 16, stri
     return finish(out_dir, t0)
 
 # -----------------------------------------------------------------------------
+# slices: a 2-D data set cut out of a prepared volume data set (demo3d, msd_*, brats2021, nifti, ...)
+
+SLICE_AXES = ('D', 'H', 'W')  # --axis=0/1/2 of the source's (N, D, H, W, C) volumes
+SLICE_COPY = ('modality', 'modalities', 'intensity', 'ordinal', 'site_names', 'mask_labels', 'mask_classes')
+
+
+def volume_source(source):
+    """A folder written by prepare.py that holds volumes -> (meta, {split: {key: memory-mapped array or None}}).
+    ValueError / FileNotFoundError naming the problem and the fix when it is not one."""
+    src = Path(source)
+    if not source:
+        raise ValueError("--source is required: a folder of volumes written by prepare.py, "
+                         "e.g. --source=data/demo3d (make it with python prepare.py demo3d)")
+    if not src.is_dir():
+        raise FileNotFoundError(f"--source={source}: no such folder. Prepare the volumes first "
+                                f"(e.g. python prepare.py demo3d) or fix the path")
+    if not (src / 'meta.json').is_file():
+        raise FileNotFoundError(f"--source={source} has no meta.json: it is not a data set written by prepare.py")
+    try:
+        meta = json.loads((src / 'meta.json').read_text())
+    except ValueError as e:
+        raise ValueError(f"--source={source}: meta.json is not valid JSON ({e}); prepare the source again") from None
+    arrays = {}
+    for split in SPLITS:
+        arrays[split] = {key: np.load(src / f'{split}_{key}.npy', mmap_mode='r', allow_pickle=False)
+                         if (src / f'{split}_{key}.npy').is_file() else None
+                         for key in ('images', 'labels', 'masks', 'groups', 'sites')}
+        x = arrays[split]['images']
+        if x is None or arrays[split]['labels'] is None:
+            raise FileNotFoundError(f"--source={source} lacks {split}_images.npy or {split}_labels.npy: "
+                                    f"the data set is incomplete, prepare it again")
+        if meta.get('spatial_dims', 2) != 3 or x.ndim != 5:
+            raise ValueError(f"--source={source} holds 2-D images {x.dtype} {tuple(x.shape)}, not volumes "
+                             f"(N, D, H, W, C): slices cuts volume data sets (demo3d, msd_*, brats2021, nifti, ...)"
+                             if x.ndim == 4 else f"--source={source}: {split}_images.npy is {x.dtype} "
+                             f"{tuple(x.shape)} but meta.json's spatial_dims is {meta.get('spatial_dims', 2)}; "
+                             f"prepare the source again")
+        if x.dtype != np.uint8 or len(x) == 0:
+            raise ValueError(f"--source={source}: {split}_images.npy is {x.dtype} {tuple(x.shape)}, not non-empty "
+                             f"uint8 (N, D, H, W, C); prepare the source again")
+        for key, a in arrays[split].items():
+            if a is not None and len(a) != len(x):
+                raise ValueError(f"--source={source}: {split}_{key}.npy has {len(a)} rows but {split}_images.npy "
+                                 f"{len(x)}; prepare the source again")
+        m = arrays[split]['masks']
+        if m is not None and (m.dtype != np.uint8 or m.shape != x.shape[:-1]):
+            raise ValueError(f"--source={source}: {split}_masks.npy is {m.dtype} {tuple(m.shape)}, not uint8 "
+                             f"{tuple(x.shape[:-1])}; prepare the source again")
+    if len({arrays[s]['images'].shape[1:] for s in SPLITS}) != 1:
+        raise ValueError(f"--source={source}: the splits hold volumes of different shapes "
+                         f"({', '.join(str(tuple(arrays[s]['images'].shape[1:])) for s in SPLITS)}); prepare it again")
+    for key in ('masks', 'groups', 'sites'):  # optional files: all three splits or none (docs/data_format.md)
+        if len({arrays[s][key] is None for s in SPLITS}) != 1:
+            raise ValueError(f"--source={source} has {key} for some splits only; prepare the source again")
+    if arrays['train']['groups'] is not None:
+        ids = {s: set(np.asarray(arrays[s]['groups']).tolist()) for s in SPLITS}
+        for a, b in (('train', 'val'), ('train', 'test'), ('val', 'test')):
+            if ids[a] & ids[b]:
+                shared = sorted(ids[a] & ids[b])
+                raise ValueError(f"--source={source}: {len(shared)} subject id(s) (groups) are in both {a} and {b} "
+                                 f"(e.g. {', '.join(map(str, shared[:5]))}), so their slices would be too: prepare "
+                                 f"the source with a split by subject")
+    return meta, arrays
+
+
+def source_fingerprint(source):
+    """sha256 of the source's meta.json and of each array file's name, size and modification time: it
+    changes whenever the source is prepared again or an array is rewritten (the arrays are not read)."""
+    h = hashlib.sha256((Path(source) / 'meta.json').read_bytes())
+    for p in sorted(Path(source).glob('*.npy')):
+        st = p.stat()
+        h.update(f"{p.name} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def kept_slices(a, axis, positions, min_foreground, chunk):
+    """Which chosen slices of each volume of a split have at least min_foreground foreground pixels ->
+    (volumes, len(positions)) bool. Foreground: label > 0 in the mask when there are masks, else a pixel
+    with any channel > 0 (prepare.py stores air, padding and MRI background as 0)."""
+    keep = np.empty((len(a['images']), len(positions)), bool)
+    other = tuple(d + 1 for d in range(3) if d != axis)  # the slice's two axes in (n, D, H, W)
+    for i in range(0, len(keep), chunk):
+        fg = (np.asarray(a['masks'][i:i + chunk]) > 0 if a['masks'] is not None
+              else (np.asarray(a['images'][i:i + chunk]) > 0).any(-1))
+        keep[i:i + chunk] = np.take(fg, positions, axis=axis + 1).sum(other) >= min_foreground
+    return keep
+
+
+def write_slices(tmp, split, a, axis, keep, positions, size, offset, chunk, groups, mask_max):
+    """Cut the kept slices of one split's volumes (a: {key: array}) into {split}_*.npy, volume by volume in
+    slice order, each at `offset` (top, left) in a zero (label 0) image of `size` (H, W). groups: one id per
+    volume. A memory-mapped staging array keeps memory bounded (as convert_split)."""
+    vol, pos = np.nonzero(keep)
+    (top, left), C = offset, a['images'].shape[-1]
+    H, W = (a['images'].shape[1 + d] for d in range(3) if d != axis)  # a slice's rows and columns
+    inside = (slice(None), slice(top, top + H), slice(left, left + W))
+    partial = Path(tmp) / f'.{split}.partial'
+    partial.mkdir()
+    images = np.lib.format.open_memmap(partial / 'images.npy', 'w+', np.uint8, (len(vol), *size, C))
+    masks = (np.lib.format.open_memmap(partial / 'masks.npy', 'w+', np.uint8, (len(vol), *size))
+             if a['masks'] is not None else None)
+    k = 0
+    for i in range(0, len(keep), chunk):
+        x = np.asarray(a['images'][i:i + chunk])
+        m = np.asarray(a['masks'][i:i + chunk]) if masks is not None else None
+        for j in range(len(x)):
+            p = positions[keep[i + j]]
+            cut = lambda v: np.moveaxis(np.take(v, p, axis=axis), axis, 0)  # (len(p), rows, columns[, C])
+            images[k:k + len(p)][inside] = cut(x[j])
+            if masks is not None:
+                masks[k:k + len(p)][inside] = cut(m[j])
+            k += len(p)
+    write_split(tmp, split, images, labels=np.asarray(a['labels'])[vol], masks=masks, groups=np.asarray(groups)[vol],
+                sites=np.asarray(a['sites'])[vol] if a['sites'] is not None else None, mask_max=mask_max)
+    np.save(Path(tmp) / f'{split}_slice_index.npy', np.stack([vol, positions[pos]], 1).astype(np.int64))
+    del images, masks
+    shutil.rmtree(partial)
+
+
+def prepare_slices(out_dir=None, source: str = '', axis: int = 0, stride: int = 1, skip_empty: bool = True,
+                   min_foreground: int = 1, pad_square: bool = True):
+    """
+    A 2-D data set of slices cut out of a prepared volume data set (any folder prepare.py wrote with
+    (N, D, H, W, C) images: demo3d, msd_*, brats2021, nifti, the *mnist3d sets, video clips), for
+    medjepa.py and eval.py. --axis: 0 = D (axial for NIfTI volumes, time for clips), 1 = H, 2 = W;
+    --stride=k: every k-th slice, from the first. --skip_empty: drop the slices with fewer than
+    --min_foreground foreground pixels: label > 0 in the volume's mask, or, for sets without masks, any
+    channel > 0. Each slice keeps its volume's split, group (the subject; each volume is its own
+    subject when the source has no groups), site, label (a volume's label on all its slices: task and
+    classes stay the source's) and mask (the slice of its label map, mask_labels carried over).
+    --pad_square: a non-square slice is padded with 0 (label 0) to a centred square (medjepa.py trains on
+    square crops, which would stretch it). Default --out: <source>_slices. A source prepared again since
+    (source_fingerprint) is cut again; other changed options are refused, as everywhere.
+    """
+    t0 = time.time()
+    if axis not in (0, 1, 2):
+        raise ValueError(f"--axis must be 0 (D), 1 (H) or 2 (W) of the (N, D, H, W, C) volumes, got {axis}")
+    if stride < 1 or min_foreground < 1:
+        raise ValueError(f"--stride and --min_foreground must be at least 1, got {stride} and {min_foreground}")
+    meta, arrays = volume_source(source)
+    out_dir = Path(out_dir or f"{source.rstrip('/')}_slices")
+    if out_dir.resolve() == Path(source).resolve():
+        raise ValueError(f"--out={out_dir} is the source folder: pick another --out")
+    args = {'source': str(Path(source)), 'axis': axis, 'stride': stride, 'skip_empty': skip_empty,
+            'min_foreground': min_foreground, 'pad_square': pad_square, 'source_fingerprint': source_fingerprint(source)}
+    try:
+        old = json.loads((out_dir / 'meta.json').read_text()).get('args') or {}
+    except (OSError, ValueError, AttributeError):
+        old = {}
+    stale = (old.get('source_fingerprint') not in (None, args['source_fingerprint'])
+             and {**old, 'source_fingerprint': None} == {**args, 'source_fingerprint': None})
+    if stale:
+        print(f"{out_dir}: {source} was prepared again since these slices were made: cutting them again")
+    elif is_up_to_date(out_dir, args):
+        return out_dir
+    shape = arrays['train']['images'].shape[1:]  # (D, H, W, C)
+    rows, cols = [d for d in range(3) if d != axis]
+    H, W = shape[rows], shape[cols]
+    size = (max(H, W),) * 2 if pad_square else (H, W)
+    offset = ((size[0] - H) // 2, (size[1] - W) // 2)
+    positions = np.arange(0, shape[axis], stride)
+    chunk = max(1, 2**28 // math.prod(shape))  # volumes read at a time: ~256 MB of uint8
+    has_masks, has_groups = arrays['train']['masks'] is not None, arrays['train']['groups'] is not None
+    foreground = "label > 0 in the volume's mask" if has_masks else "a pixel with any channel > 0"
+    print(f"slices of {source} ({meta.get('name', '?')}: volumes {'x'.join(map(str, shape[:3]))}, {shape[3]} "
+          f"channel(s)) along axis {axis} ({SLICE_AXES[axis]}), every {stride}: {len(positions)} per volume, "
+          f"{size[0]}x{size[1]} px" + (f", skipping slices with < {min_foreground} foreground pixels" if skip_empty else ''))
+    counts, first_id = {}, 0
+    previous = out_dir.parent / f'.{out_dir.name}.previous-{os.getpid()}' if stale else None
+    try:
+        with staging_dir(out_dir) as tmp:
+            for split in SPLITS:
+                a = arrays[split]
+                keep = (kept_slices(a, axis, positions, min_foreground, chunk) if skip_empty
+                        else np.ones((len(a['images']), len(positions)), bool))
+                if not keep.any():
+                    raise ValueError(f"no slice of the {split} split has {min_foreground} foreground pixel(s) "
+                                     f"({foreground}): lower --min_foreground or pass --skip_empty=False")
+                # no groups in the source: each volume is its own subject, numbered across the splits
+                groups = a['groups'] if has_groups else np.arange(first_id, first_id + len(keep))
+                first_id += len(keep)
+                write_slices(tmp, split, a, axis, keep, positions, size, offset, chunk, groups,
+                             mask_max=max(1, len(meta.get('mask_labels') or []) - 1))
+                counts[split] = {'volumes': len(keep), 'volumes_with_slices': int(keep.any(1).sum()),
+                                 'slices_taken': keep.size, 'skipped_empty': int((~keep).sum()), 'slices': int(keep.sum())}
+                print(f"  {split:5s}: {keep.sum()} slices from {keep.any(1).sum()} of {len(keep)} volumes"
+                      + (f" ({counts[split]['skipped_empty']} empty ones skipped)" if skip_empty else ''))
+            task, extra = meta.get('task', 'multiclass'), {key: meta[key] for key in SLICE_COPY if key in meta}
+            if 'spacing' in meta:  # the slices' pixel size (mm), rows then columns
+                extra['spacing'] = [meta['spacing'][rows], meta['spacing'][cols]]
+            write_meta(tmp, 'slices', meta.get('classes') or [], task=task, args=args,
+                       split_rule=f"each slice stays in its volume's split; the source's rule: "
+                                  f"{meta.get('split_rule', 'not recorded')}",
+                       source=f"slices of the data set '{meta.get('name', '?')}' in {source} (prepare.py slices); "
+                              f"its source: {meta.get('source', 'not recorded')}",
+                       licence=meta.get('licence'), citation=meta.get('citation'),
+                       source_dataset=meta.get('name'), source_image_size=meta.get('image_size'),
+                       source_video=bool(meta.get('video', False)),
+                       slicing={'axis': axis, 'axis_name': SLICE_AXES[axis], 'stride': stride,
+                                'positions': f"{SLICE_AXES[axis]} = 0, {stride}, {2 * stride}, ... < {shape[axis]}",
+                                'skip_empty': skip_empty, 'min_foreground': min_foreground,
+                                'empty_rule': f"skipped: slices with fewer than {min_foreground} foreground pixel(s), "
+                                              f"foreground = {foreground}" if skip_empty else "none skipped",
+                                'pad_square': pad_square, 'slice_size': [H, W], 'offset': list(offset),
+                                'per_split': counts},
+                       label_rule=("each slice has its volume's label (classes and task as in the source), whether "
+                                   "or not the slice shows what the label is about"
+                                   if task not in ('segmentation', 'unlabeled')
+                                   else f"no image labels (-1, task '{task}' as in the source)")
+                                  + ("; masks: the slice of the volume's label map, values named by mask_labels"
+                                     if has_masks else ''),
+                       groups_rule="the source's groups (subject ids)" if has_groups else
+                                   "the source has no groups: each volume is its own subject, numbered across splits",
+                       axes=f"(N, H, W, C) = (slice, source axis {SLICE_AXES[rows]}, source axis {SLICE_AXES[cols]}, "
+                            f"channel) of the source's (N, D, H, W, C); the source's axes: {meta.get('axes', 'not recorded')}",
+                       slice_index="{split}_slice_index.npy: int64 (N, 2) = (volume row in the source's split, slice "
+                                   "position along the axis)",
+                       **extra)
+            if previous is not None:  # the stale folder goes aside only now that its successor is complete
+                os.rename(out_dir, previous)
+    finally:
+        if previous is not None and previous.exists():
+            if out_dir.exists():
+                shutil.rmtree(previous)
+            else:  # the new folder could not be put in place: the old one comes back
+                os.rename(previous, out_dir)
+    return finish(out_dir, t0)
+
+# -----------------------------------------------------------------------------
 # command line: python prepare.py <dataset> [--key=value ...]
 
 
@@ -2807,6 +3037,7 @@ DATASETS = {
     'dicom': prepare_dicom,
     'nifti': prepare_nifti,
     'video': prepare_video,
+    'slices': prepare_slices,
 }
 
 
@@ -2828,7 +3059,7 @@ def options(fn):
 
 def default_out(name, fn):
     out = inspect.signature(fn).parameters['out_dir'].default
-    return out or f'data/{name}'
+    return out or ('<source>_slices' if fn is prepare_slices else f'data/{name}')
 
 
 def main(argv=None):

@@ -366,3 +366,23 @@ def test_effective_rank_detects_collapse():
     g = torch.Generator().manual_seed(0)
     assert mj.effective_rank(torch.randn(256, 32, generator=g)) > 25
     assert mj.effective_rank(torch.randn(256, 1, generator=g) * torch.ones(1, 32)) < 1.5
+
+
+def test_prefetcher_returns_what_make_returns_in_any_order_and_reraises():
+    """The background batch maker must hand back exactly make(step, micro) for the key asked, also
+    when the caller jumps (a resume, a benchmark's breakdown) or asks the same key twice, and must
+    re-raise make's errors in the caller."""
+    import threading
+    calls, main = [], threading.get_ident()
+    def make(step, micro):
+        calls.append(threading.get_ident() != main)
+        if step == 7:
+            raise ValueError('bad batch 7')
+        return (step, micro, step * 10 + micro)
+    get = mj.Prefetcher(make, accum=2)
+    for key in [(0, 0), (0, 1), (1, 0), (1, 1), (5, 1), (6, 0), (6, 0), (2, 0)]:
+        assert get(*key) == (*key, key[0] * 10 + key[1])
+    with pytest.raises(ValueError, match='bad batch 7'):
+        get(7, 0)
+    get.close()
+    assert all(calls)  # every batch was made in the background thread

@@ -101,9 +101,13 @@ def test_kill_9_mid_training_then_resume_ends_with_the_same_weights(unlabeled, r
     child.kill()
     assert child.p.returncode == -9
     assert mj.load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num'] == 10
+    with open(os.path.join(out, 'log.jsonl'), 'a') as f:
+        f.write('{"iter": 14, "loss": 1.')  # a torn line, as a kill during a write leaves it
     mj.main(run_args(unlabeled, out, '--init_from=resume'))
     assert_same_weights(reference, mj.load_checkpoint(os.path.join(out, 'ckpt.pt')))
     assert not os.path.exists(os.path.join(out, 'run.lock'))  # released at the end of the run
+    steps = [json.loads(line)['iter'] for line in open(os.path.join(out, 'log.jsonl')) if '"loss"' in line]
+    assert steps == list(range(1, 25))  # steps 11-13 were logged before the kill and again after resume: once
 
 
 TORN_WRITER = '''
