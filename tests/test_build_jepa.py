@@ -26,18 +26,9 @@ SETTINGS = re.compile(r'^STEPS, BATCH, LAMBDA, SEED = (\d+), (\d+), ([\d.]+), (\
 
 
 def page_blocks(page=PAGE):
-    """[(line, info, text)] of the page's ~~~ blocks, in order."""
-    out, cur = [], None
-    for i, line in enumerate(open(page).read().split('\n'), 1):
-        if cur is None and line.startswith('~~~'):
-            cur = (i, line[3:].strip(), [])
-        elif cur is not None and line.strip() == '~~~':
-            out.append((cur[0], cur[1], '\n'.join(cur[2])))
-            cur = None
-        elif cur is not None:
-            cur[2].append(line)
-    assert cur is None, f'docs/build_jepa.md:{cur[0]}: unclosed ~~~ block'
-    return out
+    """[(line, info, text)] of the page's ~~~ blocks, in order (test_docs runs only its ``` blocks)."""
+    from test_docs import blocks
+    return blocks(page, re.compile(r'^(~~~+)(.*)$'))
 
 
 def run_page(steps=None, seed=None, echo=False, page=PAGE):

@@ -71,11 +71,11 @@ LINE_REF = re.compile(r'\[`([\w.]+)`\]\(([^)#\s]+\.py)#L(\d+)(?:-L(\d+))?\)')
 ANY_LINE_NUMBER = re.compile(r'\.py(?:#|:)L\d+')
 
 
-def blocks(page):
-    """[(first line number, info string, text)] of the fenced blocks of a page."""
+def blocks(page, fence=FENCE):
+    """[(first line number, info string, text)] of the fenced blocks of a page (fence: which fences)."""
     out, cur = [], None
     for i, line in enumerate(open(os.path.join(ROOT, page)).read().split('\n'), 1):
-        m = FENCE.match(line.strip())
+        m = fence.match(line.strip())
         if cur is None and m:
             cur = (i, m.group(2).strip(), [], m.group(1))
         elif cur is not None and line.strip() == cur[3]:
