@@ -876,12 +876,16 @@ def main(argv=None):
                  f"(it writes out-demo/ckpt.pt), or pass --ckpt=path/to/ckpt.pt")
     ckpt = medjepa.load_checkpoint(args.ckpt)
     out_dir = os.path.dirname(os.path.abspath(args.ckpt))
-    for name in ('eval.json', 'eval.md'):  # an earlier evaluation's results never pass for this one's
-        if os.path.isfile(os.path.join(out_dir, name)):
-            os.replace(os.path.join(out_dir, name), os.path.join(out_dir, name.replace('eval.', 'eval.prev.')))
     config = ckpt['config']
     args.supervised_iters = int(config['max_iters']) if args.supervised_iters < 0 else args.supervised_iters
     ddir = args.data_dir or config['data_dir']
+    # results on the checkpoint's own data: eval.*; on another data set B: eval_B.* and figures_B/, so a
+    # transfer evaluation never displaces the home one (and an earlier one of each becomes *.prev.*)
+    tag = '' if os.path.abspath(ddir) == os.path.abspath(config['data_dir']) else \
+        '_' + re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(os.path.normpath(ddir)))
+    for name in (f'eval{tag}.json', f'eval{tag}.md'):  # an earlier evaluation's results never pass for this one's
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.replace(os.path.join(out_dir, name), os.path.join(out_dir, name.replace('.', '.prev.', 1)))
     data = load_data(ddir)
     n, task, K = data['counts'], data['task'], data['num_classes']
     why_not = {'seg': 'the data set has no masks'} if data['masks'] is None else {}
@@ -978,15 +982,16 @@ def main(argv=None):
         'elapsed_s': round(elapsed, 2), 'versions': {'python': platform.python_version(), 'torch': torch.__version__,
                                                      'numpy': np.__version__, 'sklearn': sklearn.__version__},
     }
-    atomic_write(os.path.join(out_dir, 'eval.json'), json.dumps(to_json(report), indent=2) + '\n')
-    atomic_write(os.path.join(out_dir, 'eval.md'), md)
+    atomic_write(os.path.join(out_dir, f'eval{tag}.json'), json.dumps(to_json(report), indent=2) + '\n')
+    atomic_write(os.path.join(out_dir, f'eval{tag}.md'), md)
     if args.figures:  # optional, so after the numbers are safe; a figure that fails is a warning (eval_figures)
-        figs = report['figures'] = eval_figures.draw_figures(rows, results, data, cfg, out_dir, METRIC_NAMES[MAIN[task]])
+        figs = report['figures'] = eval_figures.draw_figures(rows, results, data, cfg, out_dir, METRIC_NAMES[MAIN[task]],
+                                                                       'figures' + tag)
         md += f"\nFigures: {', '.join(figs)}\n" if figs else ''
-        atomic_write(os.path.join(out_dir, 'eval.json'), json.dumps(to_json(report), indent=2) + '\n')
-        atomic_write(os.path.join(out_dir, 'eval.md'), md)
+        atomic_write(os.path.join(out_dir, f'eval{tag}.json'), json.dumps(to_json(report), indent=2) + '\n')
+        atomic_write(os.path.join(out_dir, f'eval{tag}.md'), md)
     print('\n' + md)
-    print(f"wrote {os.path.join(out_dir, 'eval.json')}, eval.md and {len(figs)} figures; total {elapsed:.1f}s")
+    print(f"wrote {os.path.join(out_dir, f'eval{tag}.json')}, eval{tag}.md and {len(figs)} figures; total {elapsed:.1f}s")
     return report
 
 

@@ -151,8 +151,8 @@ def fig_segmentation(plt, path, rows, data):
     fig.savefig(path, dpi=110)
 
 
-def draw_figures(rows, results, data, cfg, out_dir, metric):
-    """Every figure the run can feed, into out_dir/figures/ -> their paths relative to out_dir."""
+def draw_figures(rows, results, data, cfg, out_dir, metric, folder='figures'):
+    """Every figure the run can feed, into out_dir/folder/ -> their paths relative to out_dir."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -165,11 +165,11 @@ def draw_figures(rows, results, data, cfg, out_dir, metric):
              and data['images']['test'].ndim == 4),
             ('data_efficiency', fig_data_efficiency, (results, metric), any('fewshot' in r for r in results.values())),
             ('segmentation', fig_segmentation, (rows, data), any('seg_pred' in r for r in rows))]
-    os.makedirs(os.path.join(out_dir, 'figures'), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
     made = []
     for name, fn, args, ok in todo:
         if ok:
-            path = os.path.join('figures', f'{name}.png')
+            path = os.path.join(folder, f'{name}.png')
             try:  # figures are optional: one that cannot be drawn is a warning, never a lost evaluation
                 fn(plt, os.path.join(out_dir, path), *args)
                 made.append(path)

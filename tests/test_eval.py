@@ -400,8 +400,15 @@ def test_an_rgb_checkpoint_evaluates_on_grey_or_multichannel_images_of_another_s
     write_tiny_data(tmp_path / 'rgb')
     ckpt = write_tiny_checkpoint(tmp_path / 'out', tmp_path / 'rgb')
     write_tiny_data(tmp_path / 'other', chans=chans, size=24)
+    home = ckpt.parent / 'eval.json'
+    home.write_text('{"dataset": "the checkpoint\'s own evaluation"}\n')
     report = ev.main([f'--ckpt={ckpt}', f'--data_dir={tmp_path / "other"}', '--tasks=knn,linear,seg', '--figures=false',
                       '--seg_epochs=2', '--supervised_iters=0'])
+    # the transfer results go to eval_other.*: the checkpoint's own evaluation stays where it was
+    assert home.read_text() == '{"dataset": "the checkpoint\'s own evaluation"}\n'
+    assert not (ckpt.parent / 'eval.prev.json').exists()
+    assert json.load(open(ckpt.parent / 'eval_other.json'))['data_dir'] == str(tmp_path / 'other')
+    assert (ckpt.parent / 'eval_other.md').exists()
     assert set(report['results']) == {'pretrained', 'random-init', 'raw pixels'}  # --supervised_iters=0: no such row
     pre = report['results']['pretrained']
     assert pre['feature_dim'] == 24 and pre['seg']['n'] == 30 and pre['knn']['k=10']['n'] == 30  # every task scored test
