@@ -9,7 +9,7 @@ itself perfectly. SIGReg (LeJEPA, Balestriero & LeCun 2025) prevents it, a stati
 embeddings against an isotropic Gaussian, instead of the EMA teachers and heuristics of I-JEPA / DINO.
 
 Run it:
-    python medjepa.py                                  # CPU demo on data/demo (minutes on 2 cores)
+    python medjepa.py                                  # CPU demo on data/demo (minutes)
     python medjepa.py config/demo_views.py             # LeJEPA's multi-view objective
     python medjepa.py --max_iters=50 --out_dir=out-x   # any global below can be overridden
     torchrun --nproc_per_node=8 medjepa.py config/x.py # data-parallel on 8 GPUs (or CPU/gloo)
@@ -33,9 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from medjepa_utils import (  # the plumbing, re-exported (medjepa.configure is medjepa_utils.configure)
+from medjepa_utils import (  # the plumbing, re-exported (medjepa.X works)
     advice, AllReduceSum, any_rank, barrier, checkpoint_dims, claim_out_dir, cli, compile_model, ConfigError,
-    configure, count_bad_steps, DataError, describe_run, distributed, effective_rank, estimate_flops,
+    BadSteps, configure, DataError, describe_run, distributed, effective_rank, estimate_flops,
     evaluate_and_save, exact_sigreg_grads, extract_features, feature_health, fp32, global_mean, knn_predict,
     load_checkpoint, load_split, log_step, mean_cosine, measure_matmul_flops, need, open_data, open_log,
     parse_config, precision, Prefetcher, read_meta, resolve_dtype, resume, safe_load, save_checkpoint,
@@ -47,7 +47,7 @@ from medjepa_utils import (  # the plumbing, re-exported (medjepa.configure is m
 out_dir = 'out-demo'       # checkpoint, log.jsonl and eval results
 data_dir = 'data/demo'     # a folder written by prepare.py (data/demo is made if missing)
 init_from = 'scratch'      # 'scratch' or 'resume' (continue from out_dir/ckpt.pt)
-overwrite = False          # True: a 'scratch' run may delete the run already in out_dir (else: refused)
+overwrite = False          # True: a 'scratch' run may replace the run in out_dir (else: refused)
 eval_interval = 200        # every this many steps: online kNN on val, checkpoint
 log_interval = 10          # every this many steps: print and log losses and monitors
 knn_train_size = 3000      # train images in the online kNN's bank
@@ -105,8 +105,8 @@ config_keys = [k for k, v in globals().items()
 DEFAULTS = {k: globals()[k] for k in config_keys}
 
 # -----------------------------------------------------------------------------
-# Data: uint8 arrays (N, H, W, C) from prepare.py, memory-mapped (medjepa_utils.open_data); a batch is
-# read by its indices, sent to the device as uint8 (to_float) and augmented there, on the whole batch.
+# Data: uint8 arrays (N, H, W, C) from prepare.py, memory-mapped (medjepa_utils.open_data); a batch
+# goes to the device as uint8 (to_float) and is augmented there, as a whole.
 
 
 def batch_indices(step, micro, n, batch, world, rank, accum, seed):
@@ -595,10 +595,9 @@ def make_optimizer(model, cfg, dev):
 
 
 def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_clip):
-    """One optimiser step: `accum` micro-batches (get_batch(micro) -> batch) forward and backward,
-    gradients summed, then clipping and AdamW. Returns the mean loss (detached: no device sync), the last
-    micro-step's stats (+ data_time) and the FLOPs. K micro-steps of 'mask' equal one K-times bigger batch,
-    SIGReg included (exact_sigreg_grads; 'views' scores SIGReg per micro-step: docs/scaling.md)."""
+    """`accum` micro-batches (get_batch(micro)) forward and backward, then clipping and AdamW -> the mean
+    loss (on the device), the last micro-step's stats, the FLOPs. K micro-steps of 'mask' equal a K-times bigger
+    batch, SIGReg included ('views': SIGReg per micro-step, docs/scaling.md)."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     raw = model.module if ddp else model
     lam = raw.cfg['sigreg_lambda']
@@ -622,8 +621,12 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
         loss_sum, stats['sigreg'] = loss_sum + accum * lam * reg, reg
     scaler.unscale_(optimizer)  # (a no-op without fp16's GradScaler)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
-    skipped = not torch.isfinite(norm).item()  # one sync per step; equal on all ranks (all-reduced grads)
-    if not skipped:  # NaN/inf gradients would poison the weights and AdamW's moments: skip the update
+    skipped = ~torch.isfinite(norm)  # NaN/inf would poison weights and moments: skip (same on every rank)
+    if optimizer.defaults.get('fused') and not scaler.is_enabled():  # in the kernel: no host sync
+        optimizer.found_inf = skipped.float()
+        optimizer.step()
+        del optimizer.found_inf
+    elif not skipped.item():  # (unfused, or fp16's GradScaler: one sync)
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -648,7 +651,7 @@ def train(cfg, impl=None):
     this one, or medjepa3d, so images and volumes share this loop, its logs and its checkpoints."""
     impl = impl or sys.modules[__name__]
     ddp, rank, world, dev = setup_distributed(cfg)
-    master, accum = rank == 0, cfg['gradient_accumulation_steps']  # per process: any world size works
+    master, accum = rank == 0, cfg['gradient_accumulation_steps']  # (per process)
     with claim_out_dir(cfg, rank, ddp, dev):  # one run per out_dir: a lock, no silent overwrite
         if cfg['num_threads'] > 0:
             torch.set_num_threads(cfg['num_threads'])
@@ -668,7 +671,7 @@ def train(cfg, impl=None):
             log = open_log(cfg, iter_num)  # (scratch: deletes an earlier run's files)
         with stop_signals() as stop:  # SIGTERM / SIGUSR1 (pre-emption): finish the step, save, exit
             t0, tdata, flops, imgs = time.time(), 0.0, 0.0, 0  # since the last log line
-            stopping, bad, n_bad, first = False, 0, 0, iter_num
+            stopping, bad, first = False, BadSteps(cfg, master), iter_num
             batches = Prefetcher(lambda s, m: get_batch(cfg, impl, data, s, m, dev, rank, world), accum)
             while iter_num < cfg['max_iters']:
                 if master and iter_num > first and iter_num % cfg['eval_interval'] == 0:  # (not on resume)
@@ -683,15 +686,16 @@ def train(cfg, impl=None):
                                             cfg['grad_clip'])
                 iter_num, flops, tdata = iter_num + 1, flops + f * world, tdata + stats['data_time']
                 imgs += cfg['batch_size'] * accum * world
-                bad, n_bad = count_bad_steps(stats['skipped'], bad, n_bad, iter_num, cfg, master)  # may stop
-                if master and (iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']):
+                bad.add(stats['skipped'])  # (read on log steps: no sync per step)
+                log_now = iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']
+                if log_now and bad.check(iter_num) and master:  # (check() stops a diverged run)
                     if dev.startswith('cuda'):
                         torch.cuda.synchronize()
                     dt = time.time() - t0
-                    log_step(log, iter_num, loss, stats, lr, imgs / dt, tdata / dt, flops / dt / peak, n_bad)
+                    log_step(log, iter_num, loss, stats, lr, imgs / dt, tdata / dt, flops / dt / peak, bad.n)
                     t0, tdata, flops, imgs = time.time(), 0.0, 0.0, 0
                 # a signal stops every rank at the same step (DDP: an all-reduce, on log steps only)
-                stopping = (not ddp or iter_num % cfg['log_interval'] == 0) and any_rank(bool(stop), ddp, dev)
+                stopping = (not ddp or log_now) and any_rank(bool(stop), ddp, dev)
                 if stopping:
                     break
             batches.close()

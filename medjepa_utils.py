@@ -944,16 +944,27 @@ def describe_run(cfg, data, raw_model, dev, dtype, world):
     return peak
 
 
-def count_bad_steps(skipped, bad, n_bad, step, cfg, master):
-    """(in a row, in all) after a step whose update was skipped or not (non-finite gradients); raises
-    FloatingPointError at max_bad_steps in a row: training diverged."""
-    bad, n_bad = (bad + 1, n_bad + 1) if skipped else (0, n_bad)
-    if master and skipped:
-        print(f'step {step}: non-finite loss or gradients, update skipped ({bad} in a row, {n_bad} in all)')
-    if bad >= cfg['max_bad_steps']:
-        raise FloatingPointError(f"{bad} non-finite steps in a row at step {step}: training diverged. "
-                                 f"{advice(cfg)}")
-    return bad, n_bad
+class BadSteps:
+    """Steps whose update was skipped (non-finite gradients), counted without a host sync per step:
+    add() sums device tensors, check() reads them on log steps, prints what was skipped since the last
+    one and raises FloatingPointError once max_bad_steps came in a row (training diverged)."""
+    def __init__(self, cfg, master):
+        self.cfg, self.master, self.run, self.worst, self.sum, self.n = cfg, master, 0, 0, 0, 0
+
+    def add(self, skipped):  # skipped: a bool tensor of this step
+        self.run = (self.run + 1) * skipped  # in a row (0 after a good step)
+        self.worst, self.sum = self.run.clamp(min=self.worst), self.sum + skipped
+
+    def check(self, step):
+        run, worst, total = int(self.run), int(self.worst), int(self.sum)
+        if self.master and total > self.n:
+            print(f'step {step}: non-finite loss or gradients, {total - self.n} update(s) skipped since the '
+                  f'last log line ({run} in a row, {total} in all)')
+        self.worst, self.n = run, total
+        if worst >= self.cfg['max_bad_steps']:
+            raise FloatingPointError(f"{worst} non-finite steps in a row by step {step}: training diverged. "
+                                     f"{advice(self.cfg)}")
+        return True
 
 
 def log_step(log, step, loss, stats, lr, img_per_s, data_frac, mfu, n_bad):

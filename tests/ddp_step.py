@@ -55,8 +55,10 @@ def run(overrides, world=1, rank=0, accum=1, steps=2, poison=False):
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = mj.make_optimizer(model, cfg, 'cpu')
     grads = []  # what the optimiser sees: the gradient after DDP's all-reduce and accumulation
-    optimizer.register_step_pre_hook(lambda opt, args, kwargs: grads.append(
-        {n: p.grad.clone() for n, p in zip(names, model.parameters())}))
+    def record(opt, args, kwargs):  # (found_inf = 1: the fused kernel skips this update)
+        if not float(getattr(opt, 'found_inf', 0)):
+            grads.append({n: p.grad.clone() for n, p in zip(names, model.parameters())})
+    optimizer.register_step_pre_hook(record)
     scaler = torch.amp.GradScaler(enabled=False)
     losses, skipped = [], []
     for step in range(steps):
@@ -67,7 +69,7 @@ def run(overrides, world=1, rank=0, accum=1, steps=2, poison=False):
             j = micro * world + rank
             return {k: v[j * B:(j + 1) * B] for k, v in full.items()}
         loss, stats, _ = mj.train_step(model, optimizer, scaler, get_batch, accum, step, nullcontext(), cfg['grad_clip'])
-        skipped.append(stats['skipped'])
+        skipped.append(bool(stats['skipped']))
         if world > 1:  # each rank's loss uses its shard's prediction term: average them
             dist.all_reduce(loss)
             loss /= world

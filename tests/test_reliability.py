@@ -1,6 +1,7 @@
 """Faults and bad input (docs/reliability.md has the table): kill -9 during training and
 during a checkpoint write, torn checkpoints, a full disk, NaN/inf steps, bad config values, bad data,
 two runs on one out_dir, the torch that may load checkpoints."""
+import copy
 import errno
 import io
 import json
@@ -11,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -219,7 +221,7 @@ def test_nonfinite_steps_are_skipped_and_counted(unlabeled, tmp_path, monkeypatc
     poison(monkeypatch, {3, 4}, seen)
     out = tmp_path / 'out'
     model = mj.main(run_args(unlabeled, out, '--max_iters=8', '--max_bad_steps=3'))
-    assert 'update skipped (2 in a row, 2 in all)' in capsys.readouterr().out
+    assert '1 update(s) skipped since the last log line (2 in a row, 2 in all)' in capsys.readouterr().out
     for k in seen[3]:  # steps 3 and 4 did not move the weights; the others did
         assert torch.equal(seen[3][k], seen[5][k]), k
     assert any(not torch.equal(seen[2][k], seen[3][k]) for k in seen[3])
@@ -228,18 +230,59 @@ def test_nonfinite_steps_are_skipped_and_counted(unlabeled, tmp_path, monkeypatc
     assert [r['skipped'] for r in logged if 'loss' in r] == [0, 0, 0, 1, 2, 2, 2, 2]  # iter 4 logs step 3
 
 
+@pytest.mark.parametrize('poisoned', [False, True])
+def test_a_training_step_never_waits_on_the_device(monkeypatch, poisoned):
+    """train_step reads no value back to the host (.item(), bool(), float() of a tensor): on a GPU each
+    would stall the queue once per step. The skip decision for a non-finite step stays on the device
+    (the fused AdamW kernel's found_inf), and a skipped step leaves weights and moments as they were."""
+    cfg = dict(mj.DEFAULTS, n_layer=1, n_embd=32, n_head=2, pred_n_layer=1, pred_n_embd=16, pred_n_head=2,
+               image_size=16, patch_size=4, num_slices=16)
+    torch.manual_seed(0)
+    model = mj.build_model(cfg)
+    optimizer = mj.make_optimizer(model, cfg, 'cpu')
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    batches = [mj.make_batch(cfg, images, np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32), s, 0, 'cpu')
+               for s in range(3)]
+    batches[2]['x_tgt'][0] = float('nan') if poisoned else batches[2]['x_tgt'][0]
+    scaler = torch.amp.GradScaler(enabled=False)
+    step = lambda s: mj.train_step(model, optimizer, scaler, lambda micro: batches[s], 1, s, nullcontext(), 1.0)
+    step(0), step(1)
+    before = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+
+    def sync(self, *args):
+        raise AssertionError('train_step read a tensor back to the host')
+    for name in ('item', '__bool__', '__float__', '__int__', 'tolist'):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    loss, stats, _ = step(2)
+    monkeypatch.undo()
+    assert bool(stats['skipped']) == poisoned
+    same = [torch.equal(a, b) for a, b in zip(before[0].values(), model.state_dict().values())]
+    assert all(same) if poisoned else not any(same)
+    moments = lambda sd: [t for st in sd['state'].values() for t in st.values()]
+    assert all(torch.equal(a, b) for a, b in zip(moments(before[1]), moments(optimizer.state_dict()))) == poisoned
+
+
 def test_repeated_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(unlabeled, tmp_path, monkeypatch):
     seen = {}
     poison(monkeypatch, set(range(8, 100)), seen)  # the 9th step and all after it
     out = tmp_path / 'out'
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(FloatingPointError, match='4 non-finite steps in a row at step 12.*learning_rate.*dtype=float32'):
+    with pytest.raises(FloatingPointError, match='4 non-finite steps in a row by step 12.*learning_rate.*dtype=float32'):
         mj.main(run_args(unlabeled, out, '--max_bad_steps=4'))
     assert signal.getsignal(signal.SIGTERM) is before  # train()'s pre-emption handler is gone with it
     ckpt = mj.load_checkpoint(str(out / 'ckpt.pt'))  # written after 5 steps, then after 10 with the weights of 8
     assert ckpt['iter_num'] == 10
     for k, v in ckpt['model'].items():
         assert v.isfinite().all() and torch.equal(v, seen[8][k]), k
+
+
+def test_a_diverged_stretch_between_two_log_lines_still_stops_the_run(unlabeled, tmp_path, monkeypatch, capsys):
+    """Skipped steps are read on log steps only (no sync per step): 4 bad steps in a row (steps 5-8)
+    that end before the log line at step 10 must still stop a run with max_bad_steps=4."""
+    poison(monkeypatch, {5, 6, 7, 8})
+    with pytest.raises(FloatingPointError, match='4 non-finite steps in a row by step 10'):
+        mj.main(run_args(unlabeled, tmp_path / 'out', '--max_bad_steps=4', '--log_interval=5'))
+    assert '4 update(s) skipped since the last log line (0 in a row, 4 in all)' in capsys.readouterr().out
 
 
 def test_weights_made_infinite_by_a_huge_learning_rate_are_never_saved(unlabeled, tmp_path):
