@@ -338,7 +338,9 @@ def to_float(images_uint8, mean, std, device):
     """(B, H, W, C) uint8 numpy -> (B, C, H, W) float tensor normalised per channel on the device
     (volumes: (B, D, H, W, C) -> (B, C, D, H, W)). uint8 travels (4x fewer bytes than float32), from
     pinned memory and non_blocking: a blocking copy would leave the GPU idle (docs/scaling.md)."""
-    x = torch.from_numpy(np.array(images_uint8, copy=True))  # own writable memory (memmaps are read-only)
+    a = images_uint8  # a batch gathered by indices is already a private array: no second copy
+    own = isinstance(a, np.ndarray) and a.flags.writeable and a.flags.c_contiguous and a.dtype == np.uint8
+    x = torch.from_numpy(a if own else np.array(a, dtype=np.uint8, copy=True))  # (a memmap slice: read-only)
     x = to_device(x, device).movedim(-1, 1).float().div_(255)
     shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcast over the spatial axes
     m = torch.tensor(mean).view(shape).to(device, non_blocking=True)
