@@ -1,5 +1,5 @@
 # LeJEPA's own multi-view objective on the demo data, for a side-by-side comparison with config/demo.py.
-# ~14 minutes on 2 CPU cores in float32 (~45 images/s).   python medjepa.py config/demo_views.py
+# 11 minutes on 2 CPU cores in bf16 (~65 images/s), ~20 in float32 (~32).   python medjepa.py config/demo_views.py
 # Strong colour jitter + random grayscale remove the colour shortcut (docs/design.md: without them the
 # encoder tells images apart by skin tone and darkness and learns no morphology); 2 local crops keep
 # the step cheap enough for 600 steps in the CPU budget; they cover 20-60 % of the image, so they nearly
