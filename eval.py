@@ -982,16 +982,17 @@ def main(argv=None):
         'elapsed_s': round(elapsed, 2), 'versions': {'python': platform.python_version(), 'torch': torch.__version__,
                                                      'numpy': np.__version__, 'sklearn': sklearn.__version__},
     }
-    atomic_write(os.path.join(out_dir, f'eval{tag}.json'), json.dumps(to_json(report), indent=2) + '\n')
-    atomic_write(os.path.join(out_dir, f'eval{tag}.md'), md)
+    json_path, md_path = os.path.join(out_dir, f'eval{tag}.json'), os.path.join(out_dir, f'eval{tag}.md')
+    atomic_write(json_path, json.dumps(to_json(report), indent=2) + '\n')
+    atomic_write(md_path, md)
     if args.figures:  # optional, so after the numbers are safe; a figure that fails is a warning (eval_figures)
-        figs = report['figures'] = eval_figures.draw_figures(rows, results, data, cfg, out_dir, METRIC_NAMES[MAIN[task]],
-                                                                       'figures' + tag)
+        figs = report['figures'] = eval_figures.draw_figures(rows, results, data, cfg, out_dir,
+                                                             METRIC_NAMES[MAIN[task]], 'figures' + tag)
         md += f"\nFigures: {', '.join(figs)}\n" if figs else ''
-        atomic_write(os.path.join(out_dir, f'eval{tag}.json'), json.dumps(to_json(report), indent=2) + '\n')
-        atomic_write(os.path.join(out_dir, f'eval{tag}.md'), md)
+        atomic_write(json_path, json.dumps(to_json(report), indent=2) + '\n')
+        atomic_write(md_path, md)
     print('\n' + md)
-    print(f"wrote {os.path.join(out_dir, f'eval{tag}.json')}, eval{tag}.md and {len(figs)} figures; total {elapsed:.1f}s")
+    print(f"wrote {json_path}, eval{tag}.md and {len(figs)} figures; total {elapsed:.1f}s")
     return report
 
 
