@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from medjepa_utils import (  # the plumbing, re-exported (medjepa.X works)
+from medjepa_utils import (  # the plumbing (re-exported)
     advice, AllReduceSum, any_rank, barrier, checkpoint_dims, claim_out_dir, cli, compile_model, ConfigError,
     BadSteps, configure, DataError, describe_run, distributed, effective_rank, estimate_flops,
     evaluate_and_save, exact_sigreg_grads, extract_features, feature_health, fp32, global_mean, knn_predict,
@@ -619,7 +619,7 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
         loss_sum = loss_sum + (((1 - lam) * stats['pred']) if exact else loss.detach())
     if exact:
         loss_sum, stats['sigreg'] = loss_sum + accum * lam * reg, reg
-    scaler.unscale_(optimizer)  # (a no-op without fp16's GradScaler)
+    scaler.unscale_(optimizer)  # (no-op without fp16 GradScaler)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
     skipped = ~torch.isfinite(norm)  # NaN/inf would poison weights and moments: skip (same on every rank)
     if optimizer.defaults.get('fused') and not scaler.is_enabled():  # in the kernel: no host sync
@@ -686,9 +686,11 @@ def train(cfg, impl=None):
                                             cfg['grad_clip'])
                 iter_num, flops, tdata = iter_num + 1, flops + f * world, tdata + stats['data_time']
                 imgs += cfg['batch_size'] * accum * world
-                bad.add(stats['skipped'])  # (read on log steps: no sync per step)
+                bad.add(stats['skipped'])  # (read on log steps: no sync)
                 log_now = iter_num % cfg['log_interval'] == 0 or iter_num == cfg['max_iters']
-                if log_now and bad.check(iter_num) and master:  # (check() stops a diverged run)
+                if log_now:
+                    bad.check(iter_num)  # (may stop the run)
+                if log_now and master:
                     if dev.startswith('cuda'):
                         torch.cuda.synchronize()
                     dt = time.time() - t0

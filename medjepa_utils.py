@@ -966,7 +966,6 @@ class BadSteps:
         if worst >= self.cfg['max_bad_steps']:
             raise FloatingPointError(f"{worst} non-finite steps in a row by step {step}: training diverged. "
                                      f"{advice(self.cfg)}")
-        return True
 
 
 def log_step(log, step, loss, stats, lr, img_per_s, data_frac, mfu, n_bad):
