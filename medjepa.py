@@ -82,6 +82,7 @@ n_local_views = 4          # 'views' objective: small crops per image (plus 2 gl
 local_size = 32            # 'views' objective: side of the local crops in pixels
 local_scale = (0.05, 0.3)  # 'views' objective: area range of the local crops
 proj_dim = 64              # 'views' objective: projector output width (SIGReg acts on it)
+view_keep = 1.0            # 'views' objective: fraction of each global view's patches the encoder sees
 # optimisation
 batch_size = 64            # images per micro-step per process
 gradient_accumulation_steps = 1  # micro-steps per optimiser step, per process
@@ -458,7 +459,7 @@ class JEPA(nn.Module):
         if self.cfg['objective'] == 'mask':
             return self.mask_loss(batch['x'], batch['x_tgt'], batch['ctx_idx'], batch['tgt_idx'], step,
                                   reg_grad=reg_grad[0] if reg_grad else None)
-        return self.views_loss(batch['globals'], batch['locals'], step)
+        return self.views_loss(batch['globals'], batch['locals'], step, batch.get('keep'))
 
     def mask_sets(self, batch):  # the (ctx_idx, tgt_idx) pairs of a batch: one here, several in 3-D
         return [(batch['ctx_idx'], batch['tgt_idx'])]
@@ -519,12 +520,13 @@ class JEPA(nn.Module):
             loss = (1 - lam) * pred_loss + (fp32(reg_in) * reg_grad).sum()
         return loss, dict(pred=pred_loss.detach(), sigreg=reg.detach(), emb=pooled.detach())
 
-    def views_loss(self, g, l, step):
+    def views_loss(self, g, l, step, keep=None):
         """LeJEPA objective: each view's embedding should match the mean of the global views', and each
-        view's embeddings be N(0, I) (SIGReg). g: (Vg, B, C, S, S) global crops, l: (Vl, B, C, s, s)."""
+        view's embeddings be N(0, I) (SIGReg). g: (Vg, B, C, S, S) global crops, l: (Vl, B, C, s, s);
+        keep: (Vg * B, K) the patches each global view's encoder sees (view_keep < 1), or None: all."""
         c, lam = self.cfg, self.cfg['sigreg_lambda']
         Vg, B = g.shape[:2]
-        feats = [self.encoder(g.flatten(0, 1)).mean(1)]  # (Vg*B, D)
+        feats = [self.encoder(g.flatten(0, 1), keep).mean(1)]  # (Vg*B, D)
         if l.shape[0] > 0:
             feats.append(self.encoder(l.flatten(0, 1)).mean(1))
         emb = torch.cat(feats)
@@ -570,7 +572,12 @@ def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
     loc = [crop(cfg['local_size'], cfg['local_scale'])
            for _ in range(cfg['n_local_views'])]
     loc = torch.stack(loc) if loc else x.new_zeros(0, *x.shape[:2], cfg['local_size'], cfg['local_size'])
-    return dict(globals=g, locals=loc)
+    if cfg['view_keep'] == 1:
+        return dict(globals=g, locals=loc)
+    # token dropping: each global view keeps its own random subset of its patches (positions stay theirs)
+    n = (cfg['image_size'] // cfg['patch_size']) ** 2
+    keep = torch.rand(2 * x.shape[0], n, generator=gen).argsort(1)[:, :max(1, round(cfg['view_keep'] * n))]
+    return dict(globals=g, locals=loc, keep=to_device(keep, device))  # keep: (2 * B, K) patch indices
 
 # -----------------------------------------------------------------------------
 # Training

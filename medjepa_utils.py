@@ -158,6 +158,8 @@ def validate(c):
          f"color_jitter={c['color_jitter']} must be >= 0 and gray_prob={c['gray_prob']} in [0, 1]")
     need(0 < c['context_keep'] <= 1,
          f"context_keep={c['context_keep']} must lie in (0, 1]: the fraction of the grid each context keeps")
+    need(0 < c['view_keep'] <= 1,
+         f"view_keep={c['view_keep']} must lie in (0, 1]: the fraction of its patches each global view keeps")
     for k in ('crop_scale', 'local_scale', 'target_scale', 'context_scale'):
         lo, hi = c[k]
         need(0 < lo <= hi <= 1, f"{k}={c[k]} must satisfy 0 < low <= high <= 1")
@@ -785,7 +787,8 @@ def estimate_flops(model, batch):
     c, D, L = model.cfg, model.cfg['n_embd'], model.cfg['n_layer']
     if c['objective'] == 'views':
         g, loc, p = batch['globals'], batch['locals'], c['patch_size']
-        return 3 * g.shape[1] * (g.shape[0] * transformer_flops((g.shape[-1] // p) ** 2, D, L)
+        Tg = batch['keep'].shape[1] if 'keep' in batch else (g.shape[-1] // p) ** 2  # tokens per global view
+        return 3 * g.shape[1] * (g.shape[0] * transformer_flops(Tg, D, L)
                                  + loc.shape[0] * transformer_flops((loc.shape[-1] // p) ** 2, D, L))
     x = batch['x']
     N, patch = math.prod(model.encoder.grid(x)), math.prod(model.encoder.patch_embed.proj.kernel_size)

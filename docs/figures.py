@@ -34,14 +34,15 @@ LOGS = os.path.join(FIG, 'logs')
 
 # -----------------------------------------------------------------------------
 # The runs behind docs/why_jepa.md and docs/sigreg.md: medjepa.py's defaults of their day (config/demo.py:
-# the 'mask' objective on data/demo, 256 slices; config/demo_views.py with 2 local crops of 5-30 %)
+# the 'mask' objective on data/demo, 256 slices; config/demo_views.py with 2 local crops of 5-30 % and
+# every patch of each view)
 # shortened to 300 steps, one knob changed at a time. The flags below restore those settings; one thing
 # cannot be restored: contexts were then cut to the batch's shortest, now every image keeps
 # context_keep of the grid, so a re-run differs a little from the logs in docs/figures/logs.
 # --num_threads=1 because they ran niced on a 2-core machine shared with other jobs.
 COMMON = ['--max_iters=300', '--warmup_iters=30', '--eval_interval=100', '--num_threads=1']
 THEN = ['--num_slices=256']
-VIEWS_THEN = ['config/demo_views.py', '--n_local_views=2', '--local_scale=(0.05,0.3)']
+VIEWS_THEN = ['config/demo_views.py', '--n_local_views=2', '--local_scale=(0.05,0.3)', '--view_keep=1']
 RUNS = {
     'lam0': THEN + ['--sigreg_lambda=0'],
     'lam0.01': THEN + ['--sigreg_lambda=0.01'],

@@ -333,6 +333,19 @@ def test_mask_batch_targets_see_the_same_crop_and_differ_only_by_jitter():
     assert torch.equal(plain['ctx_idx'], jit['ctx_idx'])  # same geometry and masks either way
 
 
+def test_views_batch_drops_tokens_per_global_view_without_changing_the_crops():
+    imgs = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    kw = dict(objective='views', n_local_views=0)
+    full = mj.make_batch(_tiny_cfg(**kw), imgs, [0.5] * 3, [0.3] * 3, step=3, micro=0, device='cpu')
+    assert 'keep' not in full  # view_keep = 1: every patch, no index tensor
+    half = mj.make_batch(_tiny_cfg(view_keep=0.5, **kw), imgs, [0.5] * 3, [0.3] * 3, step=3, micro=0, device='cpu')
+    assert torch.equal(full['globals'], half['globals'])  # the subset is drawn after the crops
+    keep = half['keep']
+    assert keep.shape == (2 * 4, 8)  # 2 global views x 4 images, round(0.5 * 16) patches each
+    assert all(len(set(row.tolist())) == 8 and 0 <= row.min() and row.max() < 16 for row in keep)
+    assert len({tuple(sorted(row.tolist())) for row in keep}) > 1  # each view draws its own subset
+
+
 def test_batch_indices_shard_without_overlap_or_loss():
     n, B, world, accum = 50, 4, 2, 3
     seen = []

@@ -86,6 +86,29 @@ def test_views_loss_equals_a_hand_written_version():
     torch.testing.assert_close(loss, 0.8 * pred + 0.2 * reg)
 
 
+def test_views_loss_with_view_keep_sees_only_the_kept_patches_of_the_global_views():
+    """Token dropping: the pixels of a dropped patch cannot change the loss; those of a kept one do."""
+    model = _model(objective='views', sigreg_lambda=0.2)
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(2, 8, 3, 16, 16, generator=gen, dtype=torch.float64)  # 4 x 4 patches of 4 px
+    loc = g.new_zeros(0, 8, 3, 8, 8)
+    keep = torch.stack([torch.randperm(16, generator=gen)[:6] for _ in range(16)])  # (2 * B, 6)
+    loss, _ = model.views_loss(g, loc, 3, keep)
+    dropped = next(p for p in range(16) if p not in keep[0])
+    kept = int(keep[0, 0])
+    torch.testing.assert_close(model.views_loss(_poke_patch(g, dropped), loc, 3, keep)[0], loss)
+    assert not torch.allclose(model.views_loss(_poke_patch(g, kept), loc, 3, keep)[0], loss)
+    assert not torch.allclose(model.views_loss(g, loc, 3)[0], loss)  # keep=None: every patch
+
+
+def _poke_patch(g, p, size=4):
+    """g with patch p (row-major on the 4 x 4 grid) of the first view of the first image set to 5."""
+    out = g.clone()
+    r, c = divmod(p, 16 // size)
+    out[0, 0, :, r * size:(r + 1) * size, c * size:(c + 1) * size] = 5.0
+    return out
+
+
 def test_knn_scores_are_exp_cosine_over_T_sums_and_ignore_feature_scale():
     rng = np.random.default_rng(0)
     bank, labels, query = rng.normal(size=(30, 5)), rng.integers(0, 3, 30), rng.normal(size=(4, 5))

@@ -319,6 +319,7 @@ def test_weights_made_infinite_by_a_huge_learning_rate_are_never_saved(unlabeled
     ('--knn_train_size=0', 'knn_train_size=0'),
     ('--gray_prob=1.5', 'gray_prob'),
     ('--context_keep=0', r'context_keep=0.0 must lie in \(0, 1\]'),
+    ('--view_keep=1.5', r'view_keep=1.5 must lie in \(0, 1\]'),
     ('--sigreg_lambda=2', 'sigreg_lambda'),
 ])
 def test_bad_config_values_are_rejected_naming_the_key(arg, msg):
