@@ -1,4 +1,5 @@
 """Specifications of medjepa.py's pieces: configuration, SIGReg, masks, model. Fast (CPU, seconds)."""
+import glob
 import math
 import os
 import subprocess
@@ -399,3 +400,11 @@ def test_prefetcher_returns_what_make_returns_in_any_order_and_reraises():
         get(7, 0)
     get.close()
     assert all(calls)  # every batch was made in the background thread
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(os.path.dirname(__file__), '..', 'config', '*.py'))))
+def test_every_config_file_loads_and_validates(path):
+    """`python medjepa.py config/x.py` as typed: no unknown key, no impossible value, the data it names."""
+    cfg = mj.validate(mj.configure([path], mj.DEFAULTS))
+    name = os.path.splitext(os.path.basename(path))[0]
+    assert name.startswith(('demo', 'vit')) or cfg['data_dir'] == f'data/{name}', cfg['data_dir']

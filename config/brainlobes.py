@@ -1,0 +1,15 @@
+# brainlobes (python prepare.py brainlobes: 64-px patches of one real brain MRI, 7 lobes) with the demo's
+# `views` recipe minus its colour jitter and grayscale: on a grey MRI they only hide the tissue
+# intensities that tell grey from white matter. Measured in docs/results.md (real images, brainlobes).
+#   python medjepa.py config/brainlobes.py      then    python eval.py --ckpt=out-brainlobes-views/ckpt.pt
+out_dir = 'out-brainlobes-views'
+data_dir = 'data/brainlobes'
+objective = 'views'
+n_local_views = 0
+color_jitter = 0.0
+gray_prob = 0.0
+view_keep = 0.5
+max_iters = 1100
+warmup_iters = 60
+eval_interval = 200
+num_slices = 256

@@ -1,0 +1,9 @@
+# HAM10000 dermoscopy (python prepare.py ham10000: 224 px, splits by lesion) with medjepa.py's defaults,
+# the masked objective, at ViT-Tiny/16 patch size. Not measured on the real data yet: a CPU sweep on the
+# 64-px demo chose these defaults (docs/design.md); on real images, check the online kNN on val in the log.
+#   python medjepa.py config/ham10000.py        then    python eval.py --ckpt=out-ham10000/ckpt.pt
+out_dir = 'out-ham10000'
+data_dir = 'data/ham10000'
+image_size = 224
+patch_size = 16
+local_size = 96            # ('views' objective only) a multiple of patch_size
