@@ -2256,7 +2256,11 @@ def prepare_brainlobes(out_dir='data/brainlobes', source: str = '', size: int = 
                    lobes_from="AAL code // 1000: 2 frontal, 3 insula + 4 limbic, 5 occipital, 6 parietal, "
                               "7 subcortical, 8 temporal, 9 cerebellum",
                    input_md5=checksums, inputs_are_the_packaged_files=official)
-    return finish(out_dir, t0)
+    out = finish(out_dir, t0)
+    moved = '' if out == Path('data/brainlobes') else f' --data_dir={out}'
+    print(f"next: python medjepa.py config/brainlobes.py{moved}   (the views recipe without colour jitter: "
+          f"docs/results.md)")
+    return out
 
 # --- any folder of pictures ----------------------------------------------------------------------
 
