@@ -1074,14 +1074,19 @@ def prepare_demo(out_dir='data/demo', size: int = 64, seed: int = 0, n_train: in
 # demo3d: synthetic abdominal CT-like volumes with labelled organs, for medjepa3d.py
 
 
-DEMO3D_LABELS = ['background', 'liver', 'kidney', 'spine', 'lesion']  # mask values 0..4
-DEMO3D_CLASSES = ['no lesion', 'cyst', 'tumour']  # volume label: what sits in the liver
-DEMO3D_VERSION = 1       # bump whenever the volumes change
+DEMO3D_LABELS = ['background', 'liver', 'kidney', 'spine']  # mask values 0..3
+DEMO3D_CLASSES = ['straight spine', 'C-shaped scoliosis', 'S-shaped scoliosis']  # volume label: the spine's course
+DEMO3D_VERSION = 2       # bump whenever the volumes change (1: the label was a liver lesion of a few voxels)
 SCANS_PER_SUBJECT = 2    # two scans of each subject (fresh pose, noise, bias field); splits by subject
+SPINE_CURVE = 0.25       # the spine's largest sideways shift in a curved class, in units of the half-width
 
 
 def demo3d_subject(rng, label):
-    """One subject's anatomy: (name, centre (z, y, x), radii, in-plane angle, intensity, wobble) per organ."""
+    """One subject's anatomy: (name, centre (z, y, x), radii, in-plane angle, intensity, wobble) per organ,
+    the spine (centre, radius, intensity, vertebrae, curve), the trunk. The label is the spine's course:
+    straight, one bend (C) or two (S); its sideways shift, a function of the height z, is what the three
+    classes differ in, so the class is a matter of arrangement that the rest of the column predicts,
+    not of intensity."""
     u = rng.uniform
     wobble = lambda: (u(0.05, 0.2), rng.normal(0, 3, (3, 3)), u(0, 2 * np.pi, 3))  # amplitude, frequencies, phases
     liver_c, liver_r = np.array([u(-0.1, 0.2), u(-0.2, 0.0), u(-0.4, -0.25)]), np.array([0.65, 0.5, 0.48]) * u(0.85, 1.15, 3)
@@ -1091,16 +1096,23 @@ def demo3d_subject(rng, label):
         organs.append(('kidney', np.array([kz + u(-0.05, 0.05), ky, side * u(0.38, 0.5)]), kr * u(0.9, 1.1, 3),
                        side * u(0.2, 0.5), u(0.66, 0.78), wobble()))
     spine = (np.array([0, u(0.45, 0.55), u(-0.04, 0.04)]), u(0.12, 0.16), u(0.88, 0.98), u(6, 9))
-    lesion = None
-    if label > 0:  # a round lesion well inside the liver: dark (cyst) or bright (tumour)
-        lesion = (liver_c + rng.uniform(-0.35, 0.35, 3) * liver_r, u(0.1, 0.18), 0.28 if label == 1 else 0.82)
     body = (u(0.8, 0.92), u(0.6, 0.72), u(0.3, 0.4))  # x and y radii of the trunk, soft-tissue intensity
-    return organs, spine, lesion, body
+    curve = (label, u(0.8, 1.2) * SPINE_CURVE * rng.choice([-1, 1]), u(-0.3, 0.3))  # class, signed amplitude, phase
+    return organs, (*spine, curve), body
+
+
+def spine_shift(z, curve):
+    """Sideways (x) shift of the spine's centre at height z in [-1, 1]: 0, a * cos(pi (z + phase) / 2)
+    (one bend) or a * sin(pi (z + phase)) (two bends, opposite ways)."""
+    label, a, phase = curve
+    if label == 0:
+        return 0 * z
+    return a * (np.cos(np.pi * (z + phase) / 2) if label == 1 else np.sin(np.pi * (z + phase)))
 
 
 def render_demo3d(subject, rng, size):
     """One scan of a subject -> (uint8 (S, S, S, 1) volume, uint8 (S, S, S) label map). Axes (z, y, x)."""
-    organs, spine, lesion, body = subject
+    organs, spine, body = subject
     u = rng.uniform
     ang, shift = u(-0.15, 0.15), rng.uniform(-0.08, 0.08, 3)  # pose of this scan
     g = (np.arange(size) + 0.5) / size * 2 - 1
@@ -1123,11 +1135,9 @@ def render_demo3d(subject, rng, size):
         q = np.stack([dz / r[0], (ct * dy - st * dx) / r[1], (st * dy + ct * dx) / r[2]])
         bumps = sum(np.sin(np.tensordot(freq[i], q, 1) + phase[i]) for i in range(3)) / 3
         paint((q ** 2).sum(0) - 1 + amp * bumps, value, DEMO3D_LABELS.index(name))
-    (sc, sr, sv, sf) = spine  # a column along z whose radius swells at every vertebra
-    paint(((y - sc[1]) ** 2 + (x - sc[2]) ** 2) / (sr * (1 + 0.25 * np.cos(sf * np.pi * z))) ** 2 - 1, sv, 3)
-    if lesion is not None:
-        lc, lr, lv = lesion
-        paint(((z - lc[0]) ** 2 + (y - lc[1]) ** 2 + (x - lc[2]) ** 2) / lr ** 2 - 1, lv, 4)
+    (sc, sr, sv, sf, curve) = spine  # a column along z whose radius swells at every vertebra, bent sideways
+    paint(((y - sc[1]) ** 2 + (x - sc[2] - spine_shift(z, curve)) ** 2) / (sr * (1 + 0.25 * np.cos(sf * np.pi * z))) ** 2 - 1,
+          sv, DEMO3D_LABELS.index('spine'))
     # the scanner: a smooth multiplicative bias field, gain and offset, noise
     coef = rng.normal(0, 0.12, 4)
     image = image * np.exp(coef[0] * z + coef[1] * y + coef[2] * x + coef[3] * (x * x + y * y)) * u(0.9, 1.1) + u(-0.03, 0.03)
@@ -1164,12 +1174,13 @@ def prepare_demo3d(out_dir='data/demo3d', size: int = 32, seed: int = 0, n_train
     Synthetic abdominal CT-like volumes for the 3-D model, size^3 voxels, deterministic from the seed.
 
     Each subject has a trunk, a liver, two kidneys and a spine, with their own shape (ellipsoids with
-    random radii, in-plane rotation and a low-frequency surface wobble), position and intensity; a
-    third of the subjects have a dark cyst in the liver, a third a bright tumour. Every subject is
-    scanned SCANS_PER_SUBJECT times, each with a fresh pose, gain, multiplicative bias field and
-    noise. Voxel labels: 0 background, 1 liver, 2 kidney, 3 spine, 4 lesion (masks); volume label:
-    no lesion / cyst / tumour (labels, balanced in each split). Splits are by subject (groups).
-    The 600 / 100 / 200 default takes a few seconds and 30 MB.
+    random radii, in-plane rotation and a low-frequency surface wobble), position and intensity; in
+    a third of the subjects the spine runs straight, in a third it bends once to one side (C-shaped
+    scoliosis), in a third twice (S-shaped), by up to about a quarter of the trunk's half-width.
+    Every subject is scanned SCANS_PER_SUBJECT times, each with a fresh pose, gain, multiplicative
+    bias field and noise. Voxel labels: 0 background, 1 liver, 2 kidney, 3 spine (masks); volume
+    label: straight / C-shaped / S-shaped (labels, balanced in each split). Splits are by subject (groups).
+    The 600 / 100 / 200 default takes about 10 s and 59 MB (volumes and masks).
     """
     t0 = time.time()
     out_dir = Path(out_dir)

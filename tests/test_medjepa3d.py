@@ -4,6 +4,7 @@ spacing, intensities, crop/pad) is tested in test_prepare_volumes.py."""
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -70,17 +71,20 @@ def test_3d_model_is_the_2d_code_with_3d_parts():
         assert name not in src
 
 
-def test_3d_sigreg_runs_through_medjepa_sigreg(monkeypatch):
+@pytest.mark.parametrize('on', ['tokens', 'pooled_std'])
+def test_3d_sigreg_runs_through_medjepa_sigreg(monkeypatch, on):
     calls = []
     real = mj.sigreg
     monkeypatch.setattr(mj, 'sigreg', lambda z, *a: calls.append(z.shape) or real(z, *a))
-    cfg = _cfg()
+    cfg = _cfg(sigreg_on=on)
     torch.manual_seed(0)
     model = m3.build_model(cfg, 1)
     vols = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 16, 1), dtype=np.uint8)
     batch = m3.make_batch(cfg, vols, [0.5], [0.2], 0, 0, 'cpu')
     loss, stats = model(batch, 0)
-    assert calls == [(6, 24), (6, 24)]  # once per mask set (short- and long-range), per-volume vectors
+    # once per mask set (short- and long-range): every context token, or one vector per volume
+    rows = [6 * ctx.shape[1] for ctx, _ in batch['masks']] if on == 'tokens' else [6, 6]
+    assert calls == [(n, 24) for n in rows] and m3.DEFAULTS['sigreg_on'] == 'tokens'
     assert torch.isfinite(loss) and mj.estimate_flops(model, batch) > 0 and 'flops' not in stats
 
 def test_3d_accumulation_equals_one_big_batch_sigreg_included():
@@ -180,6 +184,26 @@ def test_demo3d_is_deterministic_split_by_subject_and_labelled(demo3d, tmp_path)
     again = prepare.prepare_demo3d(tmp_path / 'again', size=16, n_train=48, n_val=8, n_test=12)
     for key in ('images', 'masks', 'labels', 'groups'):
         assert np.array_equal(np.load(demo3d / f'test_{key}.npy'), np.load(again / f'test_{key}.npy'))
+
+
+def test_demo3d_label_is_the_spines_course(demo3d):
+    """Straight spines keep their centre's x within a voxel from top to bottom; bent ones (C, S) move it
+    by 1.5 voxels or more at 16^3: the class is where the column runs, not a lesion or an intensity."""
+    masks, labels = np.load(demo3d / 'train_masks.npy'), np.load(demo3d / 'train_labels.npy')
+    spine = prepare.DEMO3D_LABELS.index('spine')
+    shift = np.array([np.ptp([np.nonzero(m[z] == spine)[1].mean() for z in range(m.shape[0])]) for m in masks])
+    assert set(labels.tolist()) == {0, 1, 2} and prepare.DEMO3D_CLASSES[0] == 'straight spine'
+    assert shift[labels == 0].max() < 1 and shift[labels > 0].min() >= 1.5
+
+
+def test_a_demo_folder_from_an_older_generator_is_refused_not_trained_on(demo3d, tmp_path):
+    old = tmp_path / 'demo3d'
+    shutil.copytree(demo3d, old)
+    meta = json.loads((old / 'meta.json').read_text())
+    (old / 'meta.json').write_text(json.dumps({**meta, 'generator_version': prepare.DEMO3D_VERSION - 1}))
+    with pytest.raises(mj.ConfigError, match=r'older prepare.py .*rm -r'):
+        m3.main([*TINY, f'--data_dir={old}', f'--out_dir={tmp_path / "out"}', '--max_iters=1'])
+    assert not (tmp_path / 'out' / 'ckpt.pt').exists()
 
 
 # ----------------------------------------------------------------------------- training and checkpoints
