@@ -18,7 +18,7 @@ adds only what is 3-D, after V-JEPA (Bardes et al. 2024, https://arxiv.org/abs/2
                   flips as one affine resampling of the batch on the device.
 
 Run it:
-    python medjepa3d.py                                 # CPU demo on data/demo3d (~10 min on 2 cores)
+    python medjepa3d.py                                 # CPU demo on data/demo3d (~7.5 min on 2 cores)
     python medjepa3d.py --max_iters=30 --out_dir=out-x  # any global below can be overridden
     python medjepa3d.py --data_dir=data/msd_hippocampus --volume_size="(32,32,32)" --patch_size="(8,8,8)"
     python medjepa3d.py --data_dir=data/demovideo --out_dir=out-demovideo   # clips: `python prepare.py demovideo`
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import medjepa as mj
 
 # -----------------------------------------------------------------------------
-# default config values: a CPU-sized demo on data/demo3d (32^3 voxels) in about 10 minutes
+# default config values: a CPU-sized demo on data/demo3d (32^3 voxels) in about 7.5 minutes on 2 cores
 # I/O
 out_dir = 'out-demo3d'     # checkpoint, log.jsonl and eval results go here
 data_dir = 'data/demo3d'   # a folder of volumes written by prepare.py (data/demo3d is generated if missing)

@@ -20,7 +20,7 @@ TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--pred_n_layer=1', '--pred_
 
 @pytest.fixture(scope='module')
 def demo3d(tmp_path_factory):
-    """16^3 voxels, 8 / 4 / 4 volumes of 4 / 2 / 2 subjects, masks 0..4, labels no lesion / cyst / tumour."""
+    """16^3 voxels, 8 / 4 / 4 volumes of 4 / 2 / 2 subjects, masks 0..3, labels straight / C-shaped / S-shaped spine."""
     return prepare.prepare_demo3d(tmp_path_factory.mktemp('d') / 'demo3d', size=16, n_train=8, n_val=4, n_test=4)
 
 
