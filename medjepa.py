@@ -71,7 +71,8 @@ objective = 'mask'         # 'mask': masked latent prediction (I-JEPA style); 'v
 sigreg_lambda = 0.05       # the one knob: loss = (1 - lambda) * prediction + lambda * SIGReg
 num_slices = 1024          # SIGReg random 1-D projections per step (1024 beat 256 on val: docs/sigreg.md)
 sigreg_on = 'pooled_std'   # 'mask': SIGReg on pooled context vectors standardised over the batch
-                           # (a decorrelation penalty), raw ('pooled': LeJEPA's test), or all 'tokens'
+                           # (a decorrelation penalty), raw ('pooled': LeJEPA's test), all 'tokens', or
+                           # 'pooled_std+tokens': the first plus SIGREG_TOKENS raw tokens per image
 num_targets = 4            # target blocks per image
 target_scale = (0.15, 0.2) # area of each target block, as a fraction of the patch grid
 target_aspect = (0.75, 1.5)  # aspect ratio range of the target blocks
@@ -399,6 +400,7 @@ def sample_masks(B, grid, gen, *, num_targets=4, target_scale=(0.15, 0.2), targe
 # an autograd-aware all-reduce (AllReduceSum) give every rank the global statistic and its gradient.
 
 
+SIGREG_TOKENS = 8  # sigreg_on='pooled_std+tokens': context tokens per image that the token term sees
 _EP_T = torch.linspace(0, 3, 17, dtype=torch.float64)
 _EP_PHI = torch.exp(-_EP_T ** 2 / 2)  # the N(0, 1) characteristic function at the knots
 _EP_W = torch.full((17,), 2 * 3 / 16, dtype=torch.float64)
@@ -469,14 +471,24 @@ class JEPA(nn.Module):
 
     def sigreg_input(self, z):
         """What SIGReg scores, from the context tokens z (B, Nc, D): one pooled vector per image (B, D),
-        or every token (B*Nc, D) with sigreg_on='tokens'."""
-        return z.reshape(-1, z.shape[-1]) if self.cfg['sigreg_on'] == 'tokens' else z.mean(1)
+        every token (B*Nc, D) with sigreg_on='tokens', or with 'pooled_std+tokens' (B, 1 + S, D): the
+        pooled vector, then S = SIGREG_TOKENS context tokens evenly spaced through the context."""
+        on = self.cfg['sigreg_on']
+        if on == 'pooled_std+tokens':
+            pick = torch.linspace(0, z.shape[1] - 1, min(SIGREG_TOKENS, z.shape[1])).round().long()
+            return torch.cat([z.mean(1, keepdim=True), z[:, pick.to(z.device)]], 1)
+        return z.reshape(-1, z.shape[-1]) if on == 'tokens' else z.mean(1)
 
     def sigreg_loss(self, reg_in, step, local=False):
         """SIGReg over the global batch of sigreg_input ('mask'; standardised first for 'pooled_std')
-        or of the projector's output ('views')."""
-        c = self.cfg
-        std = c['sigreg_on'] == 'pooled_std' and c['objective'] == 'mask'
+        or of the projector's output ('views'). 'pooled_std+tokens' adds the two SIGRegs: standardised
+        pooled vectors, and the raw tokens (their own slice directions), whose mean and scale count."""
+        c, on = self.cfg, self.cfg['sigreg_on']
+        if c['objective'] == 'mask' and on == 'pooled_std+tokens' and reg_in.dim() == 3:  # (B, 1 + S, D)
+            tokens = reg_in[:, 1:].reshape(-1, reg_in.shape[-1])  # (B*S, D)
+            return (sigreg(standardise(reg_in[:, 0], local=local), step, c['num_slices'], c['seed'], local)
+                    + sigreg(tokens, step, c['num_slices'], c['seed'] + 1, local))
+        std = on in ('pooled_std', 'pooled_std+tokens') and c['objective'] == 'mask'  # (the val monitor: pooled)
         reg_in = standardise(reg_in, local=local) if std else reg_in
         return sigreg(reg_in, step, c['num_slices'], c['seed'], local)
 
@@ -489,7 +501,7 @@ class JEPA(nn.Module):
             out = self.projector.eval()(feats)
             self.projector.train(was)
             return out
-        return None if self.cfg['sigreg_on'] == 'tokens' else self.sigreg_input(feats[:, None])
+        return None if self.cfg['sigreg_on'] == 'tokens' else feats  # (N, D): the pooled vectors, raw
 
     @torch.no_grad()
     def targets(self, x_tgt):

@@ -193,8 +193,8 @@ def validate_shared(c):
     need(c['n_embd'] % c['n_head'] == 0, f"n_embd={c['n_embd']} must be divisible by n_head={c['n_head']}")
     need(c['pred_n_embd'] % c['pred_n_head'] == 0,
          f"pred_n_embd={c['pred_n_embd']} must be divisible by pred_n_head={c['pred_n_head']}")
-    need(c['sigreg_on'] in ('pooled_std', 'pooled', 'tokens'),
-         f"sigreg_on must be 'pooled_std', 'pooled' or 'tokens', got '{c['sigreg_on']}'")
+    need(c['sigreg_on'] in ('pooled_std', 'pooled', 'tokens', 'pooled_std+tokens'),
+         f"sigreg_on must be 'pooled_std', 'pooled', 'tokens' or 'pooled_std+tokens', got '{c['sigreg_on']}'")
     need(not c['compile'] or hasattr(torch.compiler, 'set_stance'),
          f"compile=True needs torch >= 2.6 (this is {torch.__version__})")
     need(c['init_from'] in ('scratch', 'resume'),

@@ -26,6 +26,7 @@ TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--pred_n_layer=2', '--pred_
 SCENARIOS = {
     'sigreg': (['--sigreg_lambda=0.5'], 1),  # SIGReg weighted up so that an error in it would show
     'sigreg_raw': (['--sigreg_lambda=0.5', '--sigreg_on=pooled'], 1),  # without the global standardisation
+    'sigreg_mix': (['--sigreg_lambda=0.5', '--sigreg_on=pooled_std+tokens'], 1),  # standardised vectors + raw tokens
     'accum': (['--sigreg_lambda=0.5'], 2),   # DDP and accumulation together, SIGReg included (exact_sigreg_grads)
     'nan': (['--sigreg_lambda=0.5'], 1),     # step 0: NaN targets on rank 1 only; every rank must skip that update
 }

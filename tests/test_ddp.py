@@ -124,7 +124,7 @@ def test_torchrun_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path
             assert torch.equal(ranks[0]['weights'][n], ranks[1]['weights'][n]), n
 
 
-@pytest.mark.parametrize('sigreg_on', ['pooled_std', 'pooled', 'tokens'])
+@pytest.mark.parametrize('sigreg_on', ['pooled_std', 'pooled', 'tokens', 'pooled_std+tokens'])
 def test_accumulation_equals_one_big_batch_sigreg_included(sigreg_on):
     """4 micro-steps of 2 images == 1 step of 8 images (loss, gradients, weights) with SIGReg weighted
     0.5: train_step scores SIGReg on the whole accumulated batch (exact_sigreg_grads)."""

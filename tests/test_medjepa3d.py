@@ -71,7 +71,7 @@ def test_3d_model_is_the_2d_code_with_3d_parts():
         assert name not in src
 
 
-@pytest.mark.parametrize('on', ['tokens', 'pooled_std'])
+@pytest.mark.parametrize('on', ['tokens', 'pooled_std', 'pooled_std+tokens'])
 def test_3d_sigreg_runs_through_medjepa_sigreg(monkeypatch, on):
     calls = []
     real = mj.sigreg
@@ -82,8 +82,11 @@ def test_3d_sigreg_runs_through_medjepa_sigreg(monkeypatch, on):
     vols = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 16, 1), dtype=np.uint8)
     batch = m3.make_batch(cfg, vols, [0.5], [0.2], 0, 0, 'cpu')
     loss, stats = model(batch, 0)
-    # once per mask set (short- and long-range): every context token, or one vector per volume
-    rows = [6 * ctx.shape[1] for ctx, _ in batch['masks']] if on == 'tokens' else [6, 6]
+    # once per mask set (short- and long-range): every context token, or one vector per volume; or twice:
+    # the volume vectors, then SIGREG_TOKENS context tokens of each volume
+    rows = {'tokens': [6 * ctx.shape[1] for ctx, _ in batch['masks']], 'pooled_std': [6, 6],
+            'pooled_std+tokens': [n for ctx, _ in batch['masks'] for n in (6, 6 * min(8, ctx.shape[1]))]}[on]
+    assert mj.SIGREG_TOKENS == 8
     assert calls == [(n, 24) for n in rows]
     assert torch.isfinite(loss) and mj.estimate_flops(model, batch) > 0 and 'flops' not in stats
 

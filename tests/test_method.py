@@ -175,3 +175,27 @@ def test_feature_health_tells_a_gaussian_batch_from_a_shifted_or_collapsed_one()
     with torch.no_grad():  # 'views' tests the RAW projector output, whatever sigreg_on says (it is a 'mask' option)
         raw = mj.sigreg(vm.projector.eval()(g), 5, vm.cfg['num_slices'], vm.cfg['seed'], local=True)
     assert views['sigreg_val'] == pytest.approx(float(raw), rel=1e-5)
+
+
+def test_pooled_std_plus_tokens_adds_a_raw_token_sigreg_to_the_standardised_one():
+    """sigreg_on='pooled_std+tokens': SIGReg of the batch-standardised pooled vectors (blind to the
+    tokens' mean and scale) plus SIGReg of SIGREG_TOKENS raw context tokens per image, evenly spaced
+    from the first context token to the last. Scaling every token changes only the second term."""
+    model = _model(sigreg_on='pooled_std+tokens', num_slices=64)
+    z = torch.randn(16, 30, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r = model.sigreg_input(z)
+    assert r.shape == (16, 1 + mj.SIGREG_TOKENS, 32)
+    assert torch.equal(r[:, 0], z.mean(1)) and torch.equal(r[:, 1], z[:, 0]) and torch.equal(r[:, -1], z[:, -1])
+    assert len({int(i) for i in (z[0, :, 0][:, None] == r[0, 1:, 0]).nonzero()[:, 0]}) == mj.SIGREG_TOKENS
+    std_only = _model(sigreg_on='pooled_std', num_slices=64)
+    for scale in (1.0, 10.0):
+        zs = z * scale
+        tok = zs[:, torch.linspace(0, 29, mj.SIGREG_TOKENS).round().long()].reshape(-1, 32)
+        by_hand = (mj.sigreg(mj.standardise(zs.mean(1)), 3, 64, 0) + mj.sigreg(tok, 3, 64, 1))
+        assert float(model.sigreg_loss(model.sigreg_input(zs), 3)) == pytest.approx(float(by_hand), rel=1e-9)
+    base, big = (float(model.sigreg_loss(model.sigreg_input(z * s), 3)) for s in (1.0, 10.0))
+    assert float(std_only.sigreg_loss(std_only.sigreg_input(z * 10), 3)) == pytest.approx(
+        float(std_only.sigreg_loss(std_only.sigreg_input(z), 3)), rel=1e-4)  # standardised: scale-blind (up to eps)
+    assert big > base + 100  # the raw token term sees the tokens' scale (N(0, I) tokens: ~1 per slice)
+    # a few images short of context: fewer tokens than SIGREG_TOKENS are all used, none twice
+    assert model.sigreg_input(z[:, :3]).shape == (16, 4, 32)
