@@ -475,8 +475,9 @@ class JEPA(nn.Module):
         pooled vector, then S = SIGREG_TOKENS context tokens evenly spaced through the context."""
         on = self.cfg['sigreg_on']
         if on == 'pooled_std+tokens':
-            pick = torch.linspace(0, z.shape[1] - 1, min(SIGREG_TOKENS, z.shape[1])).round().long()
-            return torch.cat([z.mean(1, keepdim=True), z[:, pick.to(z.device)]], 1)
+            n = min(SIGREG_TOKENS, z.shape[1])
+            pick = torch.linspace(0, z.shape[1] - 1, n, device=z.device).round().long()
+            return torch.cat([z.mean(1, keepdim=True), z[:, pick]], 1)
         return z.reshape(-1, z.shape[-1]) if on == 'tokens' else z.mean(1)
 
     def sigreg_loss(self, reg_in, step, local=False):
