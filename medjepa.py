@@ -55,7 +55,8 @@ seed = 0                   # all randomness derives from it (data order, masks, 
 # data and augmentation
 image_size = 64            # side of the (square) training crops, in pixels
 crop_scale = (0.3, 1.0)    # random-resized-crop area range (I-JEPA's only augmentation)
-color_jitter = 0.0         # brightness/contrast/saturation jitter (0 = off)
+color_jitter = 0.0         # contrast/saturation jitter and brightness shift (0 = off)
+brightness = 0.4           # with color_jitter: brightness shift U(-b, b), in units of the data's std
 gray_prob = 0.0            # probability of turning a view grayscale
 rot90 = False              # also rotate crops by k * 90 degrees (images with no 'up': skin, slides)
 # model
@@ -152,15 +153,19 @@ def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3), ro
     return F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
 
 
-def color_jitter(x, gen, strength, gray_prob=0.0):
-    """Per-image brightness, contrast and saturation jitter, and random grayscale, on normalised images
-    or volumes. Without it an encoder may tell images apart by skin tone and lesion darkness alone."""
+def color_jitter(x, gen, strength, gray_prob=0.0, brightness=None):
+    """Per-image contrast, brightness and saturation jitter, and random grayscale, on normalised images
+    or volumes. Without it an encoder may tell images apart by skin tone and lesion darkness alone.
+    Contrast and saturation factors are U(1 - strength, 1 + strength); the brightness shift is
+    U(-brightness, brightness) in units of the data's std (default strength / 2). A shift must span the
+    nuisance it hides: the demo's skin tones lie ~2.5 std apart, so a shift of +-0.4 leaves them legible."""
     if strength <= 0 and gray_prob <= 0:
         return x
+    b = strength / 2 if brightness is None else brightness
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per image
     rand = lambda: torch.rand(shape, generator=gen).to(x.device, non_blocking=True)
     factor = lambda: 1 + (rand() * 2 - 1) * strength
-    x = x * factor() + (rand() - 0.5) * strength  # contrast, brightness
+    x = x * factor() + (rand() * 2 - 1) * b  # contrast, brightness
     gray = x.mean(1, keepdim=True)
     keep = (rand() >= gray_prob).float()
     return gray + (x - gray) * factor() * keep  # saturation; 0 = grayscale
@@ -573,7 +578,7 @@ def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
     """Augment one micro-batch on the device and draw its masks, from seeds derived from the step."""
     gen = batch_generator(cfg, step, micro, rank)
     x = to_float(images, mean, std, device)
-    jitter = lambda v: color_jitter(v, gen, cfg['color_jitter'], cfg['gray_prob'])
+    jitter = lambda v: color_jitter(v, gen, cfg['color_jitter'], cfg['gray_prob'], cfg['brightness'])
     if cfg['objective'] == 'mask':
         x = random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen, rot90=cfg['rot90'])
         grid = (cfg['image_size'] // cfg['patch_size'],) * 2

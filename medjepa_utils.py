@@ -154,8 +154,8 @@ def validate(c):
     need(c['n_embd'] % 4 == 0 and c['pred_n_embd'] % 4 == 0, f"n_embd={c['n_embd']} and pred_n_embd="
          f"{c['pred_n_embd']} must be multiples of 4 (2-D sin-cos positions)")
     need(c['objective'] in ('mask', 'views'), f"objective must be 'mask' or 'views', got '{c['objective']}'")
-    need(c['color_jitter'] >= 0 and 0 <= c['gray_prob'] <= 1,
-         f"color_jitter={c['color_jitter']} must be >= 0 and gray_prob={c['gray_prob']} in [0, 1]")
+    need(c['color_jitter'] >= 0 and 0 <= c['gray_prob'] <= 1 and c['brightness'] >= 0,
+         f"color_jitter={c['color_jitter']} and brightness={c['brightness']} must be >= 0, gray_prob={c['gray_prob']} in [0, 1]")
     need(0 < c['context_keep'] <= 1,
          f"context_keep={c['context_keep']} must lie in (0, 1]: the fraction of the grid each context keeps")
     need(0 < c['view_keep'] <= 1,

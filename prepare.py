@@ -922,13 +922,16 @@ def hair_alpha(rng, size):
     return 1 - np.exp(-gaussian_blur(density.reshape(size, size), sigma))
 
 
-def render_image(L, rng, size):
+def render_image(L, rng, size, record=None):
     """One photo of lesion L: a fresh pose, light, camera blur, noise and hair. Returns (image uint8
     (H, W, 3), mask uint8 (H, W)). Random draws do not depend on size, so --size changes only the
-    resolution of the very same pictures."""
+    resolution of the very same pictures. record: a dict that receives the photo's nuisance draws
+    (docs/nuisances.py asks which of them an encoder's features encode)."""
+    record = {} if record is None else record
     scale = size / 64
     zoom, rot, flip = rng.uniform(0.9, 1.1), rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0])
     cx, cy = rng.uniform(0.32, 0.68, 2) * size
+    record.update(zoom=zoom, flip=flip, centre_x=cx / size, centre_y=cy / size)
     # pixel centres -> lesion frame (64-px units): undo the translation, rotation, mirror and zoom
     y, x = np.mgrid[0:size, 0:size] + 0.5
     c, s = np.cos(rot), np.sin(rot)
@@ -956,16 +959,21 @@ def render_image(L, rng, size):
     a = hair_alpha(rng, size)[..., None]
     img = img * (1 - a) + a * (HAIR**2.2 * rng.uniform(0.5, 2.0))
     gx, gy = rng.normal(0, 0.15, 2)
-    light = rng.uniform(0.8, 1.15) * (1 + gx * (x / size - 0.5) * 2 + gy * (y / size - 0.5) * 2)
+    exposure = rng.uniform(0.8, 1.15)
+    light = exposure * (1 + gx * (x / size - 0.5) * 2 + gy * (y / size - 0.5) * 2)
     rr = np.hypot(x - size / 2, y - size / 2) / (size / 2)
     strong = rng.random() < 0.5
     v, r_in = (rng.uniform(0.7, 1.0), rng.uniform(0.95, 1.25)) if strong else \
               (rng.uniform(0.0, 0.4), rng.uniform(0.6, 1.0))
     img = img * (np.clip(light, 0.3, None) * (1 - v * smoothstep(r_in, r_in + 0.35, rr)))[..., None]
-    img = gaussian_blur(img, rng.uniform(0.0, 0.6) * scale)
+    blur = rng.uniform(0.0, 0.6)
+    img = gaussian_blur(img, blur * scale)
     img = np.clip(img @ SITE_MATRIX[L['site']].T * rng.uniform(0.96, 1.04, 3), 0, 1)
     img = img**(1 / SITE_GAMMA[L['site']])
-    img = img + rng.normal(0, rng.uniform(0.005, 0.02), img.shape)
+    noise = rng.uniform(0.005, 0.02)
+    img = img + rng.normal(0, noise, img.shape)
+    record.update(hair=float(a.mean()), light_x=gx, light_y=gy, exposure=exposure, vignette=float(np.mean(v * smoothstep(r_in, r_in + 0.35, rr))),
+                  blur=blur, noise=noise)
     img = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
     return img, mask.astype(np.uint8)
 

@@ -325,6 +325,22 @@ def test_color_jitter_off_is_identity_and_gray_prob_one_is_gray():
     assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
 
 
+def test_color_jitter_brightness_shift_spans_the_range_it_is_given():
+    # a view at the data mean (0 everywhere) is left alone by contrast and saturation factors, so what
+    # comes out is the brightness shift alone: one value per image, uniform on [-b, b]
+    x = torch.zeros(4000, 3, 2, 2)
+    for b, expect in ((None, 0.4), (1.2, 1.2)):  # None: strength / 2
+        y = mj.color_jitter(x, torch.Generator().manual_seed(0), 0.8, brightness=b)
+        shift = y[:, 0, 0, 0]
+        assert torch.equal(y, shift[:, None, None, None].expand_as(y))
+        assert shift.abs().max() <= expect + 1e-6 and shift.abs().max() > 0.98 * expect
+        assert abs(shift.abs().mean().item() - expect / 2) < 0.03 * expect  # uniform: E|shift| = b / 2
+    cfg = _tiny_cfg(objective='views', n_local_views=0, color_jitter=0.8, brightness=1.2)
+    imgs = np.full((64, 16, 16, 3), 128, np.uint8)  # every pixel at the mean below
+    g = mj.make_batch(cfg, imgs, [128 / 255] * 3, [0.3] * 3, step=0, micro=0, device='cpu')['globals']
+    assert g.abs().max() > 0.8  # the config's brightness reaches the views (+-0.4 without it)
+
+
 def test_mask_batch_targets_see_the_same_crop_and_differ_only_by_jitter():
     imgs = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     plain = mj.make_batch(_tiny_cfg(), imgs, [0.5] * 3, [0.3] * 3, step=3, micro=0, device='cpu')

@@ -209,3 +209,27 @@ def test_cli_writes_data_demo_by_default(tmp_path):
     assert [p.name for p in (tmp_path / 'data').iterdir()] == ['demo']  # no staging folder left
     r = run_cli('demo', '--size=48', '--n_train=21', '--n_val=3', '--n_test=3', cwd=tmp_path)
     assert r.returncode == 1 and 'size' in r.stderr  # refused, with the reason
+
+
+def test_nuisance_replay_finds_every_photo_and_records_the_generators_draws(demo):
+    # docs/nuisances.py draws each photo again from its seeds and matches it to the stored image;
+    # what it records must be the generator's own values (the stored hospital ids say so for 'site')
+    sys.path.insert(0, str(ROOT / 'docs'))
+    import nuisances
+    N, names, y, idx = nuisances.replay(demo, 'train')
+    assert sorted(idx.tolist()) == list(range(len(load(demo, 'train', 'labels'))))
+    assert np.array_equal(N[:, names.index('site')], load(demo, 'train', 'sites')[idx])
+    assert np.array_equal(y, load(demo, 'train', 'labels')[idx])
+    noise, blur = N[:, names.index('noise')], N[:, names.index('blur')]
+    assert noise.min() >= 0.005 and noise.max() <= 0.02 and blur.min() >= 0 and blur.max() <= 0.6
+    # a photo's recorded draws are its own: the three photos of a lesion share the lesion's values only
+    lesion = load(demo, 'train', 'groups')[idx]
+    for name in ('skin_tone', 'size', 'zoom', 'noise'):
+        same = [len(set(N[lesion == g, names.index(name)])) == 1 for g in np.unique(lesion)]
+        assert all(same) == (name in ('skin_tone', 'size')), name
+    # the report reads a nuisance that the features hold in one dimension, and not one they lack
+    rng = np.random.default_rng(0)
+    X = np.c_[N[:, names.index('skin_tone')], rng.normal(size=(len(N), 4))]
+    rows = {r.split(' | ')[0][2:]: r for r in nuisances.report(X, N, names, y) if r.startswith('| ') and '---' not in r}
+    assert float(rows['skin_tone'].split(' | ')[1]) > 0.95
+    assert float(rows['noise'].split(' | ')[1]) < 0.2
