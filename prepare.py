@@ -965,14 +965,15 @@ def render_image(L, rng, size, record=None):
     strong = rng.random() < 0.5
     v, r_in = (rng.uniform(0.7, 1.0), rng.uniform(0.95, 1.25)) if strong else \
               (rng.uniform(0.0, 0.4), rng.uniform(0.6, 1.0))
-    img = img * (np.clip(light, 0.3, None) * (1 - v * smoothstep(r_in, r_in + 0.35, rr)))[..., None]
+    vignette = v * smoothstep(r_in, r_in + 0.35, rr)  # darkening of the dermoscope's corners
+    img = img * (np.clip(light, 0.3, None) * (1 - vignette))[..., None]
     blur = rng.uniform(0.0, 0.6)
     img = gaussian_blur(img, blur * scale)
     img = np.clip(img @ SITE_MATRIX[L['site']].T * rng.uniform(0.96, 1.04, 3), 0, 1)
     img = img**(1 / SITE_GAMMA[L['site']])
     noise = rng.uniform(0.005, 0.02)
     img = img + rng.normal(0, noise, img.shape)
-    record.update(hair=float(a.mean()), light_x=gx, light_y=gy, exposure=exposure, vignette=float(np.mean(v * smoothstep(r_in, r_in + 0.35, rr))),
+    record.update(hair=float(a.mean()), light_x=gx, light_y=gy, exposure=exposure, vignette=float(vignette.mean()),
                   blur=blur, noise=noise)
     img = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
     return img, mask.astype(np.uint8)

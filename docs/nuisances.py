@@ -48,7 +48,7 @@ def replay(data_dir, split, limit=0):
         sys.exit(f"{data_dir} is not the demo data of generator version {prepare.DEMO_VERSION}: "
                  f"regenerate it with 'python prepare.py demo'")
     size, seed = d['images'].shape[1], meta['seed']
-    groups, rows, where_all = np.asarray(d['groups']), {}, []
+    groups, rows = np.asarray(d['groups']), {}
     for lesion in np.unique(groups)[:limit or None]:
         where = np.flatnonzero(groups == lesion)
         L = prepare.sample_lesion(seed, int(lesion), int(d['labels'][where[0]]))
@@ -65,9 +65,8 @@ def replay(data_dir, split, limit=0):
     return np.array([[rows[i][n] for n in names] for i in idx], float), names, np.asarray(d['labels'])[idx], idx
 
 
-def features(ckpt, split, idx, random=False):
-    """Frozen features (mean of the output tokens) of the split's photos idx, and the data folder."""
-    c = mj.load_checkpoint(ckpt, spatial_dims=mj.SPATIAL_DIMS)
+def features(c, split, idx, random=False):
+    """Frozen features (mean of the output tokens) of the split's photos idx; c: the checkpoint dict."""
     cfg = {**mj.DEFAULTS, **c['config']}
     data_dir = cfg['data_dir']
     meta = mj.read_meta(data_dir)
@@ -107,9 +106,10 @@ def main(argv=None):
     p.add_argument('--split', default='val', choices=['train', 'val', 'test'])
     p.add_argument('--limit', type=int, default=0, help='the first N lesions of the split only (0 = all)')
     a = p.parse_args(argv)
-    data_dir = mj.load_checkpoint(a.ckpt, spatial_dims=mj.SPATIAL_DIMS)['config']['data_dir']
+    c = mj.load_checkpoint(a.ckpt, spatial_dims=mj.SPATIAL_DIMS)
+    data_dir = c['config']['data_dir']
     N, names, y, idx = replay(data_dir, a.split, a.limit)
-    X = features(a.ckpt, a.split, idx, a.random)
+    X = features(c, a.split, idx, a.random)
     print(f"{'random-init' if a.random else a.ckpt} on {len(idx)} {a.split} images of {data_dir}:")
     print('\n'.join(report(X, N, names, y)))
 
