@@ -85,6 +85,7 @@ local_size = 32            # 'views' objective: side of the local crops in pixel
 local_scale = (0.05, 0.3)  # 'views' objective: area range of the local crops
 proj_dim = 64              # 'views' objective: projector output width (SIGReg acts on it)
 view_keep = 1.0            # 'views' objective: fraction of each global view's patches the encoder sees
+views_from = 'image'       # 'views' objective: 'group' = the 2nd global view is another photo of the group
 # optimisation
 batch_size = 64            # images per micro-step per process
 gradient_accumulation_steps = 1  # micro-steps per optimiser step, per process
@@ -125,6 +126,20 @@ def batch_indices(step, micro, n, batch, world, rank, accum, seed):
         perm = np.random.default_rng([seed, int(e)]).permutation(n)
         out[epochs == e] = perm[offsets[epochs == e]]
     return out
+
+
+def other_photo(groups, by_group, idx, rng):
+    """For each image idx[i], another image of its group, uniformly (views_from='group'): another photo of
+    the same lesion, patient or subject. The two global views of a 'views' step then differ in all that
+    the photos do not share (pose, light, hair, camera noise), so the encoder cannot match them by those
+    (MICLe, Azizi et al. 2021). An image alone in its group is its own partner: two crops of one photo.
+    groups: (N,) ids; by_group: np.argsort(groups, kind='stable') (members ascending within a group)."""
+    g = groups[by_group]
+    first = np.searchsorted(g, groups[idx], 'left')  # (B,) where each image's group starts in by_group
+    count = np.searchsorted(g, groups[idx], 'right') - first
+    r = (rng.random(len(idx)) * np.maximum(count - 1, 1)).astype(np.int64)  # one of the first count - 1
+    other = by_group[first + r]
+    return np.where(other == idx, by_group[first + count - 1], other)  # drew itself: the last one instead
 
 
 def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3), rot90=False):
@@ -574,10 +589,12 @@ def batch_generator(cfg, step, micro, rank):
     return torch.Generator().manual_seed(int(seed))
 
 
-def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
-    """Augment one micro-batch on the device and draw its masks, from seeds derived from the step."""
+def make_batch(cfg, images, mean, std, step, micro, device, rank=0, partners=None):
+    """Augment one micro-batch on the device and draw its masks, from seeds derived from the step.
+    partners: the images the second global view is cropped from ('views'; default: the same images)."""
     gen = batch_generator(cfg, step, micro, rank)
     x = to_float(images, mean, std, device)
+    x2 = x if partners is None else to_float(partners, mean, std, device)
     jitter = lambda v: color_jitter(v, gen, cfg['color_jitter'], cfg['gray_prob'], cfg['brightness'])
     if cfg['objective'] == 'mask':
         x = random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen, rot90=cfg['rot90'])
@@ -585,9 +602,9 @@ def make_batch(cfg, images, mean, std, step, micro, device, rank=0):
         ctx_idx, tgt_idx = sample_masks(x.shape[0], grid, gen, **{k: cfg[k] for k in MASK_KEYS})
         return dict(x=jitter(x), x_tgt=jitter(x), ctx_idx=to_device(ctx_idx, device),
                     tgt_idx=to_device(tgt_idx, device))
-    crop = lambda size, scale: jitter(random_resized_crop(x, size, scale, gen, rot90=cfg['rot90']))
-    g = torch.stack([crop(cfg['image_size'], cfg['crop_scale']) for _ in range(2)])
-    loc = [crop(cfg['local_size'], cfg['local_scale'])
+    crop = lambda v, size, scale: jitter(random_resized_crop(v, size, scale, gen, rot90=cfg['rot90']))
+    g = torch.stack([crop(v, cfg['image_size'], cfg['crop_scale']) for v in (x, x2)])
+    loc = [crop(x, cfg['local_size'], cfg['local_scale'])
            for _ in range(cfg['n_local_views'])]
     loc = torch.stack(loc) if loc else x.new_zeros(0, *x.shape[:2], cfg['local_size'], cfg['local_size'])
     if cfg['view_keep'] == 1:
@@ -662,7 +679,11 @@ def get_batch(cfg, impl, data, step, micro, dev, rank, world):
     """This rank's micro-batch `micro` of step `step` (sorted indices: the memory map is read in order)."""
     idx = np.sort(batch_indices(step, micro, len(data['images']), cfg['batch_size'], world, rank,
                                 cfg['gradient_accumulation_steps'], cfg['seed']))
-    return impl.make_batch(cfg, data['images'][idx], data['mean'], data['std'], step, micro, dev, rank)
+    kw = {}
+    if cfg.get('views_from') == 'group':  # the second global views: other photos of the same groups
+        rng = np.random.default_rng([cfg['seed'], step, micro, rank, 1])
+        kw['partners'] = data['images'][other_photo(data['groups'], data['by_group'], idx, rng)]
+    return impl.make_batch(cfg, data['images'][idx], data['mean'], data['std'], step, micro, dev, rank, **kw)
 
 
 def main(argv=None, impl=None):

@@ -160,6 +160,9 @@ def validate(c):
          f"context_keep={c['context_keep']} must lie in (0, 1]: the fraction of the grid each context keeps")
     need(0 < c['view_keep'] <= 1,
          f"view_keep={c['view_keep']} must lie in (0, 1]: the fraction of its patches each global view keeps")
+    need(c['views_from'] in ('image', 'group') and (c['views_from'] == 'image' or c['objective'] == 'views'),
+         f"views_from='{c['views_from']}' must be 'image' or 'group' (with objective='views': the photo the "
+         f"second global view is cropped from)")
     for k in ('crop_scale', 'local_scale', 'target_scale', 'context_scale'):
         lo, hi = c[k]
         need(0 < lo <= hi <= 1, f"{k}={c[k]} must satisfy 0 < low <= high <= 1")
@@ -374,7 +377,13 @@ def open_data(cfg, impl, master, ddp, dev):
     train, val = load_split(cfg['data_dir'], 'train'), load_split(cfg['data_dir'], 'val')
     need(len(train['images']) >= cfg['batch_size'],
          f"batch_size={cfg['batch_size']} is larger than the train split ({len(train['images'])} images)")
-    return dict(meta=meta, train=train, val=val, images=train['images'], mean=meta['mean'], std=meta['std'])
+    out = dict(meta=meta, train=train, val=val, images=train['images'], mean=meta['mean'], std=meta['std'])
+    if cfg.get('views_from') == 'group':  # (medjepa.other_photo's lookup table, made once)
+        need(train['groups'] is not None, f"views_from='group' needs the groups of the train images, and "
+             f"{cfg['data_dir']} has no train_groups.npy: use views_from='image' (two crops of one photo)")
+        out['groups'] = np.asarray(train['groups'])
+        out['by_group'] = np.argsort(out['groups'], kind='stable')
+    return out
 
 # -----------------------------------------------------------------------------
 # Checkpoints: one dict, written atomically, read without executing code; one run per out_dir
@@ -950,6 +959,10 @@ def describe_run(cfg, data, raw_model, dev, dtype, world):
           f"{tuple(images.shape[1:])}; model {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
           f"params; objective={cfg.get('objective', 'mask')}; device={dev} dtype={dtype} world={world} "
           f"batch={cfg['batch_size']}x{accum}x{world}")
+    if 'groups' in data:  # views_from='group': say how many images have another photo to pair with
+        count = np.unique(data['groups'], return_counts=True)[1]
+        print(f"views_from='group': {int(count[count > 1].sum())} of {len(images)} train images have another "
+              f"image of their group ({int((count > 1).sum())} of {len(count)} groups); the others pair with themselves")
     peak = measure_matmul_flops(dev, getattr(torch, dtype))
     print(f'measured {dtype} matmul throughput (MFU denominator): {peak / 1e9:.0f} GFLOP/s')
     return peak

@@ -363,6 +363,38 @@ def test_views_batch_drops_tokens_per_global_view_without_changing_the_crops():
     assert len({tuple(sorted(row.tolist())) for row in keep}) > 1  # each view draws its own subset
 
 
+def test_other_photo_draws_another_member_of_the_group_uniformly():
+    groups = np.array([5, 3, 5, 7, 3, 5, 9, 5])  # group 5: images 0, 2, 5, 7; 3: 1, 4; 7 and 9 alone
+    by_group, rng = np.argsort(groups, kind='stable'), np.random.default_rng(0)
+    idx = np.arange(len(groups))
+    draws = np.stack([mj.other_photo(groups, by_group, idx, rng) for _ in range(3000)])  # (3000, 8)
+    assert (groups[draws] == groups[idx]).all()  # always the same group
+    assert (draws[:, [3, 6]] == [3, 6]).all()  # alone in its group: itself (two crops of one photo)
+    assert (draws[:, [0, 1, 2, 4, 5, 7]] != [0, 1, 2, 4, 5, 7]).all()  # else never itself
+    assert (draws[:, 1] == 4).all() and (draws[:, 4] == 1).all()
+    for i in (0, 2, 5, 7):  # each of the other three members of group 5 about a third of the time
+        others = [j for j in (0, 2, 5, 7) if j != i]
+        freq = [(draws[:, i] == j).mean() for j in others]
+        assert max(abs(f - 1 / 3) for f in freq) < 0.04, (i, freq)
+
+
+def test_views_from_group_crops_the_second_global_view_from_the_partner():
+    imgs = np.repeat(np.arange(8, dtype=np.uint8) * 30, 32 * 32 * 3).reshape(8, 32, 32, 3)  # one grey per image
+    groups = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    data = dict(images=imgs, mean=[0.5] * 3, std=[0.3] * 3, groups=groups, by_group=np.argsort(groups, kind='stable'))
+    cfg = _tiny_cfg(objective='views', n_local_views=0, batch_size=8, views_from='group')
+    g = mj.get_batch(cfg, mj, data, 0, 0, 'cpu', 0, 1)['globals']  # (2, 8, 3, 32, 32)
+    grey = mj.to_float(imgs[:, :1, :1], data['mean'], data['std'], 'cpu').flatten()[::3]  # (8,) normalised
+    src = lambda views: [int((grey - v.mean()).abs().argmin()) for v in views]  # which image each crop shows
+    assert src(g[0]) == list(range(8))  # first views: the images themselves
+    assert src(g[1]) == [1, 0, 3, 2, 5, 4, 7, 6]  # second views: the other photo of each pair
+    same = mj.get_batch(_tiny_cfg(objective='views', n_local_views=0, batch_size=8),
+                        mj, data, 0, 0, 'cpu', 0, 1)['globals']
+    assert src(same[1]) == list(range(8))  # views_from='image': both views from the one photo
+    with pytest.raises(mj.ConfigError, match='views_from'):
+        _tiny_cfg(views_from='group')  # objective 'mask' has no second view
+
+
 def test_batch_indices_shard_without_overlap_or_loss():
     n, B, world, accum = 50, 4, 2, 3
     seen = []

@@ -171,6 +171,22 @@ def test_resume_refuses_a_different_architecture(tiny_data, tmp_path):
                         '--init_from=resume'])
 
 
+def test_views_from_group_needs_groups_and_counts_the_images_it_pairs(tiny_data, tmp_path, capsys):
+    args = TINY + ['--objective=views', '--views_from=group', '--max_iters=2', '--warmup_iters=1']
+    with pytest.raises(mj.ConfigError, match="no train_groups.npy: use views_from='image'"):
+        mj.main(args + [f'--data_dir={tiny_data}', f'--out_dir={tmp_path}/o'])
+    assert not os.path.exists(tmp_path / 'o' / 'ckpt.pt')
+    import shutil
+    data = tmp_path / 'grouped'
+    shutil.copytree(tiny_data, data)
+    np.save(data / 'train_groups.npy', np.minimum(np.arange(96) // 2, 40))  # 40 pairs, one group of 16
+    mj.main(args + [f'--data_dir={data}', f'--out_dir={tmp_path}/g'])
+    assert "96 of 96 train images have another image of their group (41 of 41 groups)" in capsys.readouterr().out
+    np.save(data / 'train_groups.npy', np.arange(96) // 2 * (np.arange(96) < 10) + np.arange(96) * (np.arange(96) >= 10))
+    mj.main(args + [f'--data_dir={data}', f'--out_dir={tmp_path}/h'])
+    assert "10 of 96 train images have another image of their group (5 of 91 groups)" in capsys.readouterr().out
+
+
 def test_missing_data_dir_gives_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match='run .python prepare.py'):
         mj.train(mj.validate(mj.configure(TINY + [f'--data_dir={tmp_path}/nothing', f'--out_dir={tmp_path}/o'])))
