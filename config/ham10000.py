@@ -7,3 +7,5 @@ data_dir = 'data/ham10000'
 image_size = 224
 patch_size = 16
 local_size = 96            # ('views' objective only) a multiple of patch_size
+# With --objective=views, --views_from=group pairs photos of one lesion_id (prepare.py writes them as
+# groups): the recipe of config/demo_views.py, measured on the demo only (docs/results.md).
