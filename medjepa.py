@@ -80,12 +80,13 @@ target_aspect = (0.75, 1.5)  # aspect ratio range of the target blocks
 context_scale = (0.85, 1.0)  # area of the context block before the targets are cut out of it
 context_keep = 0.33        # every image sees exactly this fraction of the grid as context
 min_keep = 10              # ... and at least this many patches
-n_local_views = 4          # 'views' objective: small crops per image (plus 2 global crops)
+n_global_views = 2         # 'views' objective: full-size crops per image (LeJEPA: 2); the invariance pulls to their mean
+n_local_views = 4          # 'views' objective: small crops per image (besides the global ones)
 local_size = 32            # 'views' objective: side of the local crops in pixels
 local_scale = (0.05, 0.3)  # 'views' objective: area range of the local crops
 proj_dim = 64              # 'views' objective: projector output width (SIGReg acts on it)
 view_keep = 1.0            # 'views' objective: fraction of each global view's patches the encoder sees
-views_from = 'image'       # 'views' objective: 'group' = the 2nd global view is another photo of the group
+views_from = 'image'       # 'views' objective: 'group' = global views 2, 3, .. are cut from other photos of the group
 # optimisation
 batch_size = 64            # images per micro-step per process
 gradient_accumulation_steps = 1  # micro-steps per optimiser step, per process
@@ -128,18 +129,27 @@ def batch_indices(step, micro, n, batch, world, rank, accum, seed):
     return out
 
 
-def other_photo(groups, by_group, idx, rng):
-    """For each image idx[i], another image of its group, uniformly (views_from='group'): another photo of
-    the same lesion, patient or subject. The two global views of a 'views' step then differ in all that
-    the photos do not share (pose, light, hair, camera noise), so the encoder cannot match them by those
-    (MICLe, Azizi et al. 2021). An image alone in its group is its own partner: two crops of one photo.
-    groups: (N,) ids; by_group: np.argsort(groups, kind='stable') (members ascending within a group)."""
-    g = groups[by_group]
-    first = np.searchsorted(g, groups[idx], 'left')  # (B,) where each image's group starts in by_group
-    count = np.searchsorted(g, groups[idx], 'right') - first
-    r = (rng.random(len(idx)) * np.maximum(count - 1, 1)).astype(np.int64)  # one of the first count - 1
-    other = by_group[first + r]
-    return np.where(other == idx, by_group[first + count - 1], other)  # drew itself: the last one instead
+def other_photos(groups, by_group, idx, rng, k=1):
+    """For each image idx[i], k other images of its group (views_from='group'): other photos of the same
+    lesion, patient or subject, drawn without replacement while the group has k others (then they repeat
+    in the same order). The global views of a 'views' step then differ in all that the photos do not
+    share (pose, light, hair, camera noise), so the encoder cannot match them by those (MICLe, Azizi et
+    al. 2021). An image alone in its group is its own partner: crops of one photo. groups: (N,) ids;
+    by_group: np.argsort(groups, kind='stable'), each group's members one slice of it. -> (k, B) indices."""
+    B, rows = len(idx), np.arange(len(idx))
+    first = np.searchsorted(groups[by_group], groups[idx], 'left')  # (B,) where each image's group starts
+    count = np.searchsorted(groups[by_group], groups[idx], 'right') - first
+    pool = by_group[np.minimum(first[:, None] + np.arange(count.max()), len(by_group) - 1)]  # (B, C) members
+    me = (pool == idx[:, None]).argmax(1)
+    pool[rows, me], pool[rows, count - 1] = pool[rows, count - 1], idx  # each image to the end of its members
+    out = np.zeros((k, B), dtype=np.int64)
+    for j in range(k):  # a partial Fisher-Yates shuffle: draw from the n not yet drawn, move the draw behind them
+        n = count - 1 - j
+        r = (rng.random(B) * np.maximum(n, 1)).astype(np.int64)
+        again = np.where(count > 1, out[np.clip(j - count + 1, 0, None), rows], idx)  # all drawn: repeat
+        out[j] = np.where(n > 0, pool[rows, r], again)
+        pool[rows, r], pool[rows, np.maximum(n - 1, 0)] = pool[rows, np.maximum(n - 1, 0)], pool[rows, r]
+    return out
 
 
 def random_resized_crop(x, size, scale, gen, flip=True, ratio=(3 / 4, 4 / 3), rot90=False):
@@ -591,10 +601,10 @@ def batch_generator(cfg, step, micro, rank):
 
 def make_batch(cfg, images, mean, std, step, micro, device, rank=0, partners=None):
     """Augment one micro-batch on the device and draw its masks, from seeds derived from the step.
-    partners: the images the second global view is cropped from ('views'; default: the same images)."""
+    partners: (n_global_views - 1, B, ...) the images global views 2, 3, .. are cropped from ('views';
+    default: the images themselves)."""
     gen = batch_generator(cfg, step, micro, rank)
     x = to_float(images, mean, std, device)
-    x2 = x if partners is None else to_float(partners, mean, std, device)
     jitter = lambda v: color_jitter(v, gen, cfg['color_jitter'], cfg['gray_prob'], cfg['brightness'])
     if cfg['objective'] == 'mask':
         x = random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen, rot90=cfg['rot90'])
@@ -603,7 +613,9 @@ def make_batch(cfg, images, mean, std, step, micro, device, rank=0, partners=Non
         return dict(x=jitter(x), x_tgt=jitter(x), ctx_idx=to_device(ctx_idx, device),
                     tgt_idx=to_device(tgt_idx, device))
     crop = lambda v, size, scale: jitter(random_resized_crop(v, size, scale, gen, rot90=cfg['rot90']))
-    g = torch.stack([crop(v, cfg['image_size'], cfg['crop_scale']) for v in (x, x2)])
+    Vg = cfg['n_global_views']
+    sources = [x] * Vg if partners is None else [x] + [to_float(p, mean, std, device) for p in partners]
+    g = torch.stack([crop(v, cfg['image_size'], cfg['crop_scale']) for v in sources])  # (Vg, B, C, S, S)
     loc = [crop(x, cfg['local_size'], cfg['local_scale'])
            for _ in range(cfg['n_local_views'])]
     loc = torch.stack(loc) if loc else x.new_zeros(0, *x.shape[:2], cfg['local_size'], cfg['local_size'])
@@ -611,8 +623,8 @@ def make_batch(cfg, images, mean, std, step, micro, device, rank=0, partners=Non
         return dict(globals=g, locals=loc)
     # token dropping: each global view keeps its own random subset of its patches (positions stay theirs)
     n = (cfg['image_size'] // cfg['patch_size']) ** 2
-    keep = torch.rand(2 * x.shape[0], n, generator=gen).argsort(1)[:, :max(1, round(cfg['view_keep'] * n))]
-    return dict(globals=g, locals=loc, keep=to_device(keep, device))  # keep: (2 * B, K) patch indices
+    keep = torch.rand(Vg * x.shape[0], n, generator=gen).argsort(1)[:, :max(1, round(cfg['view_keep'] * n))]
+    return dict(globals=g, locals=loc, keep=to_device(keep, device))  # keep: (Vg * B, K) patch indices
 
 # -----------------------------------------------------------------------------
 # Training
@@ -680,9 +692,10 @@ def get_batch(cfg, impl, data, step, micro, dev, rank, world):
     idx = np.sort(batch_indices(step, micro, len(data['images']), cfg['batch_size'], world, rank,
                                 cfg['gradient_accumulation_steps'], cfg['seed']))
     kw = {}
-    if cfg.get('views_from') == 'group':  # the second global views: other photos of the same groups
+    if cfg.get('views_from') == 'group':  # global views 2, 3, ..: other photos of the same groups
         rng = np.random.default_rng([cfg['seed'], step, micro, rank, 1])
-        kw['partners'] = data['images'][other_photo(data['groups'], data['by_group'], idx, rng)]
+        others = other_photos(data['groups'], data['by_group'], idx, rng, cfg['n_global_views'] - 1)
+        kw['partners'] = [data['images'][o] for o in others]
     return impl.make_batch(cfg, data['images'][idx], data['mean'], data['std'], step, micro, dev, rank, **kw)
 
 

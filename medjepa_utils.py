@@ -162,7 +162,10 @@ def validate(c):
          f"view_keep={c['view_keep']} must lie in (0, 1]: the fraction of its patches each global view keeps")
     need(c['views_from'] in ('image', 'group') and (c['views_from'] == 'image' or c['objective'] == 'views'),
          f"views_from='{c['views_from']}' must be 'image' or 'group' (with objective='views': the photo the "
-         f"second global view is cropped from)")
+         f"global views after the first are cropped from)")
+    need(c['objective'] != 'views' or c['n_global_views'] + c['n_local_views'] >= 2,
+         f"n_global_views={c['n_global_views']} + n_local_views={c['n_local_views']} must be at least 2: the "
+         f"'views' objective pulls every view to the mean of the global views")
     for k in ('crop_scale', 'local_scale', 'target_scale', 'context_scale'):
         lo, hi = c[k]
         need(0 < lo <= hi <= 1, f"{k}={c[k]} must satisfy 0 < low <= high <= 1")
@@ -172,7 +175,7 @@ def validate(c):
 _RULES = [  # (rule, test, keys) checked first: the rules of validate_shared below divide by these values
     ('at least 1', lambda v: v >= 1, 'batch_size gradient_accumulation_steps max_iters num_slices '
      'log_interval eval_interval knn_train_size n_layer n_head n_embd pred_n_layer pred_n_head pred_n_embd '
-     'patch_size image_size local_size volume_size num_targets proj_dim min_keep max_bad_steps'),
+     'patch_size image_size local_size volume_size num_targets proj_dim min_keep max_bad_steps n_global_views'),
     ('in [0, 1)', lambda v: 0 <= v < 1, 'beta1 beta2'),
     ('>= 0', lambda v: v >= 0, 'seed warmup_iters weight_decay grad_clip num_threads min_lr n_local_views'),
     ('below 4294967296 (2**32)', lambda v: v < 2**32, 'seed'),  # (torch.manual_seed overflows near 2**64)
@@ -378,7 +381,7 @@ def open_data(cfg, impl, master, ddp, dev):
     need(len(train['images']) >= cfg['batch_size'],
          f"batch_size={cfg['batch_size']} is larger than the train split ({len(train['images'])} images)")
     out = dict(meta=meta, train=train, val=val, images=train['images'], mean=meta['mean'], std=meta['std'])
-    if cfg.get('views_from') == 'group':  # (medjepa.other_photo's lookup table, made once)
+    if cfg.get('views_from') == 'group':  # (medjepa.other_photos' lookup table, made once)
         need(train['groups'] is not None, f"views_from='group' needs the groups of the train images, and "
              f"{cfg['data_dir']} has no train_groups.npy: use views_from='image' (two crops of one photo)")
         out['groups'] = np.asarray(train['groups'])
@@ -959,10 +962,13 @@ def describe_run(cfg, data, raw_model, dev, dtype, world):
           f"{tuple(images.shape[1:])}; model {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M "
           f"params; objective={cfg.get('objective', 'mask')}; device={dev} dtype={dtype} world={world} "
           f"batch={cfg['batch_size']}x{accum}x{world}")
-    if 'groups' in data:  # views_from='group': say how many images have another photo to pair with
-        count = np.unique(data['groups'], return_counts=True)[1]
+    if 'groups' in data:  # views_from='group': say how many images have other photos to pair with
+        count, k = np.unique(data['groups'], return_counts=True)[1], cfg['n_global_views'] - 1
         print(f"views_from='group': {int(count[count > 1].sum())} of {len(images)} train images have another "
               f"image of their group ({int((count > 1).sum())} of {len(count)} groups); the others pair with themselves")
+        if k > 1:
+            print(f"  {int(count[count > k].sum())} of them have the {k} others that {k + 1} global views from "
+                  f"distinct photos need; the rest repeat a photo")
     peak = measure_matmul_flops(dev, getattr(torch, dtype))
     print(f'measured {dtype} matmul throughput (MFU denominator): {peak / 1e9:.0f} GFLOP/s')
     return peak

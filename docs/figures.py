@@ -43,7 +43,7 @@ LOGS = os.path.join(FIG, 'logs')
 COMMON = ['--max_iters=300', '--warmup_iters=30', '--eval_interval=100', '--num_threads=1']
 THEN = ['--num_slices=256']
 VIEWS_THEN = ['config/demo_views.py', '--n_local_views=2', '--local_scale=(0.05,0.3)', '--view_keep=1',
-              '--views_from=image']
+              '--views_from=image', '--n_global_views=2']
 RUNS = {
     'lam0': THEN + ['--sigreg_lambda=0'],
     'lam0.01': THEN + ['--sigreg_lambda=0.01'],

@@ -363,36 +363,49 @@ def test_views_batch_drops_tokens_per_global_view_without_changing_the_crops():
     assert len({tuple(sorted(row.tolist())) for row in keep}) > 1  # each view draws its own subset
 
 
-def test_other_photo_draws_another_member_of_the_group_uniformly():
+def test_other_photos_draws_other_members_of_the_group_uniformly():
     groups = np.array([5, 3, 5, 7, 3, 5, 9, 5])  # group 5: images 0, 2, 5, 7; 3: 1, 4; 7 and 9 alone
     by_group, rng = np.argsort(groups, kind='stable'), np.random.default_rng(0)
     idx = np.arange(len(groups))
-    draws = np.stack([mj.other_photo(groups, by_group, idx, rng) for _ in range(3000)])  # (3000, 8)
+    draws = np.stack([mj.other_photos(groups, by_group, idx, rng)[0] for _ in range(3000)])  # (3000, 8)
     assert (groups[draws] == groups[idx]).all()  # always the same group
-    assert (draws[:, [3, 6]] == [3, 6]).all()  # alone in its group: itself (two crops of one photo)
+    assert (draws[:, [3, 6]] == [3, 6]).all()  # alone in its group: itself (crops of one photo)
     assert (draws[:, [0, 1, 2, 4, 5, 7]] != [0, 1, 2, 4, 5, 7]).all()  # else never itself
     assert (draws[:, 1] == 4).all() and (draws[:, 4] == 1).all()
     for i in (0, 2, 5, 7):  # each of the other three members of group 5 about a third of the time
         others = [j for j in (0, 2, 5, 7) if j != i]
         freq = [(draws[:, i] == j).mean() for j in others]
         assert max(abs(f - 1 / 3) for f in freq) < 0.04, (i, freq)
+    three = np.stack([mj.other_photos(groups, by_group, idx, rng, k=3) for _ in range(600)])  # (600, 3, 8)
+    for i in (0, 2, 5, 7):  # group 5 has three others: all of them, each order about as often
+        assert all(sorted(t) == [j for j in (0, 2, 5, 7) if j != i] for t in three[:, :, i])
+        orders = np.unique(three[:, :, i], axis=0, return_counts=True)[1]
+        assert len(orders) == 6 and orders.min() > 600 / 6 * 0.6, orders
+    assert (three[:, :, 1] == 4).all() and (three[:, :, 3] == 3).all()  # too few others: they repeat
 
 
-def test_views_from_group_crops_the_second_global_view_from_the_partner():
-    imgs = np.repeat(np.arange(8, dtype=np.uint8) * 30, 32 * 32 * 3).reshape(8, 32, 32, 3)  # one grey per image
-    groups = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+def test_views_from_group_cuts_each_global_view_from_another_photo():
+    imgs = np.repeat(np.arange(9, dtype=np.uint8) * 28, 32 * 32 * 3).reshape(9, 32, 32, 3)  # one grey per image
+    groups = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3])  # two lesions of three photos, a pair, a single photo
     data = dict(images=imgs, mean=[0.5] * 3, std=[0.3] * 3, groups=groups, by_group=np.argsort(groups, kind='stable'))
-    cfg = _tiny_cfg(objective='views', n_local_views=0, batch_size=8, views_from='group')
-    g = mj.get_batch(cfg, mj, data, 0, 0, 'cpu', 0, 1)['globals']  # (2, 8, 3, 32, 32)
-    grey = mj.to_float(imgs[:, :1, :1], data['mean'], data['std'], 'cpu').flatten()[::3]  # (8,) normalised
+    grey = mj.to_float(imgs[:, :1, :1], data['mean'], data['std'], 'cpu').flatten()[::3]  # (9,) normalised
     src = lambda views: [int((grey - v.mean()).abs().argmin()) for v in views]  # which image each crop shows
-    assert src(g[0]) == list(range(8))  # first views: the images themselves
-    assert src(g[1]) == [1, 0, 3, 2, 5, 4, 7, 6]  # second views: the other photo of each pair
-    same = mj.get_batch(_tiny_cfg(objective='views', n_local_views=0, batch_size=8),
+    cfg = _tiny_cfg(objective='views', n_local_views=0, batch_size=9, views_from='group')
+    g = mj.get_batch(cfg, mj, data, 0, 0, 'cpu', 0, 1)['globals']  # (2, 9, 3, 32, 32)
+    assert src(g[0]) == list(range(9))  # first views: the images themselves
+    assert all(groups[j] == groups[i] and j != i for i, j in enumerate(src(g[1])[:8]))  # second: another photo
+    assert src(g[1])[6:] == [7, 6, 8]  # the pair swaps; the single photo pairs with itself
+    g = mj.get_batch({**cfg, 'n_global_views': 3}, mj, data, 1, 0, 'cpu', 0, 1)['globals']  # (3, 9, ...)
+    views = np.array([src(v) for v in g]).T  # (9, 3): the photo behind each image's three global views
+    assert all(sorted(v) == list(np.flatnonzero(groups == groups[i])) for i, v in enumerate(views[:6]))
+    assert views[6].tolist() == [6, 7, 7] and views[8].tolist() == [8, 8, 8]  # too few photos: they repeat
+    same = mj.get_batch(_tiny_cfg(objective='views', n_local_views=0, batch_size=9, n_global_views=3),
                         mj, data, 0, 0, 'cpu', 0, 1)['globals']
-    assert src(same[1]) == list(range(8))  # views_from='image': both views from the one photo
+    assert all(src(v) == list(range(9)) for v in same)  # views_from='image': every view from the one photo
     with pytest.raises(mj.ConfigError, match='views_from'):
         _tiny_cfg(views_from='group')  # objective 'mask' has no second view
+    with pytest.raises(mj.ConfigError, match='n_global_views=1 \\+ n_local_views=0 must be at least 2'):
+        _tiny_cfg(objective='views', n_global_views=1, n_local_views=0)  # one view: nothing to agree with
 
 
 def test_batch_indices_shard_without_overlap_or_loss():

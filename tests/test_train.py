@@ -182,6 +182,8 @@ def test_views_from_group_needs_groups_and_counts_the_images_it_pairs(tiny_data,
     np.save(data / 'train_groups.npy', np.minimum(np.arange(96) // 2, 40))  # 40 pairs, one group of 16
     mj.main(args + [f'--data_dir={data}', f'--out_dir={tmp_path}/g'])
     assert "96 of 96 train images have another image of their group (41 of 41 groups)" in capsys.readouterr().out
+    mj.main(args + [f'--data_dir={data}', f'--out_dir={tmp_path}/g3', '--n_global_views=3'])
+    assert "16 of them have the 2 others that 3 global views from distinct photos need" in capsys.readouterr().out
     np.save(data / 'train_groups.npy', np.arange(96) // 2 * (np.arange(96) < 10) + np.arange(96) * (np.arange(96) >= 10))
     mj.main(args + [f'--data_dir={data}', f'--out_dir={tmp_path}/h'])
     assert "10 of 96 train images have another image of their group (5 of 91 groups)" in capsys.readouterr().out
