@@ -10,7 +10,7 @@ protocol, and draw the pictures that show what it learned.
 
 On the demo data (6000/999/2001 images at 64 px, encoder 6 x 192) the run without the supervised row
 (--baselines=random,pixels) takes about 3-4 minutes on 2 CPU cores; the supervised row adds its
-training (as many steps of 64 images as the pretraining: 1,100 for config/demo_views.py) and its tasks. It prints one markdown table per
+training (as many steps of 64 images as the pretraining: 810 for config/demo_views.py) and its tasks. It prints one markdown table per
 task and writes eval.json (every number, the settings, seeds and data set), eval.md (the tables) and
 figures/*.png next to the checkpoint.
 docs/evaluation.md explains each protocol at more length.

@@ -1,12 +1,13 @@
 # LeJEPA's own multi-view objective on the demo data, for a side-by-side comparison with config/demo.py.
-# ~9.5 minutes on 2 CPU cores in float32 (~97 images/s of three views each; docs/results.md).   python medjepa.py config/demo_views.py
+# ~11 minutes on 2 CPU cores in float32 (~84 images/s of three views each; docs/results.md).   python medjepa.py config/demo_views.py
 # Strong colour jitter + random grayscale remove the colour shortcut (docs/design.md: without them the
 # encoder tells images apart by skin tone and darkness and learns no morphology). No local crops: on val,
 # 2 local crops of 20-60 % gave 41.1 / 48.2 / 41.6 % online kNN on seeds 0 / 1 / 2 and none gave 43.5 / 52.7 / 41.3, at 12 % less time per step (docs/design.md). Each global view's encoder
 # sees a random half of its patches (view_keep): a step costs ~55 % as much, so 1,100 steps take the time of
 # 600 full ones; on val this gave 48.9 / 46.7 / 48.4 % online kNN on seeds 0 / 1 / 2 against 43.5 / 52.7 / 41.3.
 # The global views are cut from the three photos of the lesion, one each (views_from='group' with
-# n_global_views = 3, the train_groups.npy of the data; 810 steps cost what 1,100 steps of two views did): on val,
+# n_global_views = 3, the train_groups.npy of the data; 810 steps: on one thread the time of 1,100 steps of two
+# views, on two threads 19 % more): on val,
 # linear probe 74.1 / 75.6 / 75.2 % and online kNN 58.0 / 58.6 / 56.3 % on seeds 0 / 1 / 2, against 70.0 / 73.3 / 73.6
 # and 55.6 / 58.0 / 57.1 with two views (the first photo and one other) for 1,100 steps, and 47.7 / 52.5 / 49.5 % kNN
 # with both views from one photo (docs/design.md). Data without groups: --views_from=image --n_global_views=2
