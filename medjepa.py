@@ -74,7 +74,7 @@ num_slices = 1024          # SIGReg random 1-D projections per step (1024 beat 2
 sigreg_on = 'pooled_std'   # 'mask': SIGReg on pooled context vectors standardised over the batch
                            # (a decorrelation penalty), raw ('pooled': LeJEPA's test), all 'tokens', or
                            # 'pooled_std+tokens': the first plus SIGREG_TOKENS raw tokens per image
-num_targets = 4            # target blocks per image
+num_targets = 2            # target blocks per image (I-JEPA: 4; 2 beat 4 on val, docs/design.md)
 target_scale = (0.15, 0.2) # area of each target block, as a fraction of the patch grid
 target_aspect = (0.75, 1.5)  # aspect ratio range of the target blocks
 context_scale = (0.85, 1.0)  # area of the context block before the targets are cut out of it

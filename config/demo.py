@@ -10,3 +10,4 @@ warmup_iters = 60
 eval_interval = 200
 num_slices = 1024          # SIGReg directions per step: better than 256 on both seeds measured (docs/sigreg.md)
 context_keep = 0.33        # every image's context: 21 of the 64 patches, whatever the batch size (docs/masking.md)
+num_targets = 2            # target blocks per image: on val, 2 beat I-JEPA's 4 on every seed (docs/design.md)
