@@ -137,8 +137,9 @@ def other_photos(groups, by_group, idx, rng, k=1):
     al. 2021). An image alone in its group is its own partner: crops of one photo. groups: (N,) ids;
     by_group: np.argsort(groups, kind='stable'), each group's members one slice of it. -> (k, B) indices."""
     B, rows = len(idx), np.arange(len(idx))
-    first = np.searchsorted(groups[by_group], groups[idx], 'left')  # (B,) where each image's group starts
-    count = np.searchsorted(groups[by_group], groups[idx], 'right') - first
+    g = groups[by_group]  # the ids in group order
+    first = np.searchsorted(g, groups[idx], 'left')  # (B,) where each image's group starts
+    count = np.searchsorted(g, groups[idx], 'right') - first
     pool = by_group[np.minimum(first[:, None] + np.arange(count.max()), len(by_group) - 1)]  # (B, C) members
     me = (pool == idx[:, None]).argmax(1)
     pool[rows, me], pool[rows, count - 1] = pool[rows, count - 1], idx  # each image to the end of its members

@@ -2,7 +2,8 @@
 # ~11 minutes on 2 CPU cores in float32 (~84 images/s of three views each; docs/results.md).   python medjepa.py config/demo_views.py
 # Strong colour jitter + random grayscale remove the colour shortcut (docs/design.md: without them the
 # encoder tells images apart by skin tone and darkness and learns no morphology). No local crops: on val,
-# 2 local crops of 20-60 % gave 41.1 / 48.2 / 41.6 % online kNN on seeds 0 / 1 / 2 and none gave 43.5 / 52.7 / 41.3, at 12 % less time per step (docs/design.md). Each global view's encoder
+# 2 local crops of 20-60 % gave 41.1 / 48.2 / 41.6 % online kNN on seeds 0 / 1 / 2 and none gave 43.5 / 52.7 /
+# 41.3, at 12 % less time per step (docs/design.md). Each global view's encoder
 # sees a random half of its patches (view_keep): a step costs ~55 % as much, so 1,100 steps take the time of
 # 600 full ones; on val this gave 48.9 / 46.7 / 48.4 % online kNN on seeds 0 / 1 / 2 against 43.5 / 52.7 / 41.3.
 # The global views are cut from the three photos of the lesion, one each (views_from='group' with
