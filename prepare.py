@@ -728,6 +728,12 @@ def finish(out_dir, t0):
     meta = json.loads((Path(out_dir) / 'meta.json').read_text())
     print(f"done: train/val/test = {'/'.join(str(meta['counts'][s]) for s in SPLITS)}, "
           f"{disk_size(out_dir) / 1e6:.0f} MB in {out_dir}, {time.time() - t0:.1f} s")
+    if meta.get('channels') == 1 and meta.get('spatial_dims', 2) == 2 and meta['name'] != 'brainlobes':
+        size = meta['image_size'][0]  # grey 2-D images: the recipe that beat random init on real MRI
+        patch = max((d for d in range(1, 17) if size % d == 0 and size // d >= 7), default=1)  # a grid >= 7
+        sizes = '' if size == 64 else f' --image_size={size} --patch_size={patch}'
+        print(f"next: python medjepa.py config/brainlobes.py --data_dir={out_dir} --out_dir=out-{Path(out_dir).name}"
+              f"{sizes}   (grey images: the views recipe measured on real MRI, docs/results.md)")
     return Path(out_dir)
 
 

@@ -436,6 +436,26 @@ def test_folder_with_class_subfolders_flat_and_csv(tmp_path):
     assert_groups_disjoint(out)
 
 
+@pytest.mark.parametrize('size, channels', [(64, 1), (28, 1), (224, 1), (64, 3)])
+def test_grey_images_end_with_a_runnable_recommended_command(tmp_path, capsys, size, channels):
+    flat = tmp_path / 'flat'
+    flat.mkdir()
+    for i in range(12):
+        (flat / f'{i}.png').write_bytes(picture(i % 2, 'PNG'))
+    out = prepare.prepare_folder(tmp_path / 'data' / 'g', source=str(flat), size=size, channels=channels, workers=1)
+    nexts = [l for l in capsys.readouterr().out.splitlines() if l.startswith('next:')]
+    if channels == 3:  # nothing measured on real colour images: no recommendation
+        assert nexts == []
+        return
+    assert len(nexts) == 1
+    argv = nexts[0].split('(')[0].split()[3:]  # after 'next: python medjepa.py'
+    assert argv[0] == 'config/brainlobes.py' and f'--data_dir={out}' in argv
+    import medjepa
+    cfg = medjepa.validate(medjepa.configure([str(ROOT / argv[0])] + argv[1:], medjepa.DEFAULTS))  # a valid run
+    assert cfg['objective'] == 'views' and cfg['data_dir'] == str(out) and cfg['image_size'] == size
+    assert cfg['image_size'] // cfg['patch_size'] >= 7
+
+
 def test_split_whose_files_are_all_corrupt_fails_and_leaves_nothing(tmp_path):
     root = tmp_path / 'pics'
     root.mkdir()
