@@ -91,7 +91,7 @@ views_from = 'image'       # 'views' objective: 'group' = global views 2, 3, .. 
 batch_size = 64            # images per micro-step per process
 gradient_accumulation_steps = 1  # micro-steps per optimiser step, per process
 max_iters = 600            # optimiser steps
-learning_rate = 1e-3       # peak AdamW learning rate
+learning_rate = 2.5e-4     # peak AdamW learning rate ('mask': 2.5e-4 beat 1e-3 on val, docs/design.md)
 min_lr = 1e-5              # learning rate at the end of the cosine decay
 warmup_iters = 60          # linear warmup steps
 weight_decay = 0.05        # AdamW decay, on matrices only

@@ -10,4 +10,5 @@ warmup_iters = 60
 eval_interval = 200
 num_slices = 1024          # SIGReg directions per step: better than 256 on both seeds measured (docs/sigreg.md)
 context_keep = 0.33        # every image's context: 21 of the 64 patches, whatever the batch size (docs/masking.md)
+learning_rate = 2.5e-4     # peak AdamW rate: on val, better than 1e-3 on every seed (docs/design.md)
 num_targets = 2            # target blocks per image: on val, 2 beat I-JEPA's 4 on every seed (docs/design.md)

@@ -40,7 +40,7 @@ LOGS = os.path.join(FIG, 'logs')
 # cannot be restored: contexts were then cut to the batch's shortest, now every image keeps
 # context_keep of the grid, so a re-run differs a little from the logs in docs/figures/logs.
 # --num_threads=1 because they ran niced on a 2-core machine shared with other jobs.
-COMMON = ['--max_iters=300', '--warmup_iters=30', '--eval_interval=100', '--num_threads=1', '--num_targets=4']
+COMMON = ['--max_iters=300', '--warmup_iters=30', '--eval_interval=100', '--num_threads=1', '--num_targets=4', '--learning_rate=1e-3']
 THEN = ['--num_slices=256']
 VIEWS_THEN = ['config/demo_views.py', '--n_local_views=2', '--local_scale=(0.05,0.3)', '--view_keep=1',
               '--views_from=image', '--n_global_views=2']
