@@ -16,7 +16,8 @@ from subproc import Child  # tests/subproc.py: output read with a deadline
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--pred_n_layer=1', '--pred_n_embd=16', '--pred_n_head=2',
         '--image_size=32', '--patch_size=8', '--local_size=16', '--n_local_views=2', '--batch_size=16',
-        '--num_slices=32', '--knn_train_size=64', '--device=cpu', '--dtype=float32', '--num_threads=1']
+        '--num_slices=32', '--knn_train_size=64', '--device=cpu', '--dtype=float32', '--num_threads=1',
+        '--learning_rate=1e-3']  # 40 steps of a tiny model: the rate its thresholds were measured at
 
 
 @pytest.fixture(scope='module')
