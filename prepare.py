@@ -728,7 +728,7 @@ def finish(out_dir, t0):
     meta = json.loads((Path(out_dir) / 'meta.json').read_text())
     print(f"done: train/val/test = {'/'.join(str(meta['counts'][s]) for s in SPLITS)}, "
           f"{disk_size(out_dir) / 1e6:.0f} MB in {out_dir}, {time.time() - t0:.1f} s")
-    if meta.get('channels') == 1 and meta.get('spatial_dims', 2) == 2 and meta['name'] != 'brainlobes':
+    if meta.get('channels') == 1 and meta.get('spatial_dims', 2) == 2:
         size = meta['image_size'][0]  # grey 2-D images: the recipe that beat random init on real MRI
         patch = max((d for d in range(1, 17) if size % d == 0 and size // d >= 7), default=1)  # a grid >= 7
         sizes = '' if size == 64 else f' --image_size={size} --patch_size={patch}'
@@ -2282,11 +2282,7 @@ def prepare_brainlobes(out_dir='data/brainlobes', source: str = '', size: int = 
                    lobes_from="AAL code // 1000: 2 frontal, 3 insula + 4 limbic, 5 occipital, 6 parietal, "
                               "7 subcortical, 8 temporal, 9 cerebellum",
                    input_md5=checksums, inputs_are_the_packaged_files=official)
-    out = finish(out_dir, t0)
-    moved = '' if out == Path('data/brainlobes') else f' --data_dir={out}'
-    print(f"next: python medjepa.py config/brainlobes.py{moved}   (the views recipe without colour jitter: "
-          f"docs/results.md)")
-    return out
+    return finish(out_dir, t0)  # its next: line runs config/brainlobes.py, as for every grey 2-D set
 
 # --- any folder of pictures ----------------------------------------------------------------------
 
