@@ -92,7 +92,7 @@ layer_decay = 0.75          # layer-wise lr decay: block i of L gets lr * layer_
 finetune_eval_every = 25    # fine-tuning: score val at step 0 and every this many steps; the best is tested
 seg_train = 1000            # segmentation: train images (random subset) the head is fitted on; 0 = all
 seg_epochs = 8              # segmentation: passes over those images; the best val epoch is tested
-seg_lr = 3e-3               # segmentation head learning rate (AdamW)
+seg_lr = -1.0               # segmentation head learning rate (AdamW); -1 = 3e-3 for images, 0.1 for volumes (docs/evaluation.md)
 seg_finetune_iters = 0      # segmentation: after the frozen fit, train encoder + head end to end this many steps (0 = off)
 seg_finetune_lr = 5e-4      # segmentation fine-tuning peak lr of head and last block (earlier: layer_decay; batch etc.: finetune_*)
 supervised_iters = -1       # supervised row: steps trained with the labels; -1 = the checkpoint's max_iters, 0 = no row
@@ -777,7 +777,8 @@ def captions(data, c):
                         f"AdamW, lr {c['finetune_lr']:g}, layer decay {c['layer_decay']}, crops, flips): step {sel} at 0 (the "
                         f"probe head, encoder untouched) and every {c['finetune_eval_every']}; {test}; seed {c['seed']}.",
             'seg': f"**Segmentation** from frozen patch tokens (standardised, one linear map to a logit per class per pixel) "
-                   f"fitted on {c.get('seg_n_train')} train masks, epoch (of {c['seg_epochs']}) {sel} by mean Dice; "
+                   f"fitted on {c.get('seg_n_train')} train masks (AdamW, lr {c['seg_lr']:g}), epoch (of {c['seg_epochs']}) "
+                   f"{sel} by mean Dice; "
                    f"per-image Dice per foreground class, background excluded; {test}; seed {c['seed']}."
                    + (f" Fine-tuned rows: encoder and that head trained end to end from there ({c['seg_finetune_iters']} "
                       f"steps of {c['finetune_batch']} images, AdamW, lr {c['seg_finetune_lr']:g}, layer decay "
@@ -915,6 +916,8 @@ def main(argv=None):
         cfg['seg_names'] = data['meta'].get('mask_classes') or ['background'] + (
             ['foreground'] if cfg['seg_classes'] == 2 else [f'class {c}' for c in range(1, cfg['seg_classes'])])
         cfg['seg_n_train'] = n_seg
+        if args.seg_lr < 0:  # a volume's head learns K*pd*ph*pw logits per token: at 3e-3 it is far from done in 8 epochs
+            cfg['seg_lr'] = 0.1 if data['meta'].get('spatial_dims', 2) == 3 else 3e-3
 
     rows, results, tables = build_rows(args, ckpt, data), {}, {t: [] for t in todo}
     for row in rows:

@@ -389,6 +389,7 @@ def test_imagenet_row_runs_every_frozen_task_from_a_weights_file(tiny_run, capsy
                       '--tasks=knn,linear,seg', '--figures=false', '--seg_epochs=2'])
     assert report['results']['imagenet']['feature_dim'] == 64
     assert report['results']['imagenet']['seg']['n'] == 30  # 4x4 tokens of 8 px -> 32 px logits -> 16 px masks
+    assert report['settings']['seg_lr'] == 3e-3  # images' default head rate (volumes: 0.1)
     assert '| imagenet |' in capsys.readouterr().out
 
 

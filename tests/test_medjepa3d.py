@@ -280,6 +280,7 @@ def test_eval_on_volumes_segments_every_organ_against_random_init(demo3d, tmp_pa
     assert 'figures/segmentation.png' in report['figures']
     md = open(os.path.join(out, 'eval.md')).read()
     assert 'Dice liver' in md and 'mean Dice' in md and '| random-init, fine-tuned |' in md
+    assert report['settings']['seg_lr'] == 0.1 and '(AdamW, lr 0.1)' in md  # volumes' default head rate
     ft = res['pretrained']['seg']['finetuned']  # volumes fine-tune end to end too
     assert len(ft['dice']) == len(prepare.DEMO3D_LABELS) - 1 and set(ft['val_mean_dice']) == {0, 1, 2}
 
