@@ -890,7 +890,8 @@ def main(argv=None):
     data = load_data(ddir)
     n, task, K = data['counts'], data['task'], data['num_classes']
     why_not = {'seg': 'the data set has no masks'} if data['masks'] is None else {}
-    if data['meta'].get('spatial_dims', 2) == 3:
+    volumes = data['meta'].get('spatial_dims', 2) == 3
+    if volumes:
         why_not['finetune'] = 'classification fine-tuning is 2-D only for now (volumes: probes; segmentation fine-tunes)'
     if task == 'segmentation':
         why_not.update({t: 'the data set has no volume-level labels, only masks'
@@ -917,7 +918,7 @@ def main(argv=None):
             ['foreground'] if cfg['seg_classes'] == 2 else [f'class {c}' for c in range(1, cfg['seg_classes'])])
         cfg['seg_n_train'] = n_seg
         if args.seg_lr < 0:  # a volume's head learns K*pd*ph*pw logits per token: at 3e-3 it is far from done in 8 epochs
-            cfg['seg_lr'] = 0.1 if data['meta'].get('spatial_dims', 2) == 3 else 3e-3
+            cfg['seg_lr'] = 0.1 if volumes else 3e-3
 
     rows, results, tables = build_rows(args, ckpt, data), {}, {t: [] for t in todo}
     for row in rows:
