@@ -91,7 +91,7 @@ finetune_lr = 5e-4          # fine-tuning peak lr of the head and the last block
 layer_decay = 0.75          # layer-wise lr decay: block i of L gets lr * layer_decay ** (L - i)
 finetune_eval_every = 25    # fine-tuning: score val at step 0 and every this many steps; the best is tested
 seg_train = 1000            # segmentation: train images (random subset) the head is fitted on; 0 = all
-seg_epochs = 8              # segmentation: passes over those images; the best val epoch is tested
+seg_epochs = -1             # segmentation: passes over those images, the best val epoch tested; -1 = 24 for images, 48 for volumes
 seg_lr = -1.0               # segmentation head learning rate (AdamW); -1 = 3e-3 for images, 0.1 for volumes (docs/evaluation.md)
 seg_finetune_iters = 0      # segmentation: after the frozen fit, train encoder + head end to end this many steps (0 = off)
 seg_finetune_lr = 5e-4      # segmentation fine-tuning peak lr of head and last block (earlier: layer_decay; batch etc.: finetune_*)
@@ -821,9 +821,11 @@ def parse_args(argv=None):
         p.error(f"--fewshot_C must be positive, got {args.fewshot_C}")
     if args.supervised_iters < -1:
         p.error(f"--supervised_iters must be -1 (the checkpoint's max_iters), 0 (no row) or a number of steps, got {args.supervised_iters}")
-    for key in ('batch_size', 'fewshot_seeds', 'finetune_batch', 'finetune_eval_every', 'seg_epochs', 'supervised_eval_every'):
+    for key in ('batch_size', 'fewshot_seeds', 'finetune_batch', 'finetune_eval_every', 'supervised_eval_every'):
         if getattr(args, key) < 1:
             p.error(f"--{key} must be at least 1, got {getattr(args, key)}")
+    if args.seg_epochs < 1 and args.seg_epochs != -1:
+        p.error(f"--seg_epochs must be -1 (24 for images, 48 for volumes) or at least 1, got {args.seg_epochs}")
     for key, typ, top in (('knn_ks', int, np.inf), ('shots', int, np.inf), ('fractions', float, 1)):
         try:
             setattr(args, key, [typ(v) for v in getattr(args, key).split(',') if v])
@@ -917,8 +919,10 @@ def main(argv=None):
         cfg['seg_names'] = data['meta'].get('mask_classes') or ['background'] + (
             ['foreground'] if cfg['seg_classes'] == 2 else [f'class {c}' for c in range(1, cfg['seg_classes'])])
         cfg['seg_n_train'] = n_seg
-        if args.seg_lr < 0:  # a volume's head learns K*pd*ph*pw logits per token: at 3e-3 it is far from done in 8 epochs
+        if args.seg_lr < 0:  # a volume's head learns K*pd*ph*pw logits per token: at 3e-3 it is far from done
             cfg['seg_lr'] = 0.1 if volumes else 3e-3
+        if args.seg_epochs < 0:  # every row's head near its plateau on val (docs/evaluation.md)
+            cfg['seg_epochs'] = 48 if volumes else 24
 
     rows, results, tables = build_rows(args, ckpt, data), {}, {t: [] for t in todo}
     for row in rows:

@@ -216,6 +216,11 @@ def test_bad_flag_exits_2_and_suggests_the_closest(capsys):
     with pytest.raises(SystemExit) as e:
         ev.parse_args(['--tasks=knn,fewshots'])
     assert e.value.code == 2 and 'fewshots' in capsys.readouterr().err
+    for bad in ('0', '-2'):  # -1 is the per-dimensionality default, other values below 1 are refused
+        with pytest.raises(SystemExit) as e:
+            ev.parse_args([f'--seg_epochs={bad}'])
+        assert e.value.code == 2 and f'--seg_epochs must be -1' in capsys.readouterr().err
+    assert ev.parse_args(['--seg_epochs=-1']).seg_epochs == -1
 
 
 def test_missing_checkpoint_names_the_path_and_how_to_make_one(tmp_path):
@@ -386,10 +391,12 @@ def test_imagenet_row_runs_every_frozen_task_from_a_weights_file(tiny_run, capsy
     path = tiny_run.parent / 'vit_tiny_imagenet.pth'
     torch.save(timm_vit_state_dict(D=64, depth=2, p=8, grid=4, classes=10), path)
     report = ev.main([f'--ckpt={tiny_run}', f'--imagenet={path}', '--imagenet_size=32', '--baselines=none',
-                      '--tasks=knn,linear,seg', '--figures=false', '--seg_epochs=2'])
+                      '--tasks=knn,linear,seg', '--figures=false'])
     assert report['results']['imagenet']['feature_dim'] == 64
     assert report['results']['imagenet']['seg']['n'] == 30  # 4x4 tokens of 8 px -> 32 px logits -> 16 px masks
     assert report['settings']['seg_lr'] == 3e-3  # images' default head rate (volumes: 0.1)
+    assert report['settings']['seg_epochs'] == 24  # and epochs (volumes: 48)
+    assert len(report['results']['imagenet']['seg']['val_mean_dice']) == 24
     assert '| imagenet |' in capsys.readouterr().out
 
 

@@ -270,7 +270,7 @@ def _tiny_2d(tmp_path):
 def test_eval_on_volumes_segments_every_organ_against_random_init(demo3d, tmp_path):
     out = str(tmp_path / 'o')
     m3.main(TINY + [f'--data_dir={demo3d}', f'--out_dir={out}', '--max_iters=2'])
-    report = ev.main([f'--ckpt={out}/ckpt.pt', '--tasks=knn,linear,seg', '--seg_epochs=2', '--knn_ks=5',
+    report = ev.main([f'--ckpt={out}/ckpt.pt', '--tasks=knn,linear,seg', '--knn_ks=5',
                       '--figures=true', '--seg_finetune_iters=2', '--finetune_eval_every=1'])
     res = report['results']
     assert set(res) == {'pretrained', 'random-init', 'supervised', 'raw pixels'}
@@ -280,7 +280,9 @@ def test_eval_on_volumes_segments_every_organ_against_random_init(demo3d, tmp_pa
     assert 'figures/segmentation.png' in report['figures']
     md = open(os.path.join(out, 'eval.md')).read()
     assert 'Dice liver' in md and 'mean Dice' in md and '| random-init, fine-tuned |' in md
-    assert report['settings']['seg_lr'] == 0.1 and '(AdamW, lr 0.1)' in md  # volumes' default head rate
+    assert report['settings']['seg_lr'] == 0.1 and '(AdamW, lr 0.1)' in md  # volumes' default head: rate,
+    assert report['settings']['seg_epochs'] == 48 and 'epoch (of 48)' in md  # and epochs to near its plateau
+    assert all(len(row['seg']['val_mean_dice']) == 48 for row in res.values())
     ft = res['pretrained']['seg']['finetuned']  # volumes fine-tune end to end too
     assert len(ft['dice']) == len(prepare.DEMO3D_LABELS) - 1 and set(ft['val_mean_dice']) == {0, 1, 2}
 
