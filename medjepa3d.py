@@ -69,7 +69,7 @@ sigreg_lambda = 0.05       # loss = (1 - lambda) * prediction + lambda * SIGReg
 num_slices = 256           # SIGReg random 1-D projections per step
 sigreg_on = 'pooled_std'   # SIGReg on per-volume context vectors, batch-standardised ('pooled_std'), raw ('pooled'), on
                            # every context token ('tokens'), or 'pooled_std+tokens' (plus 8 raw tokens per volume: on
-                           # demo3d's val split Dice +0.9 with eval.py's head trained to its plateau, linear probe lower; docs/design.md)
+                           # demo3d's val split no Dice gain with eval.py's 48-epoch head, linear probe lower; docs/design.md)
 short_blocks = 8           # short-range mask set: blocks per volume (0 = no such set)
 short_scale = (0.15, 0.15) # ... spatial area of each block, fraction of the (H, W) patch grid
 long_blocks = 2            # long-range mask set: blocks per volume (0 = no such set)
