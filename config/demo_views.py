@@ -27,5 +27,5 @@ warmup_iters = 60
 learning_rate = 1e-3        # this recipe's measured rate (medjepa.py's 2.5e-4 was chosen for 'mask')
 eval_interval = 200
 num_slices = 1024          # SIGReg directions per step: on val, online kNN 58.6 / 60.8 / 60.5 % on seeds 0 / 1 / 2
-                           # against 55.7 / 58.9 / 56.3 with 256, val linear 74.9 / 75.6 / 75.2 against 70.7 / 74.0 / 75.2
+                           # against 55.7 / 58.9 / 59.7 with 256, val linear 74.9 / 75.6 / 75.2 against 70.7 / 74.0 / 71.3
                            # (docs/design.md), at no measurable cost per step
