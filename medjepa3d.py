@@ -66,7 +66,7 @@ pred_n_embd = 48           # predictor width, a multiple of 6
 pred_n_head = 3            # predictor heads
 # objective: medjepa.JEPA.mask_loss once per mask set, SIGReg as in 2-D
 sigreg_lambda = 0.05       # loss = (1 - lambda) * prediction + lambda * SIGReg
-num_slices = 256           # SIGReg random 1-D projections per step
+num_slices = 256           # SIGReg random 1-D projections per step (1024: no better on val, docs/design.md)
 sigreg_on = 'pooled_std'   # SIGReg on per-volume context vectors, batch-standardised ('pooled_std'), raw ('pooled'), on
                            # every context token ('tokens'), or 'pooled_std+tokens' (plus 8 raw tokens per volume: on
                            # demo3d's val split no Dice gain with eval.py's 48-epoch head, linear probe lower; docs/design.md)
