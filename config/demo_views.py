@@ -1,5 +1,6 @@
 # LeJEPA's own multi-view objective on the demo data, for a side-by-side comparison with config/demo.py.
-# ~11 minutes on 2 CPU cores in float32 (~84 images/s of three views each; docs/results.md).   python medjepa.py config/demo_views.py
+# 7-10 minutes on 2 CPU cores with bf16 autocast (444 s at a median 132 images/s on a 2-core AMD EPYC), ~11 in
+# float32 (~84 images/s; docs/results.md).   python medjepa.py config/demo_views.py
 # Strong colour jitter + random grayscale remove the colour shortcut (docs/design.md: without them the
 # encoder tells images apart by skin tone and darkness and learns no morphology). No local crops: on val,
 # 2 local crops of 20-60 % gave 41.1 / 48.2 / 41.6 % online kNN on seeds 0 / 1 / 2 and none gave 43.5 / 52.7 /
