@@ -661,8 +661,9 @@ def task_knn(row, data, cfg):
     k = 20 if 20 in cfg['knn_ks'] else cfg['knn_ks'][0]
     # the same vote on val: the number to compare runs and settings by (the test columns are reported, never chosen on)
     res['val'] = knn_accuracy(X['train'], y['train'], X['val'], y['val'], data['num_classes'], k, cfg['knn_T'], task)
-    cells = {**cells, **{c: v for c, v in metric_cells(f'k={k}', res[f'k={k}']).items() if c not in cells}}
-    return res, {**cells, f'k={k} {METRIC_NAMES[MAIN[task]]} (val)': 100 * res['val'][MAIN[task]]}
+    cells.update({c: v for c, v in metric_cells(f'k={k}', res[f'k={k}']).items() if c not in cells})
+    cells[f'k={k} {METRIC_NAMES[MAIN[task]]} (val)'] = 100 * res['val'][MAIN[task]]
+    return res, cells
 
 
 def task_linear(row, data, cfg):
