@@ -29,7 +29,8 @@ learning_rate = 1e-3        # this recipe's measured rate (medjepa.py's 2.5e-4 w
 eval_interval = 200
 num_slices = 1024          # SIGReg directions per step: on val, online kNN 58.6 / 60.8 / 60.5 % on seeds 0 / 1 / 2
                            # against 55.7 / 58.9 / 59.7 with 256, val linear 74.9 / 75.6 / 75.2 against 70.7 / 74.0 / 71.3
-                           # (docs/design.md), at no measurable cost per step
+                           # (docs/design.md), for ~4 % more time per step (bench.py, 2 threads: median
+                           # 471 ms against 452)
 proj_dim = 128             # projector output width (hidden 4x): on val, online kNN 62.0 / 62.3 / 61.3 % on seeds
                            # 0 / 1 / 2 against 58.6 / 60.8 / 60.5 with 64, val linear 77.1 / 76.3 / 74.0 against
                            # 74.9 / 75.6 / 75.2 (docs/design.md), at the same images/s
