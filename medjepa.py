@@ -737,7 +737,7 @@ def train(cfg, impl=None):
                 if master and iter_num > first and iter_num % cfg['eval_interval'] == 0:  # (not on resume)
                     # online kNN on val, monitors, then a checkpoint
                     best_knn = evaluate_and_save(cfg, impl, raw_model, optimizer, data, iter_num, best_knn,
-                                                 log, dev)
+                                                 log, dev, autocast)
                 lr = lr_at(iter_num, cfg)
                 for group in optimizer.param_groups:
                     group['lr'] = lr
@@ -765,7 +765,7 @@ def train(cfg, impl=None):
                 if stopping:
                     print(f'stopped by a signal at step {iter_num} (resume with --init_from=resume)')
                 evaluate_and_save(cfg, impl, raw_model, optimizer, data, iter_num, best_knn, log, dev,
-                                  knn=not stopping)
+                                  autocast, knn=not stopping)
                 log.close()
                 print(f'saved {ckpt_path}')
             if ddp:  # wait for rank 0's evaluation and save (a rank that leaves early can abort the other)

@@ -898,9 +898,9 @@ def feature_health(model, feats, step):
     return out
 
 
-def evaluate_and_save(cfg, impl, raw_model, optimizer, data, step, best_knn, log, dev, knn=True):
+def evaluate_and_save(cfg, impl, raw_model, optimizer, data, step, best_knn, log, dev, autocast, knn=True):
     """Rank 0: the online kNN on val (labelled data sets) and impl.feature_health's monitors, then a
-    checkpoint (never NaN/inf weights over the last good one). Returns the best online kNN accuracy so far."""
+    checkpoint (never NaN/inf weights over the last good one). Returns the best online kNN so far."""
     if knn and data['meta'].get('task') == 'multiclass':
         try:  # a monitor that cannot run (labels it cannot use, say) never costs the run: say why, then save
             (x_tr, y_tr), (x_va, y_va) = [(data[s]['images'], data[s]['labels']) for s in ('train', 'val')]
@@ -908,7 +908,7 @@ def evaluate_and_save(cfg, impl, raw_model, optimizer, data, step, best_knn, log
                 raise ValueError('it needs one class label per train and val image')
             idx = np.sort(np.random.default_rng(cfg['seed']).permutation(len(x_tr))[:cfg['knn_train_size']])
             features = lambda x: impl.extract_features(raw_model.encoder, x, data['mean'], data['std'], dev)
-            autocast = precision(cfg['dtype'], dev)[2]  # the training dtype, as eval.py extracts (~2x faster on CPU)
+            # features under the training step's autocast, as eval.py extracts them (~2x faster on CPU than fp32)
             with torch.compiler.set_stance('force_eager') if cfg['compile'] else nullcontext(), autocast:  # no graphs
                 f_tr, f_va = features(x_tr[idx]), features(x_va)
             scores = knn_predict(f_tr, y_tr[idx], f_va, data['meta']['num_classes'])
