@@ -701,12 +701,15 @@ def stop_signals():
 
 def resolve_dtype(dtype, dev):
     """'auto' -> bf16 on GPUs that have it; on a CPU only if its bf16 matmuls are clearly faster
-    (AMX / AVX512-BF16 CPUs: 1.35x for ViT-Tiny at 224 px; elsewhere bf16 is slower)."""
+    (AMX / AVX512-BF16 CPUs: 1.35x for ViT-Tiny at 224 px; elsewhere bf16 is slower). A CPU without bf16
+    units emulates it ~15-150x slower than float32 (2048^2 GEMMs: minutes), so a 256^2 probe rules it out first."""
     if dtype != 'auto':
         return dtype
     if dev == 'cpu':
-        speed = lambda dt: measure_matmul_flops(dev, dt, seconds=0.2)
-        return 'bfloat16' if speed(torch.bfloat16) > 1.5 * speed(torch.float32) else 'float32'
+        speed = lambda dt, n, s: measure_matmul_flops(dev, dt, n=n, seconds=s)
+        if speed(torch.bfloat16, 256, 0.05) < 0.5 * speed(torch.float32, 256, 0.05):
+            return 'float32'  # emulated bf16: never time it at 2048^2
+        return 'bfloat16' if speed(torch.bfloat16, 2048, 0.2) > 1.5 * speed(torch.float32, 2048, 0.2) else 'float32'
     return 'bfloat16' if dev.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
 
 

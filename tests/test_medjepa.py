@@ -135,6 +135,28 @@ def test_sigreg_is_computed_in_float32_under_bf16_autocast():
     assert low.item() == pytest.approx(mj.sigreg(z.bfloat16().float(), step=2).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize('bf16_rate, want, times_2048', [
+    ({256: 1.0, 2048: 0.1}, 'float32', False),    # no bf16 units: emulated, 20-200x slower than float32
+    ({256: 30.0, 2048: 40.0}, 'bfloat16', True),  # AVX512-BF16 / AMX: clearly faster at the size that counts
+    ({256: 15.0, 2048: 25.0}, 'float32', True),   # native, but not 1.5x faster at 2048^2
+])
+def test_auto_dtype_on_cpu_times_large_bf16_matmuls_only_where_bf16_is_not_emulated(monkeypatch, bf16_rate, want,
+                                                                                      times_2048):
+    """An emulated bf16 2048^2 GEMM takes minutes on a CPU without bf16 units (every run paid them at
+    start-up); resolve_dtype must rule such a CPU out with a small probe before the large one."""
+    import medjepa_utils
+    calls = []
+
+    def fake(device, dtype, n=2048, seconds=0.5):  # GFLOP/s: float32 20 at every size
+        calls.append((dtype, n))
+        return 20.0 if dtype == torch.float32 else bf16_rate[n]
+    monkeypatch.setattr(medjepa_utils, 'measure_matmul_flops', fake)
+    assert mj.resolve_dtype('auto', 'cpu') == want
+    assert ((torch.bfloat16, 2048) in calls) == times_2048
+    calls.clear()
+    assert mj.resolve_dtype('float32', 'cpu') == 'float32' and not calls  # an explicit dtype is not timed
+
+
 def test_sigreg_directions_depend_on_step_not_on_call():
     z = torch.randn(64, 16)
     assert mj.sigreg(z, step=5).item() == mj.sigreg(z, step=5).item()
