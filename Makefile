@@ -1,7 +1,8 @@
 # MedJEPA: the two commands of the README.
 #   make demo   set up, generate the demo data, pretrain (7-10 min on 2 CPU cores with bf16), evaluate with the
 #               random-init, raw-pixel and supervised rows, print the tables
-#   make test   set up and run the test suite (about 7 min on 2 CPU cores); pytest and hypothesis are test-only
+#   make test   set up and run the test suite (2 CPU cores: about 7 min with bf16, 15 min on an AVX2-only EPYC);
+#               pytest and hypothesis are test-only
 # A torch that is already installed (e.g. your CUDA build) is kept if it is at least 2.10 (older ones load
 # crafted checkpoints unsafely, docs/reliability.md); otherwise torch==2.13.0 is installed, never an unpinned
 # torch. Use another interpreter with `make demo PYTHON=/path/to/python`.
