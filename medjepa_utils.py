@@ -703,10 +703,15 @@ def resolve_dtype(dtype, dev):
     """'auto' -> bf16 on GPUs that have it; on a CPU only if its bf16 matmuls are clearly faster
     (AMX / AVX512-BF16 CPUs: 1.35x for ViT-Tiny at 224 px; elsewhere bf16 is slower). A CPU without bf16
     units emulates it ~15-150x slower than float32 (2048^2 GEMMs: minutes), so a 256^2 probe rules it out first."""
+    speed = lambda dt, n, s: measure_matmul_flops(dev, dt, n=n, seconds=s)
+    if dtype == 'bfloat16' and dev == 'cpu':  # asked for: kept, but said when this CPU emulates it
+        bf, fp = speed(torch.bfloat16, 256, 0.05), speed(torch.float32, 256, 0.05)
+        if bf < 0.5 * fp:
+            print(f"warning: this CPU has no bf16 units: bfloat16 matmuls run {fp / bf:.0f}x slower than float32 "
+                  f"({bf / 1e9:.1f} vs {fp / 1e9:.1f} GFLOP/s); --dtype=float32 (or auto) trains faster")
     if dtype != 'auto':
         return dtype
     if dev == 'cpu':
-        speed = lambda dt, n, s: measure_matmul_flops(dev, dt, n=n, seconds=s)
         if speed(torch.bfloat16, 256, 0.05) < 0.5 * speed(torch.float32, 256, 0.05):
             return 'float32'  # emulated bf16: never time it at 2048^2
         return 'bfloat16' if speed(torch.bfloat16, 2048, 0.2) > 1.5 * speed(torch.float32, 2048, 0.2) else 'float32'
@@ -819,12 +824,12 @@ def estimate_flops(model, batch):
                          + sum(per_set(ctx.shape[1], tgt[0].numel()) for ctx, tgt in model.mask_sets(batch)))
 
 
-def measure_matmul_flops(device, dtype, n=2048, seconds=0.5):
-    """Dense GEMM throughput of this device in this dtype, measured now: the denominator of MFU."""
+def gemm_rate(device, dtype, n, seconds):
+    """FLOP/s of n x n products in this dtype, timed for `seconds` (at least one product) after one warm-up."""
+    sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
     sync()
     t0, it = time.time(), 0
     while time.time() - t0 < seconds:
@@ -832,6 +837,17 @@ def measure_matmul_flops(device, dtype, n=2048, seconds=0.5):
         it += 1
     sync()
     return 2 * n ** 3 * it / (time.time() - t0)
+
+
+def measure_matmul_flops(device, dtype, n=2048, seconds=0.5):
+    """Dense GEMM throughput of this device in this dtype, measured now: the denominator of MFU. n is
+    halved (down to 256) while a 256^2 probe predicts over 2 s for one product: a CPU that emulates bf16
+    would otherwise spend minutes on the two 2048^2 products."""
+    if n > 256:
+        probe = gemm_rate(device, dtype, 256, 0.02)
+        while n > 256 and 2 * n ** 3 / probe > 2.0:
+            n //= 2
+    return gemm_rate(device, dtype, n, seconds)
 
 
 @torch.no_grad()

@@ -157,6 +157,31 @@ def test_auto_dtype_on_cpu_times_large_bf16_matmuls_only_where_bf16_is_not_emula
     assert mj.resolve_dtype('float32', 'cpu') == 'float32' and not calls  # an explicit dtype is not timed
 
 
+@pytest.mark.parametrize('bf16_rate, warned', [(1.1e9, True), (30e9, False)])
+def test_explicit_bf16_on_a_cpu_that_emulates_it_is_kept_with_a_warning(monkeypatch, capsys, bf16_rate, warned):
+    import medjepa_utils
+    monkeypatch.setattr(medjepa_utils, 'measure_matmul_flops',
+                        lambda device, dtype, n=2048, seconds=0.5: 20e9 if dtype == torch.float32 else bf16_rate)
+    assert mj.resolve_dtype('bfloat16', 'cpu') == 'bfloat16'
+    out = capsys.readouterr().out
+    assert ('no bf16 units' in out and '--dtype=float32' in out and '18x slower' in out) == warned
+
+
+@pytest.mark.parametrize('rate, n', [(1.1e9, 1024), (0.05e9, 256), (0.14e9, 512), (20e9, 2048), (400e12, 2048)])
+def test_matmul_throughput_shrinks_the_product_where_one_would_take_seconds(monkeypatch, rate, n):
+    """measure_matmul_flops (the MFU denominator) times 2048^2 products, which an emulated bf16 takes
+    minutes for: a 256^2 probe picks a smaller size there, never on a fast device."""
+    import medjepa_utils
+    sizes = []
+
+    def fake(device, dtype, size, seconds):
+        sizes.append(size)
+        return rate
+    monkeypatch.setattr(medjepa_utils, 'gemm_rate', fake)
+    assert mj.measure_matmul_flops('cpu', torch.bfloat16) == rate
+    assert sizes == [256, n]  # the probe, then the product that is timed
+
+
 def test_sigreg_directions_depend_on_step_not_on_call():
     z = torch.randn(64, 16)
     assert mj.sigreg(z, step=5).item() == mj.sigreg(z, step=5).item()
