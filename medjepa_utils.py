@@ -702,19 +702,34 @@ def stop_signals():
 def resolve_dtype(dtype, dev):
     """'auto' -> bf16 on GPUs that have it; on a CPU only if its bf16 matmuls are clearly faster
     (AMX / AVX512-BF16 CPUs: 1.35x for ViT-Tiny at 224 px; elsewhere bf16 is slower). A CPU without bf16
-    units emulates it ~15-150x slower than float32 (2048^2 GEMMs: minutes), so a 256^2 probe rules it out first."""
-    speed = lambda dt, n, s: measure_matmul_flops(dev, dt, n=n, seconds=s)
+    units emulates it ~15-150x slower than float32 (2048^2 GEMMs: minutes), so a 256^2 probe rules it out first.
+    On a CPU both dtypes are timed on one thread, in 3 rounds taken in turn, each keeping its best: with
+    another process on the cores (a second run, a test) a multi-threaded product stalls at random and
+    could flip the choice; one thread's best round measures the core, not the load."""
+    def rates(n, s):  # (bf16, float32) FLOP/s of one thread
+        bf = fp = 0.0
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for _ in range(3):
+                bf = max(bf, measure_matmul_flops(dev, torch.bfloat16, n=n, seconds=s))
+                fp = max(fp, measure_matmul_flops(dev, torch.float32, n=n, seconds=s))
+        finally:
+            torch.set_num_threads(threads)
+        return bf, fp
     if dtype == 'bfloat16' and dev == 'cpu':  # asked for: kept, but said when this CPU emulates it
-        bf, fp = speed(torch.bfloat16, 256, 0.05), speed(torch.float32, 256, 0.05)
+        bf, fp = rates(256, 0.05)
         if bf < 0.5 * fp:
             print(f"warning: this CPU has no bf16 units: bfloat16 matmuls run {fp / bf:.0f}x slower than float32 "
                   f"({bf / 1e9:.1f} vs {fp / 1e9:.1f} GFLOP/s); --dtype=float32 (or auto) trains faster")
     if dtype != 'auto':
         return dtype
     if dev == 'cpu':
-        if speed(torch.bfloat16, 256, 0.05) < 0.5 * speed(torch.float32, 256, 0.05):
+        bf, fp = rates(256, 0.05)
+        if bf < 0.5 * fp:
             return 'float32'  # emulated bf16: never time it at 2048^2
-        return 'bfloat16' if speed(torch.bfloat16, 2048, 0.2) > 1.5 * speed(torch.float32, 2048, 0.2) else 'float32'
+        bf, fp = rates(2048, 0.1)
+        return 'bfloat16' if bf > 1.5 * fp else 'float32'
     return 'bfloat16' if dev.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
 
 
@@ -825,18 +840,21 @@ def estimate_flops(model, batch):
 
 
 def gemm_rate(device, dtype, n, seconds):
-    """FLOP/s of n x n products in this dtype, timed for `seconds` (at least one product) after one warm-up."""
+    """FLOP/s of n x n products in this dtype, from the fastest product timed within `seconds` (at least
+    one) after one warm-up: the device's speed, not the load on it, which only slows a product down."""
     sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     sync()
-    t0, it = time.time(), 0
-    while time.time() - t0 < seconds:
+    t0, best = time.perf_counter(), float('inf')
+    while True:
+        t = time.perf_counter()
         a @ b
-        it += 1
-    sync()
-    return 2 * n ** 3 * it / (time.time() - t0)
+        sync()
+        best = min(best, time.perf_counter() - t)
+        if time.perf_counter() - t0 >= seconds:
+            return 2 * n ** 3 / best
 
 
 def measure_matmul_flops(device, dtype, n=2048, seconds=0.5):

@@ -157,6 +157,29 @@ def test_auto_dtype_on_cpu_times_large_bf16_matmuls_only_where_bf16_is_not_emula
     assert mj.resolve_dtype('float32', 'cpu') == 'float32' and not calls  # an explicit dtype is not timed
 
 
+def test_auto_dtype_on_cpu_keeps_each_dtypes_best_round_on_one_thread(monkeypatch):
+    """A second process on the cores stalls some products (a run beside another one chose float32 on a
+    bf16 CPU by chance): each dtype keeps its best of 3 rounds, timed on one thread; the caller's thread
+    count is restored."""
+    import medjepa_utils
+    calls = []
+
+    def fake(device, dtype, n=2048, seconds=0.5):  # bf16 4x float32 per core, its first two rounds stalled
+        calls.append((dtype, n, torch.get_num_threads()))
+        seen = sum(1 for d, m, _ in calls if d == dtype and m == n)
+        return (1.0 if seen <= 2 else 80.0) if dtype == torch.bfloat16 else 20.0
+    monkeypatch.setattr(medjepa_utils, 'measure_matmul_flops', fake)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert mj.resolve_dtype('auto', 'cpu') == 'bfloat16'
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert {t for _, _, t in calls} == {1}
+    assert [n for d, n, _ in calls if d == torch.bfloat16] == [256] * 3 + [2048] * 3
+
+
 @pytest.mark.parametrize('bf16_rate, warned', [(1.1e9, True), (30e9, False)])
 def test_explicit_bf16_on_a_cpu_that_emulates_it_is_kept_with_a_warning(monkeypatch, capsys, bf16_rate, warned):
     import medjepa_utils
