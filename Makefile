@@ -1,5 +1,5 @@
 # MedJEPA: the two commands of the README.
-#   make demo   set up, generate the demo data, pretrain (2 CPU cores: 7-10 min with bf16, 33 without), evaluate with the
+#   make demo   set up, generate the demo data, pretrain (2 CPU cores: 5-10 min with bf16, 33 without), evaluate with the
 #               random-init, raw-pixel and supervised rows, print the tables
 #   make test   set up and run the test suite (2 CPU cores: about 7 min with bf16, 15 min on an AVX2-only EPYC);
 #               pytest and hypothesis are test-only
