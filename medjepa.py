@@ -86,7 +86,9 @@ local_size = 32            # 'views' objective: side of the local crops in pixel
 local_scale = (0.05, 0.3)  # 'views' objective: area range of the local crops
 proj_dim = 64              # 'views' objective: projector output width (SIGReg acts on it)
 view_keep = 1.0            # 'views' objective: fraction of each global view's patches the encoder sees
-views_from = 'image'       # 'views' objective: 'group' = global views 2, 3, .. are cut from other photos of the group
+views_from = 'image'       # 'group': the second view is cut from another photo of the image's group ('views': global
+                           # views 2, 3, ..; 'mask': inv_weight's partner), else from the image itself
+inv_weight = 0.0           # 'mask' objective: weight of the pooled invariance to a second view (docs/design.md)
 # optimisation
 batch_size = 64            # images per micro-step per process
 gradient_accumulation_steps = 1  # micro-steps per optimiser step, per process
@@ -491,7 +493,7 @@ class JEPA(nn.Module):
     def forward(self, batch, step, reg_grad=None):
         if self.cfg['objective'] == 'mask':
             return self.mask_loss(batch['x'], batch['x_tgt'], batch['ctx_idx'], batch['tgt_idx'], step,
-                                  reg_grad=reg_grad[0] if reg_grad else None)
+                                  reg_grad=reg_grad[0] if reg_grad else None, x_p=batch.get('x_p'))
         return self.views_loss(batch['globals'], batch['locals'], step, batch.get('keep'))
 
     def mask_sets(self, batch):  # the (ctx_idx, tgt_idx) pairs of a batch: one here, several in 3-D
@@ -541,11 +543,13 @@ class JEPA(nn.Module):
         h = self.encoder(x_tgt)
         return F.layer_norm(h, h.shape[-1:])
 
-    def mask_loss(self, x, x_tgt, ctx_idx, tgt_idx, step, h=None, reg_grad=None):
+    def mask_loss(self, x, x_tgt, ctx_idx, tgt_idx, step, h=None, reg_grad=None, x_p=None):
         """MedJEPA objective: predict the (stop-gradient, layer-normed) full-image representation of each
         target block from the context, plus SIGReg against collapse. No EMA teacher. h: self.targets(x_tgt)
         if the caller has it (3-D: several mask sets). reg_grad: SIGReg's gradient w.r.t. sigreg_input on
-        the whole accumulated batch (exact_sigreg_grads); the term is then <sigreg_input, reg_grad>."""
+        the whole accumulated batch (exact_sigreg_grads); the term is then <sigreg_input, reg_grad>.
+        x_p: a second view of each image (inv_weight > 0), whose pooled targets the pooled context should
+        follow (pooled_invariance)."""
         c, lam = self.cfg, self.cfg['sigreg_lambda']
         B, M, K = tgt_idx.shape
         grid = self.encoder.grid(x)
@@ -555,14 +559,31 @@ class JEPA(nn.Module):
         z = self.encoder(x, ctx_idx)  # (B, Nc, D) context tokens only
         pred = self.predictor(z, ctx_idx, tgt_idx, grid)  # (B, M*K, D)
         pred_loss = F.mse_loss(fp32(pred), fp32(target))
+        inv = None if x_p is None else self.pooled_invariance(z, self.targets(x_p))  # (inv_weight > 0)
+        task = pred_loss if inv is None else pred_loss + c['inv_weight'] * inv
         pooled, reg_in = z.mean(1), self.sigreg_input(z)  # (B, D) one vector per image; (B or B*Nc, D)
         if reg_grad is None:
             reg = self.sigreg_loss(reg_in, step)
-            loss = (1 - lam) * pred_loss + lam * reg
+            loss = (1 - lam) * task + lam * reg
         else:
             reg = torch.full((), math.nan, device=x.device)  # (unknown here)
-            loss = (1 - lam) * pred_loss + (fp32(reg_in) * reg_grad).sum()
-        return loss, dict(pred=pred_loss.detach(), sigreg=reg.detach(), emb=pooled.detach())
+            loss = (1 - lam) * task + (fp32(reg_in) * reg_grad).sum()
+        stats = dict(pred=pred_loss.detach(), sigreg=reg.detach(), emb=pooled.detach())
+        return loss, stats if inv is None else dict(stats, inv=inv.detach())
+
+    @staticmethod
+    def pooled_invariance(z, h_p):
+        """inv_weight's term. z: (B, Nc, D) context tokens; h_p: (B, N, D) the targets of a second view of
+        each image (layer-normed, no gradient). Both mean-pooled over layer-normed tokens, each dimension
+        standardised over the global batch, then the mean squared difference: 2 (1 - correlation) per
+        dimension, averaged. Standardised, because a bare squared distance also falls when every image
+        shrinks towards the batch mean, which the default SIGReg (batch-standardised) cannot see. Beside
+        SIGReg's decorrelation it makes a Barlow-Twins-like pair: with views_from='group' the second view
+        is another photo of the lesion, so what the photos share (the lesion) is kept in the pooled
+        vector the probes read, and what they do not (skin, light, camera) is not rewarded."""
+        a = fp32(F.layer_norm(z, z.shape[-1:]).mean(1))  # (B, D), with gradient
+        b = fp32(h_p.mean(1))  # (B, D)
+        return F.mse_loss(standardise(a), standardise(b).detach())
 
     def views_loss(self, g, l, step, keep=None):
         """LeJEPA objective: each view's embedding should match the mean of the global views', and each
@@ -584,10 +605,11 @@ class JEPA(nn.Module):
 SPATIAL_DIMS = 2  # images; checkpoints record it, so a 3-D one is never loaded into this model
 COMPILE_DYNAMIC = False  # compile_model: one static graph per shape
 MODEL_KEYS = ('patch_size', 'n_embd', 'n_layer', 'n_head', 'pred_n_embd', 'pred_n_layer', 'pred_n_head',
-              'objective', 'proj_dim', 'sigreg_lambda', 'num_slices', 'sigreg_on', 'seed')
+              'objective', 'proj_dim', 'sigreg_lambda', 'num_slices', 'sigreg_on', 'seed', 'inv_weight')
 
 
 def build_model(cfg, in_chans=3):
+    cfg = {'inv_weight': 0.0, **cfg}  # (a checkpoint from before inv_weight was trained without it)
     return JEPA({k: cfg[k] for k in MODEL_KEYS}, in_chans)
 
 # -----------------------------------------------------------------------------
@@ -602,17 +624,22 @@ def batch_generator(cfg, step, micro, rank):
 
 def make_batch(cfg, images, mean, std, step, micro, device, rank=0, partners=None):
     """Augment one micro-batch on the device and draw its masks, from seeds derived from the step.
-    partners: (n_global_views - 1, B, ...) the images global views 2, 3, .. are cropped from ('views';
-    default: the images themselves)."""
+    partners: (n_global_views - 1, B, ...) the images global views 2, 3, .. are cropped from ('views'), or
+    (1, B, ...) the images of inv_weight's second view ('mask'); default: the images themselves."""
     gen = batch_generator(cfg, step, micro, rank)
     x = to_float(images, mean, std, device)
     jitter = lambda v: color_jitter(v, gen, cfg['color_jitter'], cfg['gray_prob'], cfg['brightness'])
     if cfg['objective'] == 'mask':
-        x = random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen, rot90=cfg['rot90'])
+        x0, x = x, random_resized_crop(x, cfg['image_size'], cfg['crop_scale'], gen, rot90=cfg['rot90'])
         grid = (cfg['image_size'] // cfg['patch_size'],) * 2
         ctx_idx, tgt_idx = sample_masks(x.shape[0], grid, gen, **{k: cfg[k] for k in MASK_KEYS})
-        return dict(x=jitter(x), x_tgt=jitter(x), ctx_idx=to_device(ctx_idx, device),
-                    tgt_idx=to_device(tgt_idx, device))
+        out = dict(x=jitter(x), x_tgt=jitter(x), ctx_idx=to_device(ctx_idx, device),
+                   tgt_idx=to_device(tgt_idx, device))
+        if cfg['inv_weight'] > 0:  # the second view: its own crop of a partner photo, or of the image
+            x_p = x0 if partners is None else to_float(partners[0], mean, std, device)
+            out['x_p'] = jitter(random_resized_crop(x_p, cfg['image_size'], cfg['crop_scale'], gen,
+                                                    rot90=cfg['rot90']))
+        return out
     crop = lambda v, size, scale: jitter(random_resized_crop(v, size, scale, gen, rot90=cfg['rot90']))
     Vg = cfg['n_global_views']
     sources = [x] * Vg if partners is None else [x] + [to_float(p, mean, std, device) for p in partners]
@@ -671,7 +698,8 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
         with autocast:
             loss, stats = model(batch, step, reg_grad=reg_grads[micro])
         scaler.scale(loss / accum).backward()
-        loss_sum = loss_sum + (((1 - lam) * stats['pred']) if exact else loss.detach())
+        task = stats['pred'] + raw.cfg['inv_weight'] * stats['inv'] if 'inv' in stats else stats['pred']
+        loss_sum = loss_sum + (((1 - lam) * task) if exact else loss.detach())
     if exact:
         loss_sum, stats['sigreg'] = loss_sum + accum * lam * reg, reg
     scaler.unscale_(optimizer)  # (no-op without fp16 GradScaler)
@@ -693,9 +721,10 @@ def get_batch(cfg, impl, data, step, micro, dev, rank, world):
     idx = np.sort(batch_indices(step, micro, len(data['images']), cfg['batch_size'], world, rank,
                                 cfg['gradient_accumulation_steps'], cfg['seed']))
     kw = {}
-    if cfg.get('views_from') == 'group':  # global views 2, 3, ..: other photos of the same groups
+    if cfg.get('views_from') == 'group':  # global views 2, 3, .. or the 'mask' second view: other photos
         rng = np.random.default_rng([cfg['seed'], step, micro, rank, 1])
-        others = other_photos(data['groups'], data['by_group'], idx, rng, cfg['n_global_views'] - 1)
+        k = cfg['n_global_views'] - 1 if cfg['objective'] == 'views' else 1
+        others = other_photos(data['groups'], data['by_group'], idx, rng, k)
         kw['partners'] = [data['images'][o] for o in others]
     return impl.make_batch(cfg, data['images'][idx], data['mean'], data['std'], step, micro, dev, rank, **kw)
 

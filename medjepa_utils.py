@@ -160,9 +160,13 @@ def validate(c):
          f"context_keep={c['context_keep']} must lie in (0, 1]: the fraction of the grid each context keeps")
     need(0 < c['view_keep'] <= 1,
          f"view_keep={c['view_keep']} must lie in (0, 1]: the fraction of its patches each global view keeps")
-    need(c['views_from'] in ('image', 'group') and (c['views_from'] == 'image' or c['objective'] == 'views'),
-         f"views_from='{c['views_from']}' must be 'image' or 'group' (with objective='views': the photo the "
-         f"global views after the first are cropped from)")
+    need(c['views_from'] in ('image', 'group') and (c['views_from'] == 'image' or c['objective'] == 'views'
+                                                     or c['inv_weight'] > 0),
+         f"views_from='{c['views_from']}' must be 'image' or 'group', and 'group' needs a second view: "
+         f"objective='views' (global views after the first) or 'mask' with inv_weight > 0")
+    need(c['inv_weight'] >= 0 and (c['inv_weight'] == 0 or c['objective'] == 'mask'),
+         f"inv_weight={c['inv_weight']} must be >= 0, and > 0 only with objective='mask' (the 'views' "
+         f"objective has its own invariance)")
     need(c['objective'] != 'views' or c['n_global_views'] + c['n_local_views'] >= 2,
          f"n_global_views={c['n_global_views']} + n_local_views={c['n_local_views']} must be at least 2: the "
          f"'views' objective pulls every view to the mean of the global views")
@@ -835,7 +839,7 @@ def estimate_flops(model, batch):
     N, patch = math.prod(model.encoder.grid(x)), math.prod(model.encoder.patch_embed.proj.kernel_size)
     per_set = lambda Nc, MK: (3 * transformer_flops(Nc, D, L) + 4 * N * D * x.shape[1] * patch
                               + 3 * transformer_flops(Nc + MK, c['pred_n_embd'], c['pred_n_layer']))
-    return x.shape[0] * (transformer_flops(N, D, L)
+    return x.shape[0] * (transformer_flops(N, D, L) * (2 if 'x_p' in batch else 1)  # (+ the second view's targets)
                          + sum(per_set(ctx.shape[1], tgt[0].numel()) for ctx, tgt in model.mask_sets(batch)))
 
 
@@ -1038,12 +1042,13 @@ def log_step(log, step, loss, stats, lr, img_per_s, data_frac, mfu, n_bad):
     """Print one log line and append its record to log.jsonl: the loss terms, the throughput and the
     collapse monitors of this step's pooled embeddings (emb_std near 0 or a low erank: collapse)."""
     emb = stats['emb']
+    inv = f", inv {stats['inv'].item():.4f}" if 'inv' in stats else ''  # ('mask' with inv_weight > 0)
     rec = dict(iter=step, loss=loss.item(), pred=stats['pred'].item(), sigreg=stats['sigreg'].item(), lr=lr,
                img_per_s=img_per_s, data_frac=data_frac, mfu=mfu,
                emb_std=float(F.normalize(emb.float(), dim=1).std(0).mean()),
                erank=effective_rank(emb) if torch.isfinite(emb).all() else math.nan, skipped=n_bad,
-               time=time.time())
-    print(f"step {step}: loss {rec['loss']:.4f} (pred {rec['pred']:.4f}, sigreg {rec['sigreg']:.3f}) "
+               time=time.time(), **({'inv': stats['inv'].item()} if inv else {}))
+    print(f"step {step}: loss {rec['loss']:.4f} (pred {rec['pred']:.4f}{inv}, sigreg {rec['sigreg']:.3f}) "
           f"lr {lr:.2e} | {img_per_s:.0f} img/s, mfu {100 * mfu:.1f}% | "
           f"emb std {rec['emb_std']:.3f} erank {rec['erank']:.1f}")
     print(json.dumps(rec), file=log, flush=True)

@@ -27,6 +27,7 @@ SCENARIOS = {
     'sigreg': (['--sigreg_lambda=0.5'], 1),  # SIGReg weighted up so that an error in it would show
     'sigreg_raw': (['--sigreg_lambda=0.5', '--sigreg_on=pooled'], 1),  # without the global standardisation
     'sigreg_mix': (['--sigreg_lambda=0.5', '--sigreg_on=pooled_std+tokens'], 1),  # standardised vectors + raw tokens
+    'inv': (['--sigreg_lambda=0.5', '--inv_weight=1.0'], 1),  # + the pooled invariance, standardised over all ranks
     'accum': (['--sigreg_lambda=0.5'], 2),   # DDP and accumulation together, SIGReg included (exact_sigreg_grads)
     'nan': (['--sigreg_lambda=0.5'], 1),     # step 0: NaN targets on rank 1 only; every rank must skip that update
 }
@@ -39,7 +40,10 @@ def global_batch(cfg, step):
     x = torch.randn(G, 3, S, S, generator=gen)
     grid = (S // cfg['patch_size'],) * 2
     ctx_idx, tgt_idx = mj.sample_masks(G, grid, gen, **{k: cfg[k] for k in mj.MASK_KEYS})
-    return dict(x=x, x_tgt=x + 0.1 * torch.randn(x.shape, generator=gen), ctx_idx=ctx_idx, tgt_idx=tgt_idx)
+    batch = dict(x=x, x_tgt=x + 0.1 * torch.randn(x.shape, generator=gen), ctx_idx=ctx_idx, tgt_idx=tgt_idx)
+    if cfg['inv_weight'] > 0:  # the second view of each image (inv_weight's partner)
+        batch['x_p'] = x + torch.randn(x.shape, generator=gen)
+    return batch
 
 
 def run(overrides, world=1, rank=0, accum=1, steps=2, poison=False):

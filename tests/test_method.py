@@ -70,6 +70,28 @@ def test_mask_loss_equals_a_hand_written_version():
     torch.testing.assert_close(loss, 0.7 * pred_loss + 0.3 * reg)
 
 
+
+def test_pooled_invariance_is_one_minus_the_correlation_of_the_pooled_views_and_trains_only_the_context():
+    """inv_weight's term: 2 (1 - Pearson correlation) per dimension, averaged, between the context's pooled
+    layer-normed tokens and the second view's pooled targets; the loss is (1 - lambda) (pred + w inv) +
+    lambda SIGReg, and the second view, like the targets, gets no gradient."""
+    model = _model(sigreg_lambda=0.3, inv_weight=0.5)
+    x, x_tgt, ctx_idx, tgt_idx = _mask_batch()
+    x_p = (x.flip(0) + 0.3 * torch.randn_like(x)).requires_grad_(True)  # another photo of each image
+    loss, stats = model.mask_loss(x, x_tgt, ctx_idx, tgt_idx, step=7, x_p=x_p)
+    _, plain = model.mask_loss(x, x_tgt, ctx_idx, tgt_idx, step=7)
+    assert 'inv' not in plain  # without a second view there is no term
+    z = model.encoder(x, ctx_idx)
+    ln = lambda t: (t - t.mean(-1, keepdim=True)) / (t.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    a, b = ln(z).mean(1).detach().numpy(), ln(model.encoder(x_p)).mean(1).detach().numpy()  # (B, D) each
+    corr = np.array([np.corrcoef(a[:, d], b[:, d])[0, 1] for d in range(a.shape[1])])
+    assert float(stats['inv']) == pytest.approx(float(np.mean(2 - 2 * corr)), rel=1e-4)
+    reg = model.sigreg_loss(model.sigreg_input(z), 7)
+    torch.testing.assert_close(loss, 0.7 * (stats['pred'] + 0.5 * stats['inv']) + 0.3 * reg)
+    loss.backward()
+    assert x_p.grad is None or x_p.grad.abs().max() == 0
+    assert 0 < float(stats['inv']) < 4  # 2 (1 - r) lies in [0, 4]
+
 def test_views_loss_equals_a_hand_written_version():
     """Every view is pulled to the mean of the GLOBAL views' projections; SIGReg on each view, averaged."""
     model = _model(objective='views', sigreg_lambda=0.2)
