@@ -1005,7 +1005,8 @@ def describe_run(cfg, data, raw_model, dev, dtype, world):
           f"params; objective={cfg.get('objective', 'mask')}; device={dev} dtype={dtype} world={world} "
           f"batch={cfg['batch_size']}x{accum}x{world}")
     if 'groups' in data:  # views_from='group': say how many images have other photos to pair with
-        count, k = np.unique(data['groups'], return_counts=True)[1], cfg['n_global_views'] - 1
+        count = np.unique(data['groups'], return_counts=True)[1]
+        k = cfg['n_global_views'] - 1 if cfg.get('objective', 'mask') == 'views' else 1  # ('mask': one second view)
         print(f"views_from='group': {int(count[count > 1].sum())} of {len(images)} train images have another "
               f"image of their group ({int((count > 1).sum())} of {len(count)} groups); the others pair with themselves")
         if k > 1:
