@@ -38,8 +38,8 @@ from medjepa_utils import (  # the plumbing (re-exported)
     BadSteps, configure, DataError, describe_run, distributed, effective_rank, estimate_flops,
     evaluate_and_save, exact_sigreg_grads, extract_features, feature_health, fp32, global_mean, knn_predict,
     load_checkpoint, load_split, log_step, mean_cosine, measure_matmul_flops, need, open_data, open_log,
-    parse_config, precision, Prefetcher, read_meta, resolve_dtype, resume, safe_load, save_checkpoint,
-    setup_distributed, stop_signals, to_device, to_float, validate, validate_shared, wrap_model)
+    parse_config, partners_per_image, precision, Prefetcher, read_meta, resolve_dtype, resume, safe_load,
+    save_checkpoint, setup_distributed, stop_signals, to_device, to_float, validate, validate_shared, wrap_model)
 
 # -----------------------------------------------------------------------------
 # default config values: a CPU-sized demo that trains on data/demo (64 px) in minutes
@@ -581,9 +581,8 @@ class JEPA(nn.Module):
         SIGReg's decorrelation it makes a Barlow-Twins-like pair: with views_from='group' the second view
         is another photo of the lesion, so what the photos share (the lesion) is kept in the pooled
         vector the probes read, and what they do not (skin, light, camera) is not rewarded."""
-        a = fp32(F.layer_norm(z, z.shape[-1:]).mean(1))  # (B, D), with gradient
-        b = fp32(h_p.mean(1))  # (B, D)
-        return F.mse_loss(standardise(a), standardise(b).detach())
+        a = F.layer_norm(z, z.shape[-1:]).mean(1)  # (B, D), with gradient
+        return F.mse_loss(standardise(a), standardise(h_p.mean(1)).detach())  # (standardise: in float32)
 
     def views_loss(self, g, l, step, keep=None):
         """LeJEPA objective: each view's embedding should match the mean of the global views', and each
@@ -698,8 +697,10 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
         with autocast:
             loss, stats = model(batch, step, reg_grad=reg_grads[micro])
         scaler.scale(loss / accum).backward()
-        task = stats['pred'] + raw.cfg['inv_weight'] * stats['inv'] if 'inv' in stats else stats['pred']
-        loss_sum = loss_sum + (((1 - lam) * task) if exact else loss.detach())
+        if exact:  # the loss less SIGReg's surrogate (its whole-batch value is added below)
+            loss_sum = loss_sum + (1 - lam) * (stats['pred'] + raw.cfg['inv_weight'] * stats.get('inv', 0.0))
+        else:
+            loss_sum = loss_sum + loss.detach()
     if exact:
         loss_sum, stats['sigreg'] = loss_sum + accum * lam * reg, reg
     scaler.unscale_(optimizer)  # (no-op without fp16 GradScaler)
@@ -723,8 +724,7 @@ def get_batch(cfg, impl, data, step, micro, dev, rank, world):
     kw = {}
     if cfg.get('views_from') == 'group':  # global views 2, 3, .. or the 'mask' second view: other photos
         rng = np.random.default_rng([cfg['seed'], step, micro, rank, 1])
-        k = cfg['n_global_views'] - 1 if cfg['objective'] == 'views' else 1
-        others = other_photos(data['groups'], data['by_group'], idx, rng, k)
+        others = other_photos(data['groups'], data['by_group'], idx, rng, partners_per_image(cfg))
         kw['partners'] = [data['images'][o] for o in others]
     return impl.make_batch(cfg, data['images'][idx], data['mean'], data['std'], step, micro, dev, rank, **kw)
 

@@ -996,6 +996,12 @@ class Prefetcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def partners_per_image(cfg):
+    """views_from='group': the other photos each image needs, the global views after the first ('views')
+    or inv_weight's one second view ('mask')."""
+    return cfg['n_global_views'] - 1 if cfg.get('objective', 'mask') == 'views' else 1
+
+
 def describe_run(cfg, data, raw_model, dev, dtype, world):
     """The first lines of a run (data, model size, objective, device, batch); returns the measured matmul
     throughput that MFU is computed against."""
@@ -1005,8 +1011,7 @@ def describe_run(cfg, data, raw_model, dev, dtype, world):
           f"params; objective={cfg.get('objective', 'mask')}; device={dev} dtype={dtype} world={world} "
           f"batch={cfg['batch_size']}x{accum}x{world}")
     if 'groups' in data:  # views_from='group': say how many images have other photos to pair with
-        count = np.unique(data['groups'], return_counts=True)[1]
-        k = cfg['n_global_views'] - 1 if cfg.get('objective', 'mask') == 'views' else 1  # ('mask': one second view)
+        count, k = np.unique(data['groups'], return_counts=True)[1], partners_per_image(cfg)
         print(f"views_from='group': {int(count[count > 1].sum())} of {len(images)} train images have another "
               f"image of their group ({int((count > 1).sum())} of {len(count)} groups); the others pair with themselves")
         if k > 1:
@@ -1043,13 +1048,14 @@ def log_step(log, step, loss, stats, lr, img_per_s, data_frac, mfu, n_bad):
     """Print one log line and append its record to log.jsonl: the loss terms, the throughput and the
     collapse monitors of this step's pooled embeddings (emb_std near 0 or a low erank: collapse)."""
     emb = stats['emb']
-    inv = f", inv {stats['inv'].item():.4f}" if 'inv' in stats else ''  # ('mask' with inv_weight > 0)
+    inv = stats['inv'].item() if 'inv' in stats else None  # ('mask' with inv_weight > 0)
     rec = dict(iter=step, loss=loss.item(), pred=stats['pred'].item(), sigreg=stats['sigreg'].item(), lr=lr,
                img_per_s=img_per_s, data_frac=data_frac, mfu=mfu,
                emb_std=float(F.normalize(emb.float(), dim=1).std(0).mean()),
                erank=effective_rank(emb) if torch.isfinite(emb).all() else math.nan, skipped=n_bad,
-               time=time.time(), **({'inv': stats['inv'].item()} if inv else {}))
-    print(f"step {step}: loss {rec['loss']:.4f} (pred {rec['pred']:.4f}{inv}, sigreg {rec['sigreg']:.3f}) "
+               time=time.time(), **({} if inv is None else {'inv': inv}))
+    print(f"step {step}: loss {rec['loss']:.4f} (pred {rec['pred']:.4f}{'' if inv is None else f', inv {inv:.4f}'}, "
+          f"sigreg {rec['sigreg']:.3f}) "
           f"lr {lr:.2e} | {img_per_s:.0f} img/s, mfu {100 * mfu:.1f}% | "
           f"emb std {rec['emb_std']:.3f} erank {rec['erank']:.1f}")
     print(json.dumps(rec), file=log, flush=True)

@@ -70,7 +70,6 @@ def test_mask_loss_equals_a_hand_written_version():
     torch.testing.assert_close(loss, 0.7 * pred_loss + 0.3 * reg)
 
 
-
 def test_pooled_invariance_is_one_minus_the_correlation_of_the_pooled_views_and_trains_only_the_context():
     """inv_weight's term: 2 (1 - Pearson correlation) per dimension, averaged, between the context's pooled
     layer-normed tokens and the second view's pooled targets; the loss is (1 - lambda) (pred + w inv) +
@@ -91,6 +90,7 @@ def test_pooled_invariance_is_one_minus_the_correlation_of_the_pooled_views_and_
     loss.backward()
     assert x_p.grad is None or x_p.grad.abs().max() == 0
     assert 0 < float(stats['inv']) < 4  # 2 (1 - r) lies in [0, 4]
+
 
 def test_views_loss_equals_a_hand_written_version():
     """Every view is pulled to the mean of the GLOBAL views' projections; SIGReg on each view, averaged."""
