@@ -698,7 +698,7 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
             loss, stats = model(batch, step, reg_grad=reg_grads[micro])
         scaler.scale(loss / accum).backward()
         if exact:  # the loss less SIGReg's surrogate (its whole-batch value is added below)
-            loss_sum = loss_sum + (1 - lam) * (stats['pred'] + raw.cfg['inv_weight'] * stats.get('inv', 0.0))
+            loss_sum = loss_sum + (1 - lam) * (stats['pred'] + raw.cfg.get('inv_weight', 0.0) * stats.get('inv', 0.0))
         else:
             loss_sum = loss_sum + loss.detach()
     if exact:
