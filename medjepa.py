@@ -493,14 +493,19 @@ class JEPA(nn.Module):
     def forward(self, batch, step, reg_grad=None):
         if self.cfg['objective'] == 'mask':
             return self.mask_loss(batch['x'], batch['x_tgt'], batch['ctx_idx'], batch['tgt_idx'], step,
-                                  reg_grad=reg_grad[0] if reg_grad else None, x_p=batch.get('x_p'))
+                                  reg_grad=reg_grad[0] if reg_grad else None, x_p=batch.get('x_p'),
+                                  inv_grad=reg_grad[1] if reg_grad and len(reg_grad) > 1 else None)
         return self.views_loss(batch['globals'], batch['locals'], step, batch.get('keep'))
 
     def mask_sets(self, batch):  # the (ctx_idx, tgt_idx) pairs of a batch: one here, several in 3-D
         return [(batch['ctx_idx'], batch['tgt_idx'])]
 
-    def sigreg_inputs(self, batch):  # [sigreg_input] of each mask set
-        return [self.sigreg_input(self.encoder(batch['x'], ctx)) for ctx, _ in self.mask_sets(batch)]
+    def sigreg_inputs(self, batch):
+        """The inputs of the whole-batch terms (exact_sigreg_grads): sigreg_input of each mask set, then,
+        with a second view (inv_weight > 0), pooled_invariance's two pooled vectors."""
+        zs = [self.encoder(batch['x'], ctx) for ctx, _ in self.mask_sets(batch)]
+        out = [self.sigreg_input(z) for z in zs]
+        return out if 'x_p' not in batch else out + [self.pooled_context(zs[0]), self.targets(batch['x_p']).mean(1)]
 
     def sigreg_input(self, z):
         """What SIGReg scores, from the context tokens z (B, Nc, D): one pooled vector per image (B, D),
@@ -543,13 +548,14 @@ class JEPA(nn.Module):
         h = self.encoder(x_tgt)
         return F.layer_norm(h, h.shape[-1:])
 
-    def mask_loss(self, x, x_tgt, ctx_idx, tgt_idx, step, h=None, reg_grad=None, x_p=None):
+    def mask_loss(self, x, x_tgt, ctx_idx, tgt_idx, step, h=None, reg_grad=None, x_p=None, inv_grad=None):
         """MedJEPA objective: predict the (stop-gradient, layer-normed) full-image representation of each
         target block from the context, plus SIGReg against collapse. No EMA teacher. h: self.targets(x_tgt)
         if the caller has it (3-D: several mask sets). reg_grad: SIGReg's gradient w.r.t. sigreg_input on
         the whole accumulated batch (exact_sigreg_grads); the term is then <sigreg_input, reg_grad>.
         x_p: a second view of each image (inv_weight > 0), whose pooled targets the pooled context should
-        follow (pooled_invariance)."""
+        follow (pooled_invariance); inv_grad: that term's gradient w.r.t. pooled_context(z) on the whole
+        accumulated batch, as reg_grad."""
         c, lam = self.cfg, self.cfg['sigreg_lambda']
         B, M, K = tgt_idx.shape
         grid = self.encoder.grid(x)
@@ -559,30 +565,37 @@ class JEPA(nn.Module):
         z = self.encoder(x, ctx_idx)  # (B, Nc, D) context tokens only
         pred = self.predictor(z, ctx_idx, tgt_idx, grid)  # (B, M*K, D)
         pred_loss = F.mse_loss(fp32(pred), fp32(target))
-        inv = None if x_p is None else self.pooled_invariance(z, self.targets(x_p))  # (inv_weight > 0)
+        inv = None
+        if x_p is not None and reg_grad is None:  # (inv_weight > 0)
+            inv = self.pooled_invariance(self.pooled_context(z), self.targets(x_p).mean(1))
         task = pred_loss if inv is None else pred_loss + c['inv_weight'] * inv
         pooled, reg_in = z.mean(1), self.sigreg_input(z)  # (B, D) one vector per image; (B or B*Nc, D)
         if reg_grad is None:
             reg = self.sigreg_loss(reg_in, step)
             loss = (1 - lam) * task + lam * reg
-        else:
-            reg = torch.full((), math.nan, device=x.device)  # (unknown here)
+        else:  # the whole batch's terms, from their gradients (their values: exact_sigreg_grads)
+            reg = torch.full((), math.nan, device=x.device)
             loss = (1 - lam) * task + (fp32(reg_in) * reg_grad).sum()
+            if inv_grad is not None:
+                loss = loss + (fp32(self.pooled_context(z)) * inv_grad).sum()
         stats = dict(pred=pred_loss.detach(), sigreg=reg.detach(), emb=pooled.detach())
         return loss, stats if inv is None else dict(stats, inv=inv.detach())
 
     @staticmethod
-    def pooled_invariance(z, h_p):
-        """inv_weight's term. z: (B, Nc, D) context tokens; h_p: (B, N, D) the targets of a second view of
-        each image (layer-normed, no gradient). Both mean-pooled over layer-normed tokens, each dimension
+    def pooled_context(z):  # (B, Nc, D) context tokens -> (B, D): layer-normed as the targets, mean-pooled
+        return F.layer_norm(z, z.shape[-1:]).mean(1)
+
+    @staticmethod
+    def pooled_invariance(a, p):
+        """inv_weight's term. a: (B, D) pooled_context of the context tokens; p: (B, D) the mean-pooled
+        targets of a second view of each image (layer-normed, no gradient). Each dimension
         standardised over the global batch, then the mean squared difference: 2 (1 - correlation) per
         dimension, averaged. Standardised, because a bare squared distance also falls when every image
         shrinks towards the batch mean, which the default SIGReg (batch-standardised) cannot see. Beside
         SIGReg's decorrelation it makes a Barlow-Twins-like pair: with views_from='group' the second view
         is another photo of the lesion, so what the photos share (the lesion) is kept in the pooled
         vector the probes read, and what they do not (skin, light, camera) is not rewarded."""
-        a = F.layer_norm(z, z.shape[-1:]).mean(1)  # (B, D), with gradient
-        return F.mse_loss(standardise(a), standardise(h_p.mean(1)).detach())  # (standardise: in float32)
+        return F.mse_loss(standardise(a), standardise(p).detach())  # (standardise: in float32)
 
     def views_loss(self, g, l, step, keep=None):
         """LeJEPA objective: each view's embedding should match the mean of the global views', and each
@@ -678,16 +691,17 @@ def make_optimizer(model, cfg, dev):
 def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_clip):
     """`accum` micro-batches (get_batch(micro)) forward and backward, then clipping and AdamW -> the mean
     loss (on the device), the last micro-step's stats, the FLOPs. K micro-steps of 'mask' equal a K-times bigger
-    batch, SIGReg included ('views': SIGReg per micro-step, docs/scaling.md)."""
+    batch, SIGReg and the pooled invariance included ('views': SIGReg per micro-step, docs/scaling.md)."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     raw = model.module if ddp else model
     lam = raw.cfg['sigreg_lambda']
-    exact = accum > 1 and raw.cfg['objective'] == 'mask' and lam > 0
+    exact = accum > 1 and raw.cfg['objective'] == 'mask' and (lam > 0 or raw.cfg.get('inv_weight', 0) > 0)
     t = time.time()
     batches = [get_batch(m) for m in range(accum)] if exact else None
     loss_sum, flops, data_time = 0.0, 0, time.time() - t
-    reg_grads, reg = ([None] * accum, 0) if not exact else exact_sigreg_grads(raw, batches, step, autocast,
-                                                                             lam * accum)
+    reg_grads, reg, inv = [None] * accum, 0, None
+    if exact:
+        reg_grads, reg, inv = exact_sigreg_grads(raw, batches, step, autocast, accum)
     for micro in range(accum):
         t = time.time()
         batch = batches[micro] if exact else get_batch(micro)
@@ -697,12 +711,14 @@ def train_step(model, optimizer, scaler, get_batch, accum, step, autocast, grad_
         with autocast:
             loss, stats = model(batch, step, reg_grad=reg_grads[micro])
         scaler.scale(loss / accum).backward()
-        if exact:  # the loss less SIGReg's surrogate (its whole-batch value is added below)
-            loss_sum = loss_sum + (1 - lam) * (stats['pred'] + raw.cfg.get('inv_weight', 0.0) * stats.get('inv', 0.0))
+        if exact:  # the loss less the surrogates (the whole-batch values are added below)
+            loss_sum = loss_sum + (1 - lam) * stats['pred']
         else:
             loss_sum = loss_sum + loss.detach()
     if exact:
         loss_sum, stats['sigreg'] = loss_sum + accum * lam * reg, reg
+        if inv is not None:
+            loss_sum, stats['inv'] = loss_sum + accum * (1 - lam) * raw.cfg['inv_weight'] * inv, inv
     scaler.unscale_(optimizer)  # (no-op without fp16 GradScaler)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
     skipped = ~torch.isfinite(norm)  # NaN/inf would poison weights and moments: skip (same on every rank)

@@ -799,20 +799,30 @@ def cli(main, impl):
 # Gradient accumulation that equals one big batch, SIGReg included (docs/scaling.md)
 
 
-def exact_sigreg_grads(raw, batches, step, autocast, scale):
+def exact_sigreg_grads(raw, batches, step, autocast, accum):
     """Accumulation that equals one big batch, SIGReg included (GradCache's idea; docs/scaling.md).
     SIGReg is a statistic of the whole batch, not a sum over images. So: encode every micro-batch's
     context without a graph, score SIGReg on all of them at once, and return its gradient G_i w.r.t.
-    each image's SIGReg input r_i (times `scale`), per micro-batch and mask set, with SIGReg's value;
-    each micro-step then adds <r_i, G_i> to its loss, whose gradient is the big batch's."""
+    each image's SIGReg input r_i (times lambda * accum), per micro-batch and mask set, with SIGReg's
+    value; each micro-step then adds <r_i, G_i> to its loss, whose gradient is the big batch's. The
+    pooled invariance (inv_weight > 0) standardises over the batch too: its gradient w.r.t. each
+    image's pooled context (times (1 - lambda) * inv_weight * accum) comes last in each micro-batch's
+    list, and its value third in the returned tuple (None without it)."""
+    c = raw.cfg
     with torch.no_grad(), autocast:
-        r = [raw.sigreg_inputs(b) for b in batches]  # [micro][mask set] -> (B, D)
-    R = [fp32(torch.cat(rs)).requires_grad_(True) for rs in zip(*r)]  # [mask set] -> (K*B, D) the whole batch
+        r = [raw.sigreg_inputs(b) for b in batches]  # [micro][mask set (+ pooled context, pooled targets)]
+    S = len(raw.mask_sets(batches[0]))
+    R = [fp32(torch.cat(rs)).requires_grad_(i <= S) for i, rs in enumerate(zip(*r))]  # whole batch each
     with torch.enable_grad():
-        regs = [raw.sigreg_loss(Rs, step) for Rs in R]
-        G = torch.autograd.grad(sum(regs) * scale, R)
-    G = [g.split([len(x) for x in rs]) for g, rs in zip(G, zip(*r))]  # [mask set][micro]
-    return [list(gm) for gm in zip(*G)], (sum(regs) / len(regs)).detach()
+        regs = [raw.sigreg_loss(Rs, step) for Rs in R[:S]]
+        total = sum(regs) * c['sigreg_lambda'] * accum
+        inv = raw.pooled_invariance(R[S], R[S + 1]) if len(R) > S else None
+        if inv is not None:
+            total = total + inv * (1 - c['sigreg_lambda']) * c['inv_weight'] * accum
+        G = torch.autograd.grad(total, R[:S + 1] if inv is not None else R)
+    G = [g.split([len(x) for x in rs]) for g, rs in zip(G, zip(*r))]  # [term][micro]
+    inv = None if inv is None else inv.detach()
+    return [list(gm) for gm in zip(*G)], (sum(regs) / len(regs)).detach(), inv
 
 
 # -----------------------------------------------------------------------------

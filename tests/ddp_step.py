@@ -29,6 +29,7 @@ SCENARIOS = {
     'sigreg_mix': (['--sigreg_lambda=0.5', '--sigreg_on=pooled_std+tokens'], 1),  # standardised vectors + raw tokens
     'inv': (['--sigreg_lambda=0.5', '--inv_weight=1.0'], 1),  # + the pooled invariance, standardised over all ranks
     'accum': (['--sigreg_lambda=0.5'], 2),   # DDP and accumulation together, SIGReg included (exact_sigreg_grads)
+    'inv_accum': (['--sigreg_lambda=0.5', '--inv_weight=1.0'], 2),  # the same with the pooled invariance
     'nan': (['--sigreg_lambda=0.5'], 1),     # step 0: NaN targets on rank 1 only; every rank must skip that update
 }
 

@@ -124,12 +124,15 @@ def test_torchrun_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path
             assert torch.equal(ranks[0]['weights'][n], ranks[1]['weights'][n]), n
 
 
-@pytest.mark.parametrize('sigreg_on', ['pooled_std', 'pooled', 'tokens', 'pooled_std+tokens'])
+@pytest.mark.parametrize('sigreg_on', ['pooled_std', 'pooled', 'tokens', 'pooled_std+tokens', 'inv'])
 def test_accumulation_equals_one_big_batch_sigreg_included(sigreg_on):
     """4 micro-steps of 2 images == 1 step of 8 images (loss, gradients, weights) with SIGReg weighted
-    0.5: train_step scores SIGReg on the whole accumulated batch (exact_sigreg_grads)."""
-    overrides = ['--sigreg_lambda=0.5', f'--sigreg_on={sigreg_on}']
+    0.5: train_step scores SIGReg on the whole accumulated batch (exact_sigreg_grads). 'inv': the
+    default SIGReg plus the pooled invariance (inv_weight 1), also scored on the whole batch."""
+    overrides = ['--sigreg_lambda=0.5', '--inv_weight=1.0' if sigreg_on == 'inv' else f'--sigreg_on={sigreg_on}']
     _assert_same_step(ddp_step.run(overrides, accum=4), ddp_step.run(overrides, accum=1), f'accum=4, {sigreg_on}')
+    if sigreg_on == 'inv':  # (the naive check below is about SIGReg)
+        return
     # the test can fail: SIGReg scored per micro-batch (the naive accumulation) is far from the big batch's
     cfg = mj.configure(ddp_step.TINY + overrides + ['--batch_size=2'])
     torch.manual_seed(cfg['seed'])
