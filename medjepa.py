@@ -88,7 +88,8 @@ proj_dim = 64              # 'views' objective: projector output width (SIGReg a
 view_keep = 1.0            # 'views' objective: fraction of each global view's patches the encoder sees
 views_from = 'image'       # 'group': the second view is cut from another photo of the image's group ('views': global
                            # views 2, 3, ..; 'mask': inv_weight's partner), else from the image itself
-inv_weight = 0.0           # 'mask' objective: weight of the pooled invariance to a second view (docs/design.md)
+inv_weight = 0.1           # 'mask' objective: weight of the pooled invariance to a second view (0: off; chosen on
+                           # brainlobes' val, docs/design.md); 'views' ignores it (it has its own invariance)
 # optimisation
 batch_size = 64            # images per micro-step per process
 gradient_accumulation_steps = 1  # micro-steps per optimiser step, per process

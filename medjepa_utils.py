@@ -164,9 +164,7 @@ def validate(c):
                                                      or c['inv_weight'] > 0),
          f"views_from='{c['views_from']}' must be 'image' or 'group', and 'group' needs a second view: "
          f"objective='views' (global views after the first) or 'mask' with inv_weight > 0")
-    need(c['inv_weight'] >= 0 and (c['inv_weight'] == 0 or c['objective'] == 'mask'),
-         f"inv_weight={c['inv_weight']} must be >= 0, and > 0 only with objective='mask' (the 'views' "
-         f"objective has its own invariance)")
+    need(c['inv_weight'] >= 0, f"inv_weight={c['inv_weight']} must be >= 0 (0 turns the second view off)")
     need(c['objective'] != 'views' or c['n_global_views'] + c['n_local_views'] >= 2,
          f"n_global_views={c['n_global_views']} + n_local_views={c['n_local_views']} must be at least 2: the "
          f"'views' objective pulls every view to the mean of the global views")

@@ -1,6 +1,6 @@
 # The MedJEPA objective on the demo data: masked latent prediction + SIGReg on the built-in synthetic
-# data set (64 px). medjepa.py's defaults, stated for reading and editing, plus the last two lines: a
-# second photo of each lesion (the demo has three) that the pooled context should agree with.
+# data set (64 px). medjepa.py's defaults, stated for reading and editing, except views_from: the second
+# view is another photo of each lesion (the demo has three), not a second crop of the image itself.
 # ~7 minutes on 2 CPU cores.   python medjepa.py config/demo.py
 out_dir = 'out-demo'
 data_dir = 'data/demo'
@@ -14,4 +14,4 @@ context_keep = 0.33        # every image's context: 21 of the 64 patches, whatev
 learning_rate = 2.5e-4     # peak AdamW rate: on val, better than 1e-3 on every seed (docs/design.md)
 num_targets = 2            # target blocks per image: on val, 2 beat I-JEPA's 4 on every seed (docs/design.md)
 views_from = 'group'       # the second view: its own crop of another photo of the lesion (train_groups.npy)
-inv_weight = 0.1           # pooled invariance to it: on val, +8 kNN / +5 linear over the defaults (docs/design.md)
+inv_weight = 0.1           # pooled invariance to it: on val, +8 kNN / +5 linear over inv_weight=0 (docs/design.md)

@@ -9,6 +9,6 @@ patch_size = 16
 local_size = 96            # ('views' objective only) a multiple of patch_size
 # With --objective=views, --views_from=group pairs photos of one lesion_id (prepare.py writes them as
 # groups): the recipe of config/demo_views.py, measured on the demo only (docs/results.md). For this
-# masked objective, --views_from=group --inv_weight=0.1 adds another photo of the lesion as a pooled
-# second view, as config/demo.py does (+8 val kNN, +5 val linear on the demo; docs/design.md). A lesion
-# photographed once is then paired with its own second crop, which on the demo gave no gain.
+# masked objective, --views_from=group makes the pooled second view (inv_weight) another photo of the
+# lesion instead of the image's own second crop, as config/demo.py does (on the demo's val: +10 kNN,
+# +4 linear over the own crop; docs/design.md). A lesion photographed once pairs with its own crop.

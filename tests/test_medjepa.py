@@ -473,15 +473,17 @@ def test_views_from_group_cuts_each_global_view_from_another_photo():
                         mj, data, 0, 0, 'cpu', 0, 1)['globals']
     assert all(src(v) == list(range(9)) for v in same)  # views_from='image': every view from the one photo
     with pytest.raises(mj.ConfigError, match='views_from'):
-        _tiny_cfg(views_from='group')  # objective 'mask' without inv_weight has no second view
+        _tiny_cfg(views_from='group', inv_weight=0.0)  # objective 'mask' without inv_weight has no second view
     mask = _tiny_cfg(batch_size=9, views_from='group', inv_weight=0.1)  # 'mask': inv_weight's second view
     assert all(groups[j] == groups[i] and j != i for i, j in enumerate(src(mj.get_batch(mask, mj, data, 0, 0, 'cpu',
                                                                                        0, 1)['x_p'])[:8]))
     own = mj.get_batch({**mask, 'views_from': 'image'}, mj, data, 0, 0, 'cpu', 0, 1)
     assert src(own['x_p']) == list(range(9)) and not torch.equal(own['x_p'], own['x'])  # its own crop of the image
     assert 'x_p' not in mj.get_batch({**mask, 'inv_weight': 0.0, 'views_from': 'image'}, mj, data, 0, 0, 'cpu', 0, 1)
-    with pytest.raises(mj.ConfigError, match='inv_weight=0.1 must be >= 0, and > 0 only with objective=.mask.'):
-        _tiny_cfg(objective='views', inv_weight=0.1)
+    with pytest.raises(mj.ConfigError, match=r'inv_weight=-0.1 must be >= 0 \(0 turns the second view off\)'):
+        _tiny_cfg(inv_weight=-0.1)
+    views = _tiny_cfg(objective='views', n_local_views=0, batch_size=9, inv_weight=0.1)  # ignored by 'views'
+    assert 'x_p' not in mj.get_batch(views, mj, data, 0, 0, 'cpu', 0, 1)
     with pytest.raises(mj.ConfigError, match='n_global_views=1 \\+ n_local_views=0 must be at least 2'):
         _tiny_cfg(objective='views', n_global_views=1, n_local_views=0)  # one view: nothing to agree with
 
