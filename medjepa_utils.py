@@ -817,7 +817,7 @@ def exact_sigreg_grads(raw, batches, step, autocast, accum):
         inv = raw.pooled_invariance(R[S], R[S + 1]) if len(R) > S else None
         if inv is not None:
             total = total + inv * (1 - c['sigreg_lambda']) * c['inv_weight'] * accum
-        G = torch.autograd.grad(total, R[:S + 1] if inv is not None else R)
+        G = torch.autograd.grad(total, R[:S + 1])  # (not the pooled targets: no gradient)
     G = [g.split([len(x) for x in rs]) for g, rs in zip(G, zip(*r))]  # [term][micro]
     inv = None if inv is None else inv.detach()
     return [list(gm) for gm in zip(*G)], (sum(regs) / len(regs)).detach(), inv
