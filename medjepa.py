@@ -38,8 +38,9 @@ from medjepa_utils import (  # the plumbing (re-exported)
     BadSteps, configure, DataError, describe_run, distributed, effective_rank, estimate_flops,
     evaluate_and_save, exact_sigreg_grads, extract_features, feature_health, fp32, global_mean, knn_predict,
     load_checkpoint, load_split, log_step, mean_cosine, measure_matmul_flops, need, open_data, open_log,
-    parse_config, partners_per_image, precision, Prefetcher, read_meta, resolve_dtype, resume, safe_load,
-    save_checkpoint, setup_distributed, stop_signals, to_device, to_float, validate, validate_shared, wrap_model)
+    parse_config, partners_per_image, precision, Prefetcher, read_meta, resolve_dtype, resume, retime_matmul_flops,
+    safe_load, save_checkpoint, setup_distributed, stop_signals, to_device, to_float, validate, validate_shared,
+    wrap_model)
 
 # -----------------------------------------------------------------------------
 # default config values: a CPU-sized demo that trains on data/demo (64 px) in minutes
@@ -784,6 +785,8 @@ def train(cfg, impl=None):
                     # online kNN on val, monitors, then a checkpoint
                     best_knn = evaluate_and_save(cfg, impl, raw_model, optimizer, data, iter_num, best_knn,
                                                  log, dev, autocast)
+                    peak = retime_matmul_flops(peak, dev, dtype)  # (a busy start-up times it too low)
+                    t0, tdata, flops, imgs = time.time(), 0.0, 0.0, 0  # img/s and MFU: training time only
                 lr = lr_at(iter_num, cfg)
                 for group in optimizer.param_groups:
                     group['lr'] = lr

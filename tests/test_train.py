@@ -221,3 +221,26 @@ def test_a_monitor_that_cannot_run_never_costs_the_finished_run(tiny_data, tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count('online kNN skipped') == 2  # at step 2 and at the end
     assert mj.load_checkpoint(os.path.join(out, 'ckpt.pt'))['iter_num'] == 3
+
+
+def test_speed_lines_count_training_time_only_and_the_mfu_denominator_is_timed_again(tiny_data, tmp_path,
+                                                                                        monkeypatch):
+    """The step after an online evaluation must not fold the monitors' seconds into img/s and MFU, and a
+    start-up matmul timing that a busy core made too low (MFU over 100 %) is replaced by a faster one
+    timed at the evaluation."""
+    import medjepa_utils
+    import time
+    rates = iter([1e6] + [1e12] * 10)  # FLOP/s: start-up reads 10^6 times too low, the re-timings do not
+    monkeypatch.setattr(medjepa_utils, 'measure_matmul_flops', lambda dev, dtype: next(rates))
+    real = mj.evaluate_and_save
+
+    def slow(*args, **kwargs):  # monitors that take 3 s
+        time.sleep(3.0)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(mj, 'evaluate_and_save', slow)
+    out = str(tmp_path / 'out')
+    mj.main(TINY + [f'--data_dir={tiny_data}', f'--out_dir={out}', '--max_iters=4', '--warmup_iters=1',
+                    '--log_interval=1', '--eval_interval=2'])
+    steps = {r['iter']: r for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if 'img_per_s' in r}
+    assert 16 / steps[3]['img_per_s'] < 1.5  # a step of 16 tiny images, not the 3 s of monitors before it
+    assert steps[3]['mfu'] < 1e-3 * steps[2]['mfu']  # against 10^12 FLOP/s from step 3, 10^6 before
