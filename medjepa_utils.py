@@ -855,8 +855,9 @@ def gemm_rate(device, dtype, n, seconds):
     """FLOP/s of n x n products in this dtype, from the fastest product timed within `seconds` (at least
     one) after one warm-up: the device's speed, not the load on it, which only slows a product down."""
     sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # (not the global stream: the run re-times mid-training)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     a @ b
     sync()
     t0, best = time.perf_counter(), float('inf')

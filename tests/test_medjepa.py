@@ -205,6 +205,17 @@ def test_matmul_throughput_shrinks_the_product_where_one_would_take_seconds(monk
     assert sizes == [256, n]  # the probe, then the product that is timed
 
 
+def test_timing_matmuls_leaves_the_global_random_stream_alone():
+    """The training loop times matmuls again after each evaluation: that must not move torch's global
+    random stream, or a run's draws would depend on when it was timed."""
+    import medjepa_utils
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    medjepa_utils.gemm_rate('cpu', torch.float32, 64, 0.01)
+    assert torch.equal(torch.rand(4), want)
+
+
 def test_sigreg_directions_depend_on_step_not_on_call():
     z = torch.randn(64, 16)
     assert mj.sigreg(z, step=5).item() == mj.sigreg(z, step=5).item()
