@@ -1038,7 +1038,7 @@ def retime_matmul_flops(peak, dev, dtype):
     now = measure_matmul_flops(dev, getattr(torch, dtype))
     if now > 1.1 * peak:
         print(f'measured {dtype} matmul throughput again: {now / 1e9:.0f} GFLOP/s (at start-up '
-              f'{peak / 1e9:.0f}: the cores were busy); the MFU uses it from here')
+              f'{peak / 1e9:.0f}: the device was busy); the MFU uses it from here')
     return max(peak, now)
 
 
